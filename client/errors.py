@@ -1,0 +1,133 @@
+"""Every exception portlease raises, broker and clients alike.
+
+One hierarchy: :class:`PortleaseError` at the root; :class:`LeaseError` for
+anything the broker refused (one subclass per :class:`ErrorCode`, so callers can
+``except Exhausted``); :class:`BrokerUnavailable` when no broker answers;
+:class:`LeaseLost` when a lease could not be reclaimed after a broker restart;
+:class:`ConfigError` and :class:`StartupError` for the broker's own start.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from .protocol import ErrorCode
+
+
+class PortleaseError(Exception):
+    """Root of every portlease exception."""
+
+
+class LeaseError(PortleaseError):
+    """The broker answered a request with an error reply.
+
+    ``code`` is the stable :class:`ErrorCode`; ``largest`` is set for
+    :class:`Exhausted` (the largest count that would have been granted).
+    """
+
+    code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, largest: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.largest = largest
+
+    def __str__(self) -> str:
+        return f"{self.code.value}: {self.message}"
+
+
+class BadRequest(LeaseError):
+    code = ErrorCode.BAD_REQUEST
+
+
+class UnknownOp(LeaseError):
+    code = ErrorCode.UNKNOWN_OP
+
+
+class VersionMismatch(LeaseError):
+    code = ErrorCode.VERSION
+
+
+class HelloRequired(LeaseError):
+    code = ErrorCode.HELLO_REQUIRED
+
+
+class LineTooLong(LeaseError):
+    code = ErrorCode.LINE_TOO_LONG
+
+
+class TooLarge(LeaseError):
+    code = ErrorCode.TOO_LARGE
+
+
+class Exhausted(LeaseError):
+    code = ErrorCode.EXHAUSTED
+
+
+class QuotaExceeded(LeaseError):
+    code = ErrorCode.QUOTA
+
+
+class NotFound(LeaseError):
+    code = ErrorCode.NOT_FOUND
+
+
+class InUse(LeaseError):
+    code = ErrorCode.IN_USE
+
+
+class Busy(LeaseError):
+    code = ErrorCode.BUSY
+
+
+class InternalError(LeaseError):
+    code = ErrorCode.INTERNAL
+
+
+_BY_CODE: dict[ErrorCode, type[LeaseError]] = {
+    cls.code: cls
+    for cls in (
+        BadRequest, UnknownOp, VersionMismatch, HelloRequired, LineTooLong, TooLarge,
+        Exhausted, QuotaExceeded, NotFound, InUse, Busy, InternalError,
+    )
+}
+assert set(_BY_CODE) == set(ErrorCode), "every ErrorCode needs its exception class"
+
+
+def error_class(code: ErrorCode) -> type[LeaseError]:
+    """The exception class that stands for ``code``."""
+    return _BY_CODE[code]
+
+
+class BrokerUnavailable(PortleaseError):
+    """No broker answered at the socket path(s) tried.
+
+    ``paths`` lists what was tried; the message says how to start a broker.
+    """
+
+    def __init__(self, message: str, *, paths: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.paths = paths
+
+
+class ConnectionLost(PortleaseError):
+    """The connection to the broker closed while a request was in flight."""
+
+
+class LeaseLost(PortleaseError):
+    """A lease held across a broker restart could not be reclaimed.
+
+    Its ports may now be granted to someone else: stop using them.
+    """
+
+    def __init__(self, message: str, *, ports: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.ports = ports
+
+
+class ConfigError(PortleaseError):
+    """The broker's configuration (file, flags, environment) is invalid."""
+
+
+class StartupError(PortleaseError):
+    """The broker cannot start: socket or state already in use, bad inherited fd, …"""

@@ -1,0 +1,259 @@
+"""The portlease wire protocol: one JSON object per line over a Unix stream socket.
+
+This module is the single definition of every message, shared by the broker and
+every client. It depends on msgspec only, so that the sync client, the CLI
+wrapper and the pytest plugin stay light.
+
+Requests carry ``op`` as their tag and replies carry ``reply``; both carry the
+request's ``id``. See ``docs/protocol.md`` for examples and a socat transcript.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Final
+
+import msgspec
+
+PROTOCOL_VERSION: Final = 1
+"""The version a client names in ``hello``; the broker answers ``version`` to others."""
+
+MAX_LINE: Final = 65536
+"""Longest accepted request line in bytes, not counting the newline."""
+
+RequestId = int | str
+TOKEN_BYTES: Final = 16  # 128-bit lease tokens, sent as 32 hex digits
+
+Count = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400 * 365)]
+Note = Annotated[str, msgspec.Meta(max_length=1024)]
+Token = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class ErrorCode(enum.StrEnum):
+    """Every error a broker can answer with. Stable: clients match on the value."""
+
+    BAD_REQUEST = "bad-request"
+    """The line is not JSON, not an object, or a field has the wrong type or value."""
+    UNKNOWN_OP = "unknown-op"
+    """The ``op`` field names no operation this broker knows."""
+    VERSION = "version"
+    """``hello`` named a protocol version this broker does not speak."""
+    HELLO_REQUIRED = "hello-required"
+    """An operation was sent before a successful ``hello``."""
+    LINE_TOO_LONG = "line-too-long"
+    """The line exceeded MAX_LINE bytes; the broker closes the connection after this."""
+    TOO_LARGE = "too-large"
+    """``count`` is above the per-request limit or larger than the whole port range."""
+    EXHAUSTED = "exhausted"
+    """No run of ``count`` free, bindable ports exists now; ``largest`` says what would fit."""
+    QUOTA = "quota"
+    """The caller's uid or connection already holds as much as the limits allow."""
+    NOT_FOUND = "not-found"
+    """No lease has this token (never granted, released, or expired)."""
+    IN_USE = "in-use"
+    """``reclaim`` of a lease that is still held by another live connection."""
+    BUSY = "busy"
+    """The broker is out of a resource (file descriptors) or stopping; try again."""
+    INTERNAL = "internal"
+    """A bug in the broker; the request was not carried out. Please report it."""
+
+
+# ---------------------------------------------------------------- requests
+
+
+class Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    """Base of every request; ``id`` is echoed in the reply."""
+
+    id: RequestId
+
+
+class Hello(Request, tag="hello"):
+    """First message on a connection: names the protocol version."""
+
+    version: int
+    client: Annotated[str, msgspec.Meta(max_length=256)] = ""
+
+
+class Lease(Request, tag="lease"):
+    """Ask for ``count`` consecutive ports.
+
+    The lease is bound to this connection unless ``detach`` is true, in which
+    case it lives for ``ttl`` seconds (default: the broker's TTL) and must be
+    renewed or released by token.
+    """
+
+    count: Count = 1
+    ttl: Seconds | None = None
+    note: Note | None = None
+    detach: bool = False
+
+
+class Release(Request, tag="release"):
+    """End a lease now; its ports become grantable again."""
+
+    token: Token
+
+
+class Renew(Request, tag="renew"):
+    """Push a detached or orphaned lease's expiry to now + its TTL."""
+
+    token: Token
+
+
+class Detach(Request, tag="detach"):
+    """Unbind a lease from this connection: it then expires after its TTL unless renewed."""
+
+    token: Token
+
+
+class Reclaim(Request, tag="reclaim"):
+    """Bind a detached or orphaned lease (e.g. after a broker restart) to this connection."""
+
+    token: Token
+
+
+class Status(Request, tag="status"):
+    """List every lease and a summary of the port range."""
+
+
+class Ping(Request, tag="ping"):
+    """Liveness check; answered with ``pong``."""
+
+
+AnyRequest = Hello | Lease | Release | Renew | Detach | Reclaim | Status | Ping
+
+# ---------------------------------------------------------------- replies
+
+
+class Reply(msgspec.Struct, tag_field="reply", kw_only=True, omit_defaults=True):
+    """Base of every reply; ``id`` is the request's (null when it could not be read)."""
+
+    id: RequestId | None
+
+
+class Welcome(Reply, tag="hello"):
+    version: int
+    broker: str
+    pid: int
+
+
+class Granted(Reply, tag="granted"):
+    """A new lease. ``expires`` is null while the lease is bound to its connection."""
+
+    ports: list[int]
+    token: str
+    ttl: float
+    expires: float | None = None
+
+
+class Released(Reply, tag="released"):
+    ports: list[int]
+
+
+class Renewed(Reply, tag="renewed"):
+    ports: list[int]
+    expires: float | None = None
+
+
+class Detached(Reply, tag="detached"):
+    ports: list[int]
+    expires: float
+
+
+class Reclaimed(Reply, tag="reclaimed"):
+    ports: list[int]
+
+
+class LeaseInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One lease as ``status`` shows it (never its token)."""
+
+    ports: list[int]
+    state: str  # "attached", "detached" or "orphaned"
+    pid: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    user: str | None = None
+    cmdline: str | None = None
+    note: str | None = None
+    granted: float
+    expires: float | None = None
+
+
+class Summary(msgspec.Struct, kw_only=True):
+    range: tuple[int, int]
+    leases: int
+    ports_held: int
+    ports_free: int
+    largest_free_run: int
+    clients: int
+    ttl: float
+
+
+class StatusReply(Reply, tag="status"):
+    summary: Summary
+    leases: list[LeaseInfo]
+
+
+class Pong(Reply, tag="pong"):
+    pass
+
+
+class Error(Reply, tag="error"):
+    """A request failed; the connection stays usable unless ``code`` is line-too-long."""
+
+    code: ErrorCode
+    message: str
+    largest: int | None = None
+    """With ``exhausted``: the largest count that would be granted now."""
+
+
+AnyReply = Welcome | Granted | Released | Renewed | Detached | Reclaimed | StatusReply | Pong | Error
+
+
+class _IdOnly(msgspec.Struct):
+    id: RequestId | None = None
+
+
+_request_decoder: Final = msgspec.json.Decoder(AnyRequest)
+_reply_decoder: Final = msgspec.json.Decoder(AnyReply)
+_id_decoder: Final = msgspec.json.Decoder(_IdOnly)
+_encoder: Final = msgspec.json.Encoder()
+
+
+def encode(message: Request | Reply) -> bytes:
+    """Encode one message as a line, newline included."""
+    out = _encoder.encode(message)
+    return out + b"\n"
+
+
+def decode_request(line: bytes) -> AnyRequest:
+    """Decode one request line (without its newline).
+
+    Raises ``msgspec.ValidationError`` or ``msgspec.DecodeError``; use
+    :func:`classify_decode_error` to turn that into an error reply.
+    """
+    return _request_decoder.decode(line)
+
+
+def decode_reply(line: bytes) -> AnyReply:
+    """Decode one reply line (without its newline)."""
+    return _reply_decoder.decode(line)
+
+
+def error_for_bad_line(line: bytes, exc: Exception) -> Error:
+    """The error reply for a line that did not decode, echoing its id when readable."""
+    try:
+        request_id = _id_decoder.decode(line).id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        request_id = None
+    text = str(exc)
+    code = ErrorCode.BAD_REQUEST
+    if isinstance(exc, msgspec.ValidationError) and "Invalid value" in text and "$.op" in text:
+        code = ErrorCode.UNKNOWN_OP
+    return Error(id=request_id, code=code, message=f"cannot read request: {text}")
+
+
+def to_builtins(message: Any) -> Any:
+    """Plain dicts/lists for printing (``--json`` output)."""
+    return msgspec.to_builtins(message)
