@@ -1,0 +1,139 @@
+"""Telling the service manager how the broker is doing (``sd_notify(3)``), via ``sdnotify``.
+
+The ``sdnotify`` package does the sending but has three habits this wrapper
+undoes: without ``NOTIFY_SOCKET`` it opens a socket anyway and swallows every
+error with a bare ``except``; it never closes its socket; and it encodes
+latin-1 while systemd reads UTF-8. Here nothing is opened without
+``NOTIFY_SOCKET``, :meth:`Notifier.close` closes the socket, and a failed send
+is logged at debug level instead of raised or hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Final
+
+import sdnotify  # type: ignore[import-untyped]
+
+log = logging.getLogger(__name__)
+
+SEND_TIMEOUT: Final = 1.0
+"""Longest a send may block (seconds). The broker sends from its event loop, so a
+manager that stops reading must not wedge it for longer than this."""
+
+
+class Notifier:
+    """Sends ``READY=1``, ``STATUS=…``, ``WATCHDOG=1`` … to ``$NOTIFY_SOCKET``.
+
+    Reads ``NOTIFY_SOCKET``, ``WATCHDOG_USEC`` and ``WATCHDOG_PID`` from the
+    environment once, when constructed. Without ``NOTIFY_SOCKET`` (or when its
+    address cannot be reached) :attr:`enabled` is false and every method does
+    nothing. No method raises.
+    """
+
+    def __init__(self) -> None:
+        self._watchdog_usec = os.environ.get("WATCHDOG_USEC")
+        self._watchdog_pid = os.environ.get("WATCHDOG_PID")
+        self._address = os.environ.get("NOTIFY_SOCKET") or None
+        self._sd: Any = None
+        if self._address is None:
+            return
+        try:
+            # debug=True makes sdnotify raise instead of hiding the error; with
+            # NOTIFY_SOCKET set it no longer trips over a missing variable.
+            self._sd = sdnotify.SystemdNotifier(debug=True)
+            self._sd.socket.settimeout(SEND_TIMEOUT)
+        except OSError as exc:
+            log.debug("NOTIFY_SOCKET=%s unreachable, not notifying: %s", self._address, exc)
+            self._sd = None
+
+    @property
+    def enabled(self) -> bool:
+        """True while notifications have somewhere to go."""
+        return self._sd is not None
+
+    def _send(self, *assignments: str) -> None:
+        sd = self._sd
+        if sd is None:
+            return
+        message = "\n".join(assignments)
+        # sdnotify encodes latin-1; handing it UTF-8 bytes spelled as latin-1
+        # characters makes the datagram the UTF-8 systemd expects.
+        wire = message.encode("utf-8", "backslashreplace").decode("latin-1")
+        try:
+            sd.notify(wire)
+        except (OSError, ValueError) as exc:
+            log.debug("sd_notify %r to %s failed: %s", message, self._address, exc)
+
+    def ready(self, status: str | None = None) -> None:
+        """``READY=1``: startup (or a reload) is complete and requests are being served."""
+        if status is None:
+            self._send("READY=1")
+        else:
+            self._send("READY=1", _status(status))
+
+    def reloading(self) -> None:
+        """``RELOADING=1`` with ``MONOTONIC_USEC``, as systemd ≥ 253 needs; follow with ready()."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._send("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
+    def stopping(self) -> None:
+        """``STOPPING=1``: shutdown has begun."""
+        self._send("STOPPING=1")
+
+    def status(self, text: str) -> None:
+        """``STATUS=text``, shown by ``systemctl status``. Newlines become spaces."""
+        self._send(_status(text))
+
+    def watchdog(self) -> None:
+        """``WATCHDOG=1``: the keep-alive ping; send it every :meth:`watchdog_interval`."""
+        self._send("WATCHDOG=1")
+
+    def extend_timeout(self, seconds: float) -> None:
+        """``EXTEND_TIMEOUT_USEC``: ask for ``seconds`` more before the start/stop timeout hits."""
+        self._send(f"EXTEND_TIMEOUT_USEC={max(0, round(seconds * 1_000_000))}")
+
+    def watchdog_interval(self) -> float | None:
+        """Seconds between watchdog pings (half of ``WATCHDOG_USEC``), or None for no pings.
+
+        None when notifying is disabled, when ``WATCHDOG_USEC`` is unset, zero or
+        malformed, or when ``WATCHDOG_PID`` names another process.
+        """
+        if self._sd is None or self._watchdog_usec is None:
+            return None
+        if self._watchdog_pid is not None:
+            try:
+                if int(self._watchdog_pid) != os.getpid():
+                    return None
+            except ValueError:
+                return None
+        try:
+            usec = int(self._watchdog_usec)
+        except ValueError:
+            return None
+        if usec <= 0:
+            return None
+        return usec / 2_000_000
+
+    def close(self) -> None:
+        """Close the notification socket; later calls do nothing. Idempotent."""
+        sd, self._sd = self._sd, None
+        if sd is not None:
+            sd.socket.close()
+
+    def __enter__(self) -> Notifier:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _status(text: str) -> str:
+    # A newline would start a new assignment: text built from client data must
+    # never be able to send, say, MAINPID= or WATCHDOG=trigger.
+    return "STATUS=" + " ".join(text.splitlines())
+
+
+__all__ = ["SEND_TIMEOUT", "Notifier"]
