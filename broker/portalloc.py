@@ -1,0 +1,680 @@
+"""Share the port range with fedimint-portalloc users through the crate's own table.
+
+Rust test suites that call ``fedimint_portalloc::port_alloc`` coordinate through a
+directory (``$FM_PORTALLOC_DATA_DIR``) holding ``lock`` (an exclusive ``flock`` on it
+guards every access) and ``fm-portalloc.json``::
+
+    {"next": 10015, "keys": {"10000": {"size": 3, "expires": 1731688200}}}
+
+The crate skips every run that overlaps a live entry (``now < expires``), starts its
+search at ``next``, reserves a run for 120 s, and writes the table as
+``fm-portalloc.tmp`` + fdatasync + rename. With ``portalloc_dir`` set, the broker
+treats that table as a second source of truth:
+
+- before granting, it avoids every live entry it did not write (:func:`foreign_ranges`);
+- it publishes its own live leases as entries whose ``expires`` it keeps pushing
+  forward, and removes them once the leases end (:func:`merge`), so the crate never
+  hands out a port a portlease client holds but has not bound yet.
+
+The module has a pure part (parse, classify, merge, render: no clock, no files) and a
+small I/O part: :class:`PortallocTable` (blocking, for a worker thread) and
+:class:`AsyncPortallocTable` (the trio wrapper the server uses). Nothing in here
+raises on a bad table or a stuck lock holder: problems come back in
+:class:`SyncResult` for the caller to log, and the broker keeps serving on its
+bind checks alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar
+
+import trio
+
+LOW: Final = 10000
+"""Where the crate starts when ``next`` is absent, and where it wraps to."""
+HIGH: Final = 32000
+"""The crate wraps to LOW once its candidate base passes this."""
+CRATE_RESERVATION: Final = 120
+"""Seconds the crate reserves a run for; also our default publication horizon."""
+U16_MAX: Final = 65535
+U64_MAX: Final = 2**64 - 1
+
+LOCK_NAME: Final = "lock"
+DATA_NAME: Final = "fm-portalloc.json"
+TMP_NAME: Final = "fm-portalloc.tmp"
+
+_MAX_TABLE_BYTES: Final = 64 * 1024 * 1024
+"""A table this large is not the crate's (2,000 entries are ~100 kB): treat as corrupt."""
+_CANONICAL_KEY = re.compile(r"0|[1-9][0-9]*")
+_DIGITS = re.compile(r"[0-9]+")
+
+
+Span = tuple[int, int]
+"""(start, size) of a live foreign entry: the same shape as the allocator's (start, count)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """``count`` consecutive ports from ``start``: the simplest thing ``choose`` can return."""
+
+    start: int
+    count: int
+
+
+class Claim(Protocol):
+    """What ``choose`` returns: anything with the run it took (e.g. the lead's LeaseRecord)."""
+
+    @property
+    def start(self) -> int: ...
+
+    @property
+    def count(self) -> int: ...
+
+
+C = TypeVar("C", bound=Claim)
+
+# ------------------------------------------------------------------ the pure part
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One value of ``keys``: a run of ``size`` ports from its base, live while now < expires."""
+
+    size: int
+    expires: int
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Fields the crate does not know; serde ignores them on read, so we keep them."""
+
+    def live(self, now: float) -> bool:
+        # expires is an integer, so this equals the crate's `now_secs < expires`.
+        return now < self.expires
+
+
+@dataclass(slots=True)
+class Table:
+    """The whole file. ``next`` is None when the file has none (the crate then uses LOW)."""
+
+    keys: dict[int, Entry] = field(default_factory=dict)
+    next: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Parsed:
+    table: Table
+    problems: list[str]
+    repair: bool
+    """True when the bytes as they are would make the crate fail: rewrite them."""
+
+
+class _Obj(dict[str, Any]):
+    """A JSON object that remembers whether a name occurred twice.
+
+    serde rejects a duplicate struct field ("duplicate field `keys`"), so a file
+    with one is unreadable to the crate even though Python's json takes the last.
+    """
+
+    duplicate: bool = False
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> _Obj:
+    obj = _Obj()
+    for name, value in pairs:
+        if name in obj:
+            obj.duplicate = True
+        obj[name] = value
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN/Infinity are not JSON; serde_json refuses the whole file over them.
+    raise ValueError(f"non-JSON constant {name}")
+
+
+def _as_uint(value: Any, limit: int, *, round_up: bool = False) -> tuple[int | None, bool]:
+    """Read an unsigned integer leniently: (value or None if unusable, needed repair)."""
+    if isinstance(value, bool):  # bool is an int to Python, never to serde
+        return None, True
+    if isinstance(value, int):
+        return (value, False) if 0 <= value <= limit else (None, True)
+    if isinstance(value, float) and math.isfinite(value) and value >= 0:
+        number = math.ceil(value) if round_up else int(value)
+        return (number, True) if number <= limit and (round_up or number == value) else (None, True)
+    if isinstance(value, str) and _DIGITS.fullmatch(value):
+        number = int(value)
+        return (number, True) if number <= limit else (None, True)
+    return None, True
+
+
+def empty_table() -> Table:
+    """What a missing or unreadable table is replaced with: crate-readable, ``next`` explicit.
+
+    ``next`` is written out even though serde defaults it, so that a crate version
+    whose missing-file default is not LOW still starts in its own range.
+    """
+    return Table(next=LOW)
+
+
+def parse(data: bytes | None) -> Parsed:
+    """Read the table leniently; never raises.
+
+    ``None`` means the file does not exist (the crate treats that as empty: no
+    repair needed). Unusable entries are dropped, fixable ones fixed (a float
+    ``expires`` rounded up, a ``"12"`` string read as 12, a run past 65535 cut),
+    and everything else, including fields the crate does not know, is kept.
+    """
+    if data is None:
+        return Parsed(Table(), [], repair=False)
+    try:
+        root = json.loads(
+            data.decode("utf-8"), object_pairs_hook=_object_pairs, parse_constant=_reject_constant
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = "empty file" if not data.strip() else f"not JSON ({exc})"
+        return Parsed(empty_table(), [f"{DATA_NAME}: {reason}; replaced by an empty table"], True)
+    if not isinstance(root, _Obj):
+        return Parsed(
+            empty_table(),
+            [f"{DATA_NAME}: top level is {type(root).__name__}, not an object; replaced"],
+            True,
+        )
+    problems: list[str] = []
+    repair = root.duplicate
+    if root.duplicate:
+        problems.append(f"{DATA_NAME}: a top-level field occurs twice; rewritten once")
+    table = Table(extra={k: v for k, v in root.items() if k not in ("next", "keys")})
+    if "next" in root:
+        nxt, fixed = _as_uint(root["next"], U16_MAX)
+        if nxt is None:
+            problems.append(f"{DATA_NAME}: bad next {root['next']!r}; reset to {LOW}")
+            nxt, fixed = LOW, True
+        table.next = nxt
+        repair = repair or fixed
+    keys = root.get("keys")
+    if not isinstance(keys, _Obj):
+        problems.append(
+            f"{DATA_NAME}: "
+            + ("no keys" if keys is None else f"keys is {type(keys).__name__}")
+            + "; replaced by an empty map"
+        )
+        if table.next is None:
+            table.next = LOW
+        return Parsed(table, problems, True)
+    dropped: list[str] = []
+    for name, value in keys.items():
+        base, fixed = _as_uint(name, U16_MAX)
+        if base is None or not isinstance(value, _Obj):
+            dropped.append(name)
+            continue
+        fixed = fixed or not _CANONICAL_KEY.fullmatch(name) or value.duplicate
+        size, size_fixed = _as_uint(value.get("size"), U16_MAX)
+        # Rounding a fractional expiry up keeps the reservation at least as long.
+        expires, exp_fixed = _as_uint(value.get("expires"), U64_MAX, round_up=True)
+        if size is None or expires is None:
+            dropped.append(name)
+            continue
+        fixed = fixed or size_fixed or exp_fixed
+        if base + size > U16_MAX:
+            # The crate computes `base + size` in u16: this entry would overflow it.
+            problems.append(f"{DATA_NAME}: entry {name} runs past port {U16_MAX}; cut to fit")
+            size, fixed = U16_MAX - base, True
+        extra = {k: v for k, v in value.items() if k not in ("size", "expires")}
+        entry = Entry(size, expires, extra)
+        if base in table.keys:  # "10000" and "010000": keep the longer reservation
+            fixed = True
+            old = table.keys[base]
+            entry = Entry(max(size, old.size), max(expires, old.expires), extra or old.extra)
+        table.keys[base] = entry
+        repair = repair or fixed
+    if dropped:
+        shown = ", ".join(repr(d) for d in dropped[:5]) + (", …" if len(dropped) > 5 else "")
+        problems.append(f"{DATA_NAME}: dropped {len(dropped)} unreadable entries ({shown})")
+        repair = True
+    elif repair and not problems:
+        problems.append(f"{DATA_NAME}: entries in a form the crate cannot read; normalised")
+    return Parsed(table, problems, repair)
+
+
+def render(table: Table) -> bytes:
+    """The JSON the crate reads: ``next`` (if any), ``keys`` by ascending base, then extras."""
+    root: dict[str, Any] = {}
+    if table.next is not None:
+        root["next"] = table.next
+    root["keys"] = {
+        str(base): {"size": e.size, "expires": e.expires, **e.extra}
+        for base, e in sorted(table.keys.items())
+    }
+    root.update(table.extra)
+    return json.dumps(root, indent=2, allow_nan=False).encode() + b"\n"
+
+
+def owned_bases(
+    table: Table, ours: Mapping[int, tuple[int, float | None]], published: Mapping[int, Entry]
+) -> set[int]:
+    """The entries of ``table`` that are ours.
+
+    An entry is ours when it is exactly what we last wrote at that base (size and
+    expires), or when it is exactly one of our leases' runs: the latter adopts our
+    own entries after a broker restart. An entry the crate wrote is never exactly
+    what we wrote (it would have needed our entry to lapse first and then pick
+    the same base, size *and* second), so it is never taken for ours.
+    """
+    owned: set[int] = set()
+    for base, entry in table.keys.items():
+        mine = published.get(base)
+        if mine is not None and (mine.size, mine.expires) == (entry.size, entry.expires):
+            owned.add(base)  # what we wrote, untouched
+        elif base in ours and ours[base][0] == entry.size:
+            owned.add(base)  # one of our runs exactly: adopt it
+    return owned
+
+
+def foreign_ranges(table: Table, now: float, owned: Iterable[int] = ()) -> list[Span]:
+    """Live entries we did not write, as (start, size) sorted by start: ports to avoid."""
+    mine = set(owned)
+    return sorted(
+        (base, e.size)
+        for base, e in table.keys.items()
+        if base not in mine and e.size > 0 and e.live(now)
+    )
+
+
+def first_overlap(start: int, count: int, ranges: Iterable[tuple[int, int]]) -> int | None:
+    """The end of the first range overlapping ``[start, start+count)`` (where to retry), or None."""
+    end = start + count
+    for s, n in ranges:
+        if s < end and start < s + n:
+            return s + n
+    return None
+
+
+def _subtract(start: int, end: int, holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``[start, end)`` minus sorted, possibly overlapping ``[s, e)`` holes."""
+    pieces: list[tuple[int, int]] = []
+    cur = start
+    for s, e in holes:
+        if e <= cur:
+            continue
+        if s >= end:
+            break
+        if s > cur:
+            pieces.append((cur, s))
+        cur = max(cur, e)
+        if cur >= end:
+            break
+    if cur < end:
+        pieces.append((cur, end))
+    return pieces
+
+
+@dataclass(slots=True)
+class Merged:
+    table: Table
+    published: dict[int, Entry]
+    """Our entries as they are in ``table`` now: remember them for the next merge."""
+    problems: list[str]
+
+
+def merge(
+    table: Table,
+    now: float,
+    ours: Mapping[int, tuple[int, float | None]],
+    owned: Iterable[int],
+    *,
+    claim: Run | None = None,
+    horizon: float = CRATE_RESERVATION,
+    slack: float = 10.0,
+) -> Merged:
+    """Put our live leases into ``table``, take out the ones that ended; pure.
+
+    ``ours`` maps base port to (count, seconds the lease has left, or None while
+    it is bound to a connection); ``claim`` is a run granted under this lock
+    hold. Each is published with ``expires = ceil(now + min(left, horizon))``,
+    rewritten only when it would move by more than ``slack`` seconds (so that a
+    burst of grants does not rewrite every entry). Our entries that are neither
+    in ``ours`` nor ``claim`` are removed; entries we do not own are kept, except
+    expired ones lying under a run we publish (the crate drops those anyway).
+
+    A lease overlapping a live foreign entry is a double grant that already
+    happened (e.g. while the lock was stuck): we publish only the ports outside
+    the foreign entry, keeping the table free of overlaps, and report it.
+    """
+    owned_set = set(owned)
+    problems: list[str] = []
+    keys = {b: e for b, e in table.keys.items() if b not in owned_set}
+    foreign = sorted((b, b + e.size) for b, e in keys.items() if e.size > 0 and e.live(now))
+    wanted: list[tuple[int, int, int]] = []  # (start, end, expires)
+    runs: list[tuple[int, int, float | None]] = [(b, n, left) for b, (n, left) in ours.items()]
+    if claim is not None:
+        runs.append((claim.start, claim.count, None))
+    for base, count, left in sorted(runs):
+        if count <= 0 or (left is not None and left <= 0):
+            continue  # nothing to reserve, or the lease has already lapsed
+        end = min(base + count, U16_MAX)  # the crate's u16 `base + size` must not overflow
+        if base < 1 or base >= end:
+            problems.append(f"lease {base}+{count} cannot be written in the table; skipped")
+            continue
+        if end < base + count:
+            problems.append(f"lease {base}+{count}: ports from {U16_MAX} on are not published")
+        expires = math.ceil(now + (horizon if left is None else min(left, horizon)))
+        for s, e in foreign:
+            if s < end and base < e:
+                problems.append(
+                    f"lease {base}+{count} overlaps live fedimint-portalloc entry {s}+{e - s}: "
+                    f"ports {max(s, base)}-{min(e, end) - 1} may be in use twice"
+                )
+        taken = sorted([*foreign, *((w[0], w[1]) for w in wanted)])
+        wanted.extend((s, e, expires) for s, e in _subtract(base, end, taken))
+    published: dict[int, Entry] = {}
+    for start, end, expires in wanted:
+        for b in [b for b, e in keys.items() if (b < end and start < b + e.size) or b == start]:
+            # Only expired (or empty) foreign entries can be here, live ones were
+            # subtracted; the crate drops expired entries on load anyway.
+            del keys[b]
+        old = table.keys.get(start) if start in owned_set else None
+        fresh = old is not None and expires - slack <= old.expires <= expires
+        if old is not None and fresh and old.size == end - start:
+            entry = old
+        else:
+            entry = Entry(end - start, expires)
+        keys[start] = entry
+        published[start] = entry
+    return Merged(Table(keys=keys, next=table.next, extra=dict(table.extra)), published, problems)
+
+
+# ------------------------------------------------------------------ the I/O part
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult(Generic[C]):
+    """What one :meth:`PortallocTable.sync` did.
+
+    ``status``: "ok" (read, merged, written if anything changed, all under the
+    lock), "skipped" (the lock was not obtained within the timeout: nothing read
+    or written) or "error" (an OS error; ``problems`` says which). ``foreign`` are
+    the live foreign runs ``choose`` was given: fresh under the lock, else the
+    last ones seen that are still live. ``problems`` are for the log.
+    """
+
+    status: Literal["ok", "skipped", "error"]
+    foreign: tuple[Span, ...]
+    chosen: C | None
+    published: bool
+    """True when ``chosen`` (if any) and all of ``ours`` are in the table now."""
+    wrote: bool
+    waited: float
+    """Seconds spent waiting for the lock."""
+    problems: tuple[str, ...] = ()
+
+    @property
+    def locked(self) -> bool:
+        return self.status == "ok"
+
+
+def _file_mode(dir_mode: int) -> int:
+    # Files we create get the directory's read/write bits (a group-shared 2775
+    # directory gives 0664), so the crate running as another runner user can still
+    # open `lock` read-write and replace the table.
+    return (dir_mode & 0o666) | 0o600
+
+
+def _open_or_create(path: str, flags: int, mode: int) -> int:
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        return os.open(path, flags | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, mode)  # the umask must not take away the bits others need
+    return fd
+
+
+class PortallocTable:
+    """The crate's directory, used from one process under the crate's own lock.
+
+    Blocking: call :meth:`sync` from a worker thread (see :class:`AsyncPortallocTable`).
+    Calls are serialised by an internal lock; each one opens ``lock`` afresh, so a
+    lock file deleted and recreated by hand is followed.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        lock_timeout: float = 0.5,
+        horizon: float = CRATE_RESERVATION,
+        slack: float = 10.0,
+    ) -> None:
+        self.directory = directory
+        self.lock_timeout = lock_timeout
+        self.horizon = horizon
+        self.slack = slack
+        self._mutex = threading.Lock()
+        self._published: dict[int, Entry] = {}
+        self._last_foreign: list[tuple[Span, int]] = []  # with each entry's expires
+
+    @property
+    def published(self) -> dict[int, Entry]:
+        """Our entries as of the last successful sync."""
+        return dict(self._published)
+
+    def sync(
+        self,
+        ours: Mapping[int, tuple[int, float | None]],
+        choose: Callable[[list[Span]], C | None] | None = None,
+        *,
+        now: float | None = None,
+    ) -> SyncResult[C]:
+        """Read the table, let ``choose`` pick a run, publish ours, all in one lock hold.
+
+        ``ours``: base port -> (count, seconds left or None while attached) for
+        every live lease. ``choose(foreign)`` is called exactly once (if given):
+        under the lock when it was obtained, otherwise after the timeout with the
+        last known live foreign runs; its result (anything with ``start`` and
+        ``count``, or None) is published in the same write. An exception from
+        ``choose`` propagates after the lock is released, with nothing written.
+        ``now`` is Unix time (default: ``time.time()``); the table is in wall-clock
+        seconds.
+        """
+        deadline = time.monotonic() + self.lock_timeout
+        t0 = time.monotonic()
+        if not self._mutex.acquire(timeout=self.lock_timeout):
+            return self._unlocked("skipped", choose, now, time.monotonic() - t0,
+                                  ["another sync of this table is still running"])
+        try:
+            return self._sync_locked(ours, choose, now, deadline, t0)
+        finally:
+            self._mutex.release()
+
+    # -------------------------------------------------------------- internals
+
+    def _unlocked(
+        self,
+        status: Literal["skipped", "error"],
+        choose: Callable[[list[Span]], C | None] | None,
+        now: float | None,
+        waited: float,
+        problems: list[str],
+    ) -> SyncResult[C]:
+        wall = time.time() if now is None else now
+        stale = [run for run, expires in self._last_foreign if wall < expires]
+        chosen = choose(stale) if choose is not None else None
+        return SyncResult(status, tuple(stale), chosen, False, False, waited, tuple(problems))
+
+    def _lock(self, fd: int, deadline: float) -> bool:
+        # Non-blocking attempts with growing sleeps: a blocking flock in a thread
+        # could not be given up on, and the crate holds the lock ~1 ms per call.
+        delay = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EINTR):
+                    raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.02)
+
+    def _open_lock(self) -> tuple[int, int]:
+        os.makedirs(self.directory, exist_ok=True)  # as the crate does (create_dir_all)
+        mode = _file_mode(os.stat(self.directory).st_mode)
+        path = os.path.join(self.directory, LOCK_NAME)
+        try:
+            return _open_or_create(path, os.O_RDWR, mode), mode
+        except PermissionError:
+            # flock needs no write access; the crate's own file may be 0644 and not ours.
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC), mode
+
+    def _read(self) -> bytes | None:
+        path = os.path.join(self.directory, DATA_NAME)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            return f.read(_MAX_TABLE_BYTES + 1)
+
+    def _write(self, data: bytes, mode: int) -> None:
+        path = os.path.join(self.directory, DATA_NAME)
+        tmp = os.path.join(self.directory, TMP_NAME)
+        with contextlib.suppress(FileNotFoundError):
+            mode = _file_mode(os.stat(path).st_mode)  # keep the table's own mode
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # left over by a crashed writer; we hold the lock
+        fd = _open_or_create(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fdatasync(f.fileno())
+            os.rename(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _sync_locked(
+        self,
+        ours: Mapping[int, tuple[int, float | None]],
+        choose: Callable[[list[Span]], C | None] | None,
+        now: float | None,
+        deadline: float,
+        t0: float,
+    ) -> SyncResult[C]:
+        try:
+            fd, mode = self._open_lock()
+        except OSError as exc:
+            return self._unlocked("error", choose, now, time.monotonic() - t0,
+                                  [f"cannot open {self.directory}/{LOCK_NAME}: {exc}"])
+        try:
+            got = self._lock(fd, deadline)
+        except OSError as exc:
+            os.close(fd)
+            return self._unlocked("error", choose, now, time.monotonic() - t0,
+                                  [f"flock on {self.directory}/{LOCK_NAME}: {exc}"])
+        waited = time.monotonic() - t0
+        if not got:
+            os.close(fd)
+            return self._unlocked("skipped", choose, now, waited, [
+                f"{self.directory}/{LOCK_NAME} held by another process for over "
+                f"{self.lock_timeout:g} s; table not read or written"])
+        try:
+            return self._exchange(ours, choose, now, waited, mode)
+        finally:
+            os.close(fd)  # closing our only fd on that open file releases the flock
+
+    def _exchange(
+        self,
+        ours: Mapping[int, tuple[int, float | None]],
+        choose: Callable[[list[Span]], C | None] | None,
+        now: float | None,
+        waited: float,
+        mode: int,
+    ) -> SyncResult[C]:
+        """Read, choose, merge, write: the part done while holding the crate's lock."""
+        wall = time.time() if now is None else now
+        try:
+            raw = self._read()
+        except OSError as exc:
+            # Unreadable is not corrupt: writing now could destroy others' entries.
+            # choose() still runs, after the caller's usual rule, on stale ranges.
+            return self._unlocked("error", choose, now, waited,
+                                  [f"cannot read {self.directory}/{DATA_NAME}: {exc}"])
+        if raw is not None and len(raw) > _MAX_TABLE_BYTES:
+            raw = b"too large"
+        parsed = parse(raw)
+        owned = owned_bases(parsed.table, ours, self._published)
+        foreign = foreign_ranges(parsed.table, wall, owned)
+        self._last_foreign = [(r, parsed.table.keys[r[0]].expires) for r in foreign]
+        chosen = choose(list(foreign)) if choose is not None else None
+        claim = Run(chosen.start, chosen.count) if chosen is not None else None
+        merged = merge(parsed.table, wall, ours, owned, claim=claim,
+                       horizon=self.horizon, slack=self.slack)
+        problems = parsed.problems + merged.problems
+        if raw is None:
+            # No file: the crate reads that as empty. Create one only to publish,
+            # with `next` explicit (see empty_table).
+            changed = bool(merged.table.keys)
+            if merged.table.next is None:
+                merged.table.next = LOW
+        else:
+            changed = parsed.repair or merged.table != parsed.table
+        wrote = False
+        if changed:
+            try:
+                self._write(render(merged.table), mode)
+                wrote = True
+            except OSError as exc:
+                problems.append(f"cannot write {self.directory}/{DATA_NAME}: {exc}; "
+                                "leases not published")
+                return SyncResult("error", tuple(foreign), chosen, False, False, waited,
+                                  tuple(problems))
+        self._published = merged.published
+        return SyncResult("ok", tuple(foreign), chosen, True, wrote, waited, tuple(problems))
+
+
+class AsyncPortallocTable:
+    """The trio face of :class:`PortallocTable`, for the broker's event loop.
+
+    One sync at a time: the snapshot of our leases is taken inside a trio lock,
+    so a sync can never remove an entry that a later grant published. The file
+    work runs in a worker thread; ``choose`` runs back on the trio thread (via
+    ``trio.from_thread.run_sync``) while the worker holds the crate's lock, so it
+    may use the allocator and lease table freely. The event loop is never blocked:
+    at worst a grant waits ``lock_timeout`` and proceeds on bind checks alone.
+    """
+
+    def __init__(self, table: PortallocTable) -> None:
+        self.table = table
+        self._lock = trio.Lock()
+
+    async def sync(
+        self,
+        snapshot: Callable[[], Mapping[int, tuple[int, float | None]]],
+        choose: Callable[[list[Span]], C | None] | None = None,
+    ) -> SyncResult[C]:
+        async with self._lock:
+            ours = dict(snapshot())
+            if choose is None:
+                return await trio.to_thread.run_sync(self.table.sync, ours)
+            pick = choose
+
+            def choose_on_loop(foreign: list[Span]) -> C | None:
+                return trio.from_thread.run_sync(pick, foreign)
+
+            return await trio.to_thread.run_sync(self.table.sync, ours, choose_on_loop)
