@@ -25,7 +25,7 @@ RequestId = int | str
 TOKEN_BYTES: Final = 16  # 128-bit lease tokens, sent as 32 hex digits
 
 Count = Annotated[int, msgspec.Meta(ge=1, le=65535)]
-Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400 * 365)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]  # a day at most: a detached lease cannot squat for months
 Note = Annotated[str, msgspec.Meta(max_length=1024)]
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 

@@ -1,0 +1,131 @@
+"""What the kernel says about ports: the bind check and the ranges it keeps for itself.
+
+The bind check binds each candidate port for TCP and UDP on the IPv4 wildcard,
+and on the IPv6 wildcard where the host has IPv6. A wildcard bind conflicts
+with a socket bound to *any* address on that port, so one check per family
+and protocol catches a server on 127.0.0.1, on a container bridge or on ::1.
+
+SO_REUSEADDR is deliberately *not* set on the probe sockets. With it, Linux lets
+a TCP bind succeed next to sockets in TIME_WAIT and next to other bound-but-not-
+listening SO_REUSEADDR sockets; without it the probe fails in those cases too.
+So a port passes only if a bind *without* SO_REUSEADDR would succeed, which is
+the strictest thing a test's server may do. The cost is that a port in TIME_WAIT
+(a server just stopped after serving connections) is passed over for a few
+seconds (the allocator's quarantine) instead of handed out.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from functools import cache
+
+log = logging.getLogger("portlease.kernel")
+
+_EPHEMERAL = "/proc/sys/net/ipv4/ip_local_port_range"
+_RESERVED = "/proc/sys/net/ipv4/ip_local_reserved_ports"
+
+
+@cache
+def has_ipv6() -> bool:
+    """Whether an IPv6 socket can be bound on the wildcard here."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::", 0))
+        return True
+    except OSError:
+        return False
+
+
+_BUSY = (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL)
+
+
+def _try_bind(family: socket.AddressFamily, kind: socket.SocketKind, port: int) -> bool:
+    s = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6:
+            # v4 is checked on its own socket; keep this one to v6 so that a
+            # host with bindv6only=0 and one without give the same answer.
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind(("::", port))
+        else:
+            s.bind(("0.0.0.0", port))
+        return True
+    except OSError as exc:
+        if exc.errno not in _BUSY:
+            log.warning("bind check of port %d: %s", port, exc)
+        return False
+    finally:
+        s.close()
+
+
+def bind_ok(port: int) -> bool:
+    """True when TCP and UDP binds of ``port`` succeed on every wildcard address."""
+    if not (
+        _try_bind(socket.AF_INET, socket.SOCK_STREAM, port)
+        and _try_bind(socket.AF_INET, socket.SOCK_DGRAM, port)
+    ):
+        return False
+    if has_ipv6():
+        return _try_bind(socket.AF_INET6, socket.SOCK_STREAM, port) and _try_bind(
+            socket.AF_INET6, socket.SOCK_DGRAM, port
+        )
+    return True
+
+
+def ephemeral_range(path: str = _EPHEMERAL) -> tuple[int, int] | None:
+    """The kernel's range for automatic (ephemeral) ports, if readable."""
+    try:
+        with open(path) as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return None
+
+
+def parse_port_list(text: str) -> list[tuple[int, int]]:
+    """``"8080,9000-9010"`` → ``[(8080, 1), (9000, 11)]`` as (start, count) runs."""
+    runs = []
+    for part in text.replace("\n", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        start, end = int(lo), int(hi or lo)
+        if 0 < start <= end <= 65535:
+            runs.append((start, end - start + 1))
+    return runs
+
+
+def reserved_ports(path: str = _RESERVED) -> list[tuple[int, int]]:
+    """The kernel's reserved ports (``ip_local_reserved_ports``) as (start, count) runs."""
+    try:
+        with open(path) as f:
+            return parse_port_list(f.read())
+    except (OSError, ValueError):
+        return []
+
+
+def excluded_runs(low: int, high: int) -> tuple[list[tuple[int, int]], list[str]]:
+    """Runs inside ``[low, high]`` to keep out of the allocator, and warnings to log."""
+    runs: list[tuple[int, int]] = []
+    warnings: list[str] = []
+    eph = ephemeral_range()
+    if eph is not None:
+        lo, hi = eph
+        if lo <= high and hi >= low:
+            warnings.append(
+                f"the port range {low}-{high} overlaps the kernel's ephemeral range {lo}-{hi} "
+                f"({_EPHEMERAL}); those ports are never granted, since the kernel hands them "
+                "to any socket that binds port 0 or connects"
+            )
+            runs.append((lo, hi - lo + 1))
+    reserved = [(s, c) for s, c in reserved_ports() if s <= high and s + c - 1 >= low]
+    if reserved:
+        warnings.append(
+            f"the port range {low}-{high} overlaps ip_local_reserved_ports; those ports "
+            "are never granted"
+        )
+        runs.extend(reserved)
+    return runs, warnings

@@ -1,0 +1,322 @@
+"""The lease table: who holds which ports, until when, and under which limits.
+
+Pure: no sockets, no clock, no randomness of its own. The server passes in
+``now``, the bind check and fresh tokens. Every rule about leases lives here:
+
+- a lease bound to a live connection never expires; when the connection ends,
+  :meth:`LeaseTable.drop_connection` releases all its leases at once;
+- a detached or restored (orphaned) lease lives until ``expires``, pushed
+  forward by ``renew`` and ended by ``release`` or :meth:`LeaseTable.expire`;
+- ``reclaim`` binds a detached or orphaned lease to a new connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from portlease.client.errors import Exhausted, InUse, NotFound, QuotaExceeded, TooLarge
+
+from .allocator import Allocator, BindCheck
+
+
+class LeaseState(enum.StrEnum):
+    ATTACHED = "attached"
+    """Bound to a live connection; released when it closes."""
+    DETACHED = "detached"
+    """Unbound on purpose; expires unless renewed."""
+    ORPHANED = "orphaned"
+    """Restored after a broker restart; expires unless reclaimed or renewed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who asked, as the kernel says (SO_PEERCRED), plus the client's own note."""
+
+    pid: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    cmdline: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_ports_per_request: int = 256
+    max_ports_per_uid: int = 4096
+    max_leases_per_connection: int = 1024
+
+
+@dataclass(slots=True)
+class LeaseRecord:
+    token: str
+    start: int
+    count: int
+    ttl: float
+    granted: float
+    peer: Peer
+    note: str | None = None
+    connection: int | None = None
+    """The connection the lease is bound to; None when detached or orphaned."""
+    expires: float | None = None
+    """None while bound to a connection."""
+    orphaned: bool = False
+
+    @property
+    def ports(self) -> list[int]:
+        return list(range(self.start, self.start + self.count))
+
+    @property
+    def state(self) -> LeaseState:
+        if self.connection is not None:
+            return LeaseState.ATTACHED
+        return LeaseState.ORPHANED if self.orphaned else LeaseState.DETACHED
+
+
+@dataclass(slots=True)
+class LeaseTable:
+    """All leases, indexed by token, by connection and by uid."""
+
+    allocator: Allocator
+    limits: Limits = field(default_factory=Limits)
+    _by_token: dict[str, LeaseRecord] = field(default_factory=dict)
+    _by_connection: dict[int, set[str]] = field(default_factory=dict)
+    _ports_by_uid: dict[int | None, int] = field(default_factory=dict)
+    _expiries: list[tuple[float, str]] = field(default_factory=list)
+    _ports_held: int = 0
+
+    # ------------------------------------------------------------ queries
+
+    def __len__(self) -> int:
+        return len(self._by_token)
+
+    def __iter__(self) -> Iterator[LeaseRecord]:
+        return iter(self._by_token.values())
+
+    def get(self, token: str) -> LeaseRecord | None:
+        return self._by_token.get(token)
+
+    @property
+    def ports_held(self) -> int:
+        return self._ports_held
+
+    def ports_of_uid(self, uid: int | None) -> int:
+        return self._ports_by_uid.get(uid, 0)
+
+    def leases_of(self, connection: int) -> list[LeaseRecord]:
+        return [self._by_token[t] for t in self._by_connection.get(connection, ())]
+
+    def next_expiry(self) -> float | None:
+        """When :meth:`expire` next has work to do (may be early, never late)."""
+        return self._expiries[0][0] if self._expiries else None
+
+    # ------------------------------------------------------------ operations
+
+    def grant(
+        self,
+        *,
+        token: str,
+        count: int,
+        ttl: float,
+        now: float,
+        bind_ok: BindCheck,
+        peer: Peer,
+        connection: int | None,
+        note: str | None = None,
+    ) -> LeaseRecord:
+        """Allocate ``count`` consecutive ports and record the lease.
+
+        ``connection=None`` makes a detached lease expiring at ``now + ttl``.
+        Raises :class:`TooLarge`, :class:`QuotaExceeded` or :class:`Exhausted`.
+        """
+        limits = self.limits
+        if count > limits.max_ports_per_request:
+            raise TooLarge(
+                f"count {count} is above the per-request limit of "
+                f"{limits.max_ports_per_request} ports"
+            )
+        if count > self.allocator.size:
+            raise TooLarge(f"count {count} is larger than the whole range ({self.allocator.size})")
+        held = self._ports_by_uid.get(peer.uid, 0)
+        if held + count > limits.max_ports_per_uid:
+            raise QuotaExceeded(
+                f"uid {peer.uid} holds {held} ports; {count} more would pass the "
+                f"per-uid limit of {limits.max_ports_per_uid}"
+            )
+        if connection is not None:
+            n = len(self._by_connection.get(connection, ()))
+            if n >= limits.max_leases_per_connection:
+                raise QuotaExceeded(
+                    f"this connection holds {n} leases, the per-connection limit"
+                )
+        if token in self._by_token:
+            raise ValueError("token reused")
+        start = self.allocator.allocate(count, bind_ok, now)
+        if start is None:
+            largest = self.allocator.largest_free_run
+            raise Exhausted(
+                f"no run of {count} free ports in {self.allocator.low}-{self.allocator.high}; "
+                f"the largest free run is {largest}",
+                largest=largest,
+            )
+        record = LeaseRecord(
+            token=token, start=start, count=count, ttl=ttl, granted=now, peer=peer, note=note,
+        )
+        self._insert(record, held=True)
+        if connection is None:
+            self._set_expiry(record, now + ttl)
+        else:
+            self._bind(record, connection)
+        return record
+
+    def release(self, token: str) -> LeaseRecord:
+        """End a lease by token; its ports are free at once."""
+        record = self._lookup(token)
+        self._remove(record)
+        return record
+
+    def renew(self, token: str, now: float) -> LeaseRecord:
+        """Push an unbound lease's expiry to ``now + ttl``; a bound lease is left as is."""
+        record = self._lookup(token)
+        if record.connection is None:
+            self._set_expiry(record, now + record.ttl)
+        return record
+
+    def detach(self, token: str, now: float) -> LeaseRecord:
+        """Unbind a lease from its connection; it expires at ``now + ttl``."""
+        record = self._lookup(token)
+        self._unbind(record)
+        record.orphaned = False
+        self._set_expiry(record, now + record.ttl)
+        return record
+
+    def reclaim(self, token: str, connection: int, peer: Peer | None = None) -> LeaseRecord:
+        """Bind an unbound lease to ``connection``. A lease bound elsewhere is :class:`InUse`."""
+        record = self._lookup(token)
+        if record.connection == connection:
+            return record
+        if record.connection is not None:
+            raise InUse("the lease is held by another live connection")
+        n = len(self._by_connection.get(connection, ()))
+        if n >= self.limits.max_leases_per_connection:
+            raise QuotaExceeded(f"this connection holds {n} leases, the per-connection limit")
+        record.orphaned = False
+        record.expires = None
+        if peer is not None and peer.pid is not None:
+            record.peer = peer
+        self._bind(record, connection)
+        return record
+
+    def drop_connection(self, connection: int) -> list[LeaseRecord]:
+        """Release every lease bound to ``connection`` (it closed)."""
+        tokens = self._by_connection.pop(connection, set())
+        dropped = []
+        for token in tokens:
+            record = self._by_token[token]
+            record.connection = None  # already unindexed by the pop above
+            self._remove(record)
+            dropped.append(record)
+        return dropped
+
+    def expire(self, now: float) -> list[LeaseRecord]:
+        """Release every unbound lease whose expiry is at or before ``now``."""
+        out = []
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            when, token = heapq.heappop(heap)
+            record = self._by_token.get(token)
+            # Entries are never removed from the heap; skip stale ones.
+            if record is None or record.connection is not None or record.expires != when:
+                continue
+            self._remove(record)
+            out.append(record)
+        return out
+
+    def restore(self, records: Iterable[LeaseRecord], now: float) -> list[LeaseRecord]:
+        """Take back leases from a previous broker run, as orphans.
+
+        Each keeps its ports until ``max(its expiry, now + ttl)`` unless its owner
+        reclaims it: the owner may have been unable to renew while the broker was
+        down. A record that overlaps one already restored, or falls outside the
+        range, is skipped and returned, so that restore can never create a port
+        held twice.
+        """
+        skipped = []
+        for record in records:
+            end = record.start + record.count
+            if (
+                record.token in self._by_token
+                or record.start < self.allocator.low
+                or end - 1 > self.allocator.high
+                or self._overlaps_lease(record.start, record.count)
+            ):
+                skipped.append(record)
+                continue
+            record.connection = None
+            record.orphaned = True
+            self._insert(record, held=False)
+            self._set_expiry(record, max(record.expires or 0.0, now + record.ttl))
+        return skipped
+
+    def rebind_allocator(self, allocator: Allocator) -> None:
+        """Move every lease onto a new allocator (a reloaded range), keeping them all."""
+        for record in self._by_token.values():
+            allocator.hold(record.start, record.count)
+        self.allocator = allocator
+
+    # ------------------------------------------------------------ internals
+
+    def _lookup(self, token: str) -> LeaseRecord:
+        record = self._by_token.get(token)
+        if record is None:
+            raise NotFound("no lease has this token (released, expired or never granted)")
+        return record
+
+    def _overlaps_lease(self, start: int, count: int) -> bool:
+        # Leases are the only holders at restore time apart from the permanent
+        # exclusions, so a held port inside the range means another lease or an
+        # excluded port; either way the record must not be restored over it.
+        return self.allocator.held_by_anyone(start, count)
+
+    def _insert(self, record: LeaseRecord, *, held: bool) -> None:
+        """Index a record; ``held`` says the allocator already holds its run."""
+        self._by_token[record.token] = record
+        uid = record.peer.uid
+        self._ports_by_uid[uid] = self._ports_by_uid.get(uid, 0) + record.count
+        self._ports_held += record.count
+        if not held:
+            self.allocator.hold(record.start, record.count)
+
+    def _remove(self, record: LeaseRecord) -> None:
+        del self._by_token[record.token]
+        self._unbind(record)
+        uid = record.peer.uid
+        left = self._ports_by_uid[uid] - record.count
+        if left:
+            self._ports_by_uid[uid] = left
+        else:
+            del self._ports_by_uid[uid]
+        self._ports_held -= record.count
+        self.allocator.unhold(record.start, record.count)
+        record.expires = None
+
+    def _bind(self, record: LeaseRecord, connection: int) -> None:
+        record.connection = connection
+        record.expires = None
+        self._by_connection.setdefault(connection, set()).add(record.token)
+
+    def _unbind(self, record: LeaseRecord) -> None:
+        connection = record.connection
+        if connection is None:
+            return
+        tokens = self._by_connection.get(connection)
+        if tokens is not None:
+            tokens.discard(record.token)
+            if not tokens:
+                del self._by_connection[connection]
+        record.connection = None
+
+    def _set_expiry(self, record: LeaseRecord, when: float) -> None:
+        record.expires = when
+        heapq.heappush(self._expiries, (when, record.token))
