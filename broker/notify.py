@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
-from typing import Any, Final
+from typing import Final
 
 import sdnotify  # type: ignore[import-untyped]
 
@@ -37,17 +38,21 @@ class Notifier:
         self._watchdog_usec = os.environ.get("WATCHDOG_USEC")
         self._watchdog_pid = os.environ.get("WATCHDOG_PID")
         self._address = os.environ.get("NOTIFY_SOCKET") or None
-        self._sd: Any = None
+        self._sd: _Sender | None = None
         if self._address is None:
             return
+        # Connecting here rather than in sdnotify's constructor: it would leak
+        # the socket when the connect fails, and it offers no send timeout.
+        target = "\0" + self._address[1:] if self._address.startswith("@") else self._address
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            # debug=True makes sdnotify raise instead of hiding the error; with
-            # NOTIFY_SOCKET set it no longer trips over a missing variable.
-            self._sd = sdnotify.SystemdNotifier(debug=True)
-            self._sd.socket.settimeout(SEND_TIMEOUT)
+            sock.settimeout(SEND_TIMEOUT)
+            sock.connect(target)
         except OSError as exc:
+            sock.close()
             log.debug("NOTIFY_SOCKET=%s unreachable, not notifying: %s", self._address, exc)
-            self._sd = None
+            return
+        self._sd = _Sender(sock)
 
     @property
     def enabled(self) -> bool:
@@ -128,6 +133,15 @@ class Notifier:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _Sender(sdnotify.SystemdNotifier):  # type: ignore[misc]
+    """sdnotify's notifier around a socket already connected by :class:`Notifier`."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        # debug=True: notify() raises, so Notifier can log what sdnotify would hide.
+        self.debug = True
+        self.socket = sock
 
 
 def _status(text: str) -> str:
