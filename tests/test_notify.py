@@ -109,6 +109,9 @@ def test_status_is_sent_as_utf8(manager: Manager) -> None:
         assert manager.recv() == b"STATUS=bad \\udcff surrogate"
 
 
+# An unclosed socket reaches pytest as an unraisable ResourceWarning: make it fail.
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("error::ResourceWarning")
 def test_close_releases_the_socket_and_silences(manager: Manager) -> None:
     baseline = open_fds()
     n = Notifier()
@@ -136,6 +139,8 @@ def test_without_notify_socket_nothing_is_opened_or_sent() -> None:
     n.close()
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("error::ResourceWarning")
 def test_unreachable_socket_disables_quietly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
