@@ -213,11 +213,12 @@ def parse(data: bytes | None) -> Parsed:
         return Parsed(table, problems, True)
     dropped: list[str] = []
     for name, value in keys.items():
-        base, fixed = _as_uint(name, U16_MAX)
-        if base is None or not isinstance(value, _Obj):
+        base = int(name) if _DIGITS.fullmatch(name) else None
+        if base is None or base > U16_MAX or not isinstance(value, _Obj):
             dropped.append(name)
             continue
-        fixed = fixed or not _CANONICAL_KEY.fullmatch(name) or value.duplicate
+        # "010000" reads as 10000 to us; whether serde agrees is not worth betting on.
+        fixed = not _CANONICAL_KEY.fullmatch(name) or value.duplicate
         size, size_fixed = _as_uint(value.get("size"), U16_MAX)
         # Rounding a fractional expiry up keeps the reservation at least as long.
         expires, exp_fixed = _as_uint(value.get("expires"), U64_MAX, round_up=True)

@@ -79,20 +79,20 @@ def _key(name: str) -> int:
     return _u(int(name), 16, "key")
 
 
-def load(path: str) -> tuple[int, dict[int, tuple[int, int]]]:
+def load(path: str, low: int = LOW) -> tuple[int, dict[int, tuple[int, int]]]:
     """(next, {base: (size, expires)}), read with serde's strictness."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        return LOW, {}
+        return low, {}
     try:
         root = json.loads(data.decode("utf-8"), object_pairs_hook=_pairs, parse_constant=_const)
     except (UnicodeDecodeError, ValueError) as exc:
         raise Unreadable(str(exc)) from None
     if not isinstance(root, dict):
         raise Unreadable("expected struct RootData")
-    nxt = _u(root["next"], 16, "next") if "next" in root else LOW
+    nxt = _u(root["next"], 16, "next") if "next" in root else low
     keys = root.get("keys")
     if not isinstance(keys, dict):
         raise Unreadable("missing field `keys`" if keys is None else "invalid type for keys")
@@ -163,7 +163,7 @@ def port_alloc(directory: str, n: int, a: argparse.Namespace) -> int:
     if n == 0:
         raise ValueError("Can't allocate range of 0 ports")
     with Locked(directory):
-        nxt, table = load(os.path.join(directory, DATA))
+        nxt, table = load(os.path.join(directory, DATA), a.low)
         now = int(time.time())
         table = {b: v for b, v in table.items() if now < v[1]}
         base = nxt
