@@ -30,6 +30,7 @@ from .errors import (
     LeaseError,
     LeaseLost,
     NotFound,
+    PortleaseError,
     error_class,
 )
 from .grant import Lease
@@ -50,7 +51,8 @@ def default_note() -> str | None:
     return " ".join(parts) or None
 
 
-def _unavailable(path: str, explicit: bool, exc: OSError) -> BrokerUnavailable:
+def unavailable_error(path: str, explicit: bool, exc: OSError) -> BrokerUnavailable:
+    """The :class:`BrokerUnavailable` to raise when connecting to ``path`` failed with ``exc``."""
     how = (
         "start one with `portlease serve --socket PATH`, or point PORTLEASE_SOCKET at a running one"
         if explicit
@@ -64,6 +66,15 @@ def _unavailable(path: str, explicit: bool, exc: OSError) -> BrokerUnavailable:
             paths=(path,),
         )
     return BrokerUnavailable(f"no portlease broker answers at {path} ({reason}); {how}", paths=(path,))
+
+
+def autostart_failed(path: str, exc: OSError) -> BrokerUnavailable:
+    """The :class:`BrokerUnavailable` to raise when starting the per-user broker failed."""
+    return BrokerUnavailable(
+        f"no portlease broker answers at {path}, and starting one failed: {exc.strerror or exc}; "
+        "start one with `portlease serve`",
+        paths=(path,),
+    )
 
 
 class Connection:
@@ -102,7 +113,12 @@ class Connection:
         self._watcher: threading.Thread | None = None
         self.broker_pid: int | None = None
         with self._io:
-            self._connect()
+            try:
+                self._connect()
+            except ConnectionLost:
+                # An autostarted broker that reached its idle timeout may close
+                # the socket just as we arrive; the second try starts a new one.
+                self._connect()
 
     # -------------------------------------------------------- context
 
@@ -123,6 +139,10 @@ class Connection:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
+            # Closing the socket made the broker release every bound lease.
+            for held in self._leases.values():
+                held.released = True
+            self._leases.clear()
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join(timeout=5)
         for fd in (self._wake_r, self._wake_w):
@@ -158,6 +178,13 @@ class Connection:
     def release(self, lease: Lease | str) -> None:
         """End a lease now (by object or token). Releasing twice is not an error."""
         token = lease if isinstance(lease, str) else lease.token
+        if isinstance(lease, Lease) and lease.lost is not None:
+            # The broker no longer knows the token. Releasing it is how the
+            # caller acknowledges the loss, so the next lease() won't raise it.
+            with contextlib.suppress(ValueError):
+                self._lost.remove(lease.lost)
+            lease.released = True
+            return
         held = self._leases.pop(token, None)
         try:
             self._call(p.Release(id=0, token=token), p.Released)
@@ -292,12 +319,15 @@ class Connection:
         from . import autostart
 
         if self._explicit or not autostart.enabled(self._autostart):
-            raise _unavailable(self.path, self._explicit, exc) from None
-        autostart.ensure_broker(self.path, timeout=self.timeout)
+            raise unavailable_error(self.path, self._explicit, exc) from None
+        try:
+            autostart.ensure_broker(self.path, timeout=self.timeout)
+        except OSError as start_exc:
+            raise autostart_failed(self.path, start_exc) from None
         try:
             return self._open_socket()
         except OSError as exc2:
-            raise _unavailable(self.path, self._explicit, exc2) from None
+            raise unavailable_error(self.path, self._explicit, exc2) from None
 
     # -------------------------------------------------------- reclaim
 
@@ -324,16 +354,21 @@ class Connection:
                     return
                 if self._sock is None:
                     if self._leases:
-                        self._recover()
+                        self._recover_quietly()
                     continue
                 if self._sock is not sock or not ready:
                     continue
+                # Readable now, with the lock held? (A request may have read its
+                # reply first.) Ask select, not recv: a socket with a timeout
+                # would wait in recv even with MSG_DONTWAIT.
                 try:
-                    peek = self._sock.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    continue  # a request read its reply first
-                except OSError:
+                    if not select.select([self._sock], [], [], 0)[0]:
+                        continue
+                    peek = self._sock.recv(1, _socket.MSG_PEEK)
+                except (ConnectionResetError, BrokenPipeError):
                     peek = b""
+                except OSError:
+                    continue
                 if peek:
                     # The protocol has no unsolicited messages: drop the stray line.
                     with contextlib.suppress(OSError, EOFError):
@@ -341,7 +376,14 @@ class Connection:
                     continue
                 self._drop_socket()
                 if self._leases:
-                    self._recover()
+                    self._recover_quietly()
+
+    def _recover_quietly(self) -> None:
+        """Recover from the watcher thread: failures are reported per lease, not raised."""
+        try:
+            self._recover()
+        except PortleaseError:
+            pass  # every lease was already reported lost; the next call raises
 
     def _recover(self) -> None:
         """Reconnect and reclaim every held lease (caller holds the I/O lock)."""

@@ -1,0 +1,1 @@
+"""pytest plugin: fixtures port_lease and free_port (being written)."""

@@ -1,0 +1,149 @@
+"""Start and drive real broker processes in tests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from portlease.client import protocol as p
+
+PYTHON = sys.executable
+
+
+def wait_for_socket(path: str | Path, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"broker exited with {proc.returncode}: {read_log(proc)}")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(path))
+            return
+        except OSError:
+            time.sleep(0.01)
+        finally:
+            s.close()
+    raise TimeoutError(f"no broker answered at {path}")
+
+
+def read_log(proc: subprocess.Popen[bytes]) -> str:
+    log = getattr(proc, "log_path", None)
+    return Path(log).read_text() if log else ""
+
+
+@dataclass
+class BrokerProc:
+    """A real ``portlease serve`` process in a temporary directory."""
+
+    dir: Path
+    args: list[str] = field(default_factory=list)
+    range: str = "21000-21199"
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> str:
+        return str(self.dir / "broker.sock")
+
+    @property
+    def state(self) -> str:
+        return str(self.dir / "state.jsonl")
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "broker.log"
+
+    def command(self) -> list[str]:
+        return [PYTHON, "-m", "portlease.broker", "serve", "--socket", self.socket,
+                "--state", self.state, "--range", self.range, "--log-level", "debug", *self.args]
+
+    def start(self, wait: bool = True) -> BrokerProc:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        self.proc.log_path = str(self.log)  # type: ignore[attr-defined]
+        if wait:
+            wait_for_socket(self.socket, proc=self.proc)
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+
+    def restart(self) -> BrokerProc:
+        self.kill()
+        return self.start()
+
+
+class Raw:
+    """A raw protocol connection: send lines, read replies as dicts."""
+
+    def __init__(self, path: str, hello: bool = True) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.buf = b""
+        self._id = 0
+        if hello:
+            reply = self.call({"op": "hello", "version": p.PROTOCOL_VERSION})
+            assert reply["reply"] == "hello", reply
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> dict[str, object]:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"closed; pending {self.buf!r}")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        out: dict[str, object] = json.loads(line)
+        return out
+
+    def call(self, msg: dict[str, object]) -> dict[str, object]:
+        self._id += 1
+        msg = {"id": self._id, **msg}
+        self.send(json.dumps(msg).encode() + b"\n")
+        reply = self.line()
+        assert reply["id"] == self._id, reply
+        return reply
+
+    def closed_by_peer(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def broker(tmp_path: Path, *args: str, range: str = "21000-21199") -> Iterator[BrokerProc]:
+    b = BrokerProc(tmp_path, list(args), range=range).start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def portlease(*args: str, env: dict[str, str] | None = None, **kw: object) -> subprocess.CompletedProcess[str]:
+    full_env = dict(os.environ, PORTLEASE_AUTOSTART="0")
+    full_env.update(env or {})
+    return subprocess.run([PYTHON, "-m", "portlease.broker", *args], env=full_env,
+                          capture_output=True, text=True, timeout=60, **kw)  # type: ignore[call-overload]
