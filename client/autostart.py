@@ -1,15 +1,213 @@
-"""Start a per-user broker on demand (placeholder until the clients issue lands)."""
+"""Start the per-user broker on demand, the way build daemons do.
+
+When no socket is configured and nothing answers on the per-user socket, a
+client calls :func:`ensure_broker`: it spawns ``python -m portlease.broker
+serve`` in a new session (no terminal, stdin from ``/dev/null``, output
+appended to ``broker.log`` next to the socket) and waits until the socket
+answers. The broker exits by itself after ``$PORTLEASE_IDLE_EXIT`` seconds
+(default 600) with no connection and no lease.
+
+Two clients racing to start it end up sharing one broker: a spawn lock next
+to the socket makes the second client wait for the first one's broker instead
+of starting its own, and the broker's own lock file stops any broker started
+outside this protocol (``portlease serve`` by hand) from stealing the path.
+
+This module is never used for a configured socket (``--socket``,
+``$PORTLEASE_SOCKET``, the system socket): a configured broker that does not
+answer is an error to report, not a reason to start another one.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
+import socket
+import stat
+import sys
+import threading
+import time
+from collections.abc import Generator
+from typing import Final
+
+DEFAULT_IDLE_EXIT: Final = 600.0
+"""Seconds an autostarted broker lingers with no connection and no lease."""
+
+LOG_NAME: Final = "broker.log"
+
+# What a broker that lost the race to another (non-autostarted) broker prints;
+# see bind_unix_socket in portlease.broker.server.
+_LOST_RACE: Final = (b"another portlease broker is serving", b"another broker is already serving")
+
+# Variables that describe *our* service manager context; a detached broker
+# must not act on them (send READY=1 to the CI runner's unit, adopt its fds,
+# write its journal into the runner's state directory).
+_SCRUBBED_ENV: Final = (
+    "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_PID",
+    "WATCHDOG_USEC", "STATE_DIRECTORY", "PORTLEASE_SOCKET",
+)
 
 
 def enabled(flag: bool | None) -> bool:
+    """Whether to autostart: ``flag`` if given, else ``$PORTLEASE_AUTOSTART`` (default on)."""
     if flag is not None:
         return flag
-    return os.environ.get("PORTLEASE_AUTOSTART", "1") not in ("0", "false", "no", "off")
+    return os.environ.get("PORTLEASE_AUTOSTART", "1").strip().lower() not in (
+        "0", "false", "no", "off",
+    )
+
+
+def idle_exit() -> float:
+    """The idle time the autostarted broker gets: ``$PORTLEASE_IDLE_EXIT`` or 600 s."""
+    raw = os.environ.get("PORTLEASE_IDLE_EXIT", "")
+    try:
+        value = float(raw)
+    except ValueError:
+        return DEFAULT_IDLE_EXIT
+    return value if value >= 0 else DEFAULT_IDLE_EXIT
+
+
+def log_path(path: str) -> str:
+    """Where the autostarted broker for socket ``path`` writes its log."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), LOG_NAME)
+
+
+def broker_command(path: str) -> list[str]:
+    """The command line of the broker started for socket ``path``."""
+    return [
+        sys.executable, "-m", "portlease.broker", "serve", "--socket", path,
+        # Explicit, so that a STATE_DIRECTORY inherited from a service does not
+        # put a per-user broker's journal somewhere shared.
+        "--state", path + ".state",
+        "--idle-exit", f"{idle_exit():g}",
+    ]
+
+
+def answers(path: str, timeout: float = 1.0) -> bool:
+    """True when something accepts connections on the Unix socket ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(timeout)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def ensure_broker(path: str, *, timeout: float) -> None:
-    raise OSError(f"autostart not implemented yet for {path}")
+    """Make sure a broker answers on ``path``, starting one if none does.
+
+    Returns once the socket accepts connections. Raises :class:`OSError` when
+    the directory is unsafe, or the broker could not be started within
+    ``timeout`` seconds (the message names the log file to read).
+    """
+    deadline = time.monotonic() + timeout
+    directory = os.path.dirname(os.path.abspath(path))
+    _private_dir(directory)
+    with _spawn_lock(path + ".spawn", deadline):
+        # Whoever held the lock before us may have started it already.
+        if answers(path):
+            return
+        _spawn_and_wait(path, deadline, timeout)
+
+
+def _private_dir(directory: str) -> None:
+    """Create ``directory`` 0700, or check that an existing one is ours alone.
+
+    The per-user fallback lives in /tmp, where another user could create the
+    directory first and own whatever socket we would then trust.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.makedirs(directory, mode=0o700)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise OSError(
+            errno.EPERM,
+            f"{directory} is not a directory owned by uid {os.getuid()}; not starting a "
+            "portlease broker there (remove it, or set PORTLEASE_SOCKET)",
+        )
+    if st.st_mode & 0o077:
+        os.chmod(directory, 0o700)
+
+
+@contextlib.contextmanager
+def _spawn_lock(lock_path: str, deadline: float) -> Generator[None]:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # Polled rather than blocking so that the timeout holds even if
+                # the lock holder hangs.
+                if time.monotonic() >= deadline:
+                    raise OSError(
+                        errno.ETIMEDOUT, f"timed out waiting for {lock_path} (another client "
+                        "is starting the broker)",
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
+
+
+def _spawn_and_wait(path: str, deadline: float, timeout: float) -> None:
+    import subprocess  # only here: the common path (a broker answers) never pays for it
+
+    log = log_path(path)
+    log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        log_start = os.fstat(log_fd).st_size
+        os.write(log_fd, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} autostarted by pid "
+                         f"{os.getpid()}\n".encode())
+        env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+        proc = subprocess.Popen(
+            broker_command(path), stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+            start_new_session=True, close_fds=True, cwd="/", env=env,
+        )
+    finally:
+        os.close(log_fd)
+    # Reap the broker whenever it exits so it never lingers as a zombie of a
+    # long-lived client; the thread is daemonic and costs nothing meanwhile.
+    threading.Thread(target=proc.wait, name="portlease-autostart-reaper", daemon=True).start()
+    delay = 0.005
+    while True:
+        if answers(path):
+            return
+        if proc.poll() is not None:
+            tail = _log_since(log, log_start)
+            if not any(marker in tail for marker in _LOST_RACE):
+                raise OSError(
+                    errno.ECHILD,
+                    f"the portlease broker started for {path} exited with status "
+                    f"{proc.returncode}: {_last_line(tail)} (see {log})",
+                )
+            # Lost the race to a broker started by other means: use that one.
+        if time.monotonic() >= deadline:
+            raise OSError(
+                errno.ETIMEDOUT,
+                f"the portlease broker started for {path} did not answer within {timeout:g} s "
+                f"(see {log})",
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _log_since(log: str, offset: int) -> bytes:
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            return f.read(65536)
+    except OSError:
+        return b""
+
+
+def _last_line(text: bytes) -> str:
+    lines = [line for line in text.decode("utf-8", "replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"

@@ -380,10 +380,9 @@ class Connection:
 
     def _recover_quietly(self) -> None:
         """Recover from the watcher thread: failures are reported per lease, not raised."""
-        try:
+        # Every lease was already reported lost; the next call raises.
+        with contextlib.suppress(PortleaseError):
             self._recover()
-        except PortleaseError:
-            pass  # every lease was already reported lost; the next call raises
 
     def _recover(self) -> None:
         """Reconnect and reclaim every held lease (caller holds the I/O lock)."""
