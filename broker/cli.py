@@ -7,6 +7,7 @@ few tens of milliseconds because it loads nothing but the sync client.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -16,7 +17,13 @@ import time
 from collections.abc import Sequence
 
 from portlease.client import protocol as p
-from portlease.client.errors import BrokerUnavailable, ConfigError, LeaseError, PortleaseError, StartupError
+from portlease.client.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    LeaseError,
+    PortleaseError,
+    StartupError,
+)
 from portlease.client.sync import Connection, default_note
 
 EXIT_USAGE = 2
@@ -222,10 +229,8 @@ def _wait_forwarding(pid: int) -> int:
         # A terminal's ^C reaches the whole process group (the child included)
         # with si_pid 0; forwarding it would deliver it twice.
         if info.si_pid not in (0, pid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, info.si_signo)
-            except ProcessLookupError:
-                pass
 
 
 def _exit_code(status: int) -> int:

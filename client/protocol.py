@@ -25,7 +25,8 @@ RequestId = int | str
 TOKEN_BYTES: Final = 16  # 128-bit lease tokens, sent as 32 hex digits
 
 Count = Annotated[int, msgspec.Meta(ge=1, le=65535)]
-Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]  # a day at most: a detached lease cannot squat for months
+# A day at most: a detached lease must not squat on ports for months.
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
 Note = Annotated[str, msgspec.Meta(max_length=1024)]
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
@@ -215,8 +216,8 @@ class _IdOnly(msgspec.Struct):
     id: RequestId | None = None
 
 
-_request_decoder: Final = msgspec.json.Decoder(AnyRequest)
-_reply_decoder: Final = msgspec.json.Decoder(AnyReply)
+_request_decoder: Final[msgspec.json.Decoder[AnyRequest]] = msgspec.json.Decoder(AnyRequest)
+_reply_decoder: Final[msgspec.json.Decoder[AnyReply]] = msgspec.json.Decoder(AnyReply)
 _id_decoder: Final = msgspec.json.Decoder(_IdOnly)
 _encoder: Final = msgspec.json.Encoder()
 

@@ -19,7 +19,9 @@ from portlease.client import protocol as p
 PYTHON = sys.executable
 
 
-def wait_for_socket(path: str | Path, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_socket(
+    path: str | Path, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -142,7 +144,9 @@ def broker(tmp_path: Path, *args: str, range: str = "21000-21199") -> Iterator[B
         b.stop()
 
 
-def portlease(*args: str, env: dict[str, str] | None = None, **kw: object) -> subprocess.CompletedProcess[str]:
+def portlease(
+    *args: str, env: dict[str, str] | None = None, **kw: object
+) -> subprocess.CompletedProcess[str]:
     full_env = dict(os.environ, PORTLEASE_AUTOSTART="0")
     full_env.update(env or {})
     return subprocess.run([PYTHON, "-m", "portlease.broker", *args], env=full_env,

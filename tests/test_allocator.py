@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from portlease.broker.allocator import Allocator
 
 LOW, HIGH = 100, 163  # small range: runs collide and fragment often
@@ -76,7 +75,7 @@ def test_allocations_never_overlap_and_release_returns_exactly_their_ports(scrip
         free_before = [a.is_free(port) for port in range(65536)]
         checked: list[int] = []
 
-        def bind_ok(port: int) -> bool:
+        def bind_ok(port: int, checked: list[int] = checked, unbindable: frozenset[int] = unbindable) -> bool:
             checked.append(port)
             return port not in unbindable
 
