@@ -63,7 +63,7 @@ class ErrorCode(enum.StrEnum):
 # ---------------------------------------------------------------- requests
 
 
-class Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
+class Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, omit_defaults=True):
     """Base of every request; ``id`` is echoed in the reply."""
 
     id: RequestId
@@ -127,7 +127,7 @@ AnyRequest = Hello | Lease | Release | Renew | Detach | Reclaim | Status | Ping
 # ---------------------------------------------------------------- replies
 
 
-class Reply(msgspec.Struct, tag_field="reply", kw_only=True, omit_defaults=True):
+class Reply(msgspec.Struct, tag_field="reply", omit_defaults=True):
     """Base of every reply; ``id`` is the request's (null when it could not be read)."""
 
     id: RequestId | None
