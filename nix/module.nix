@@ -1,0 +1,311 @@
+# services.portlease: one socket-activated broker per host, shared by its CI runners.
+#
+# The units here mirror systemd/portlease.socket and systemd/portlease.service.
+# nix/tests/check.sh evaluates this module and fails when the two disagree
+# (nix/tests/check_eval.py), so change both together.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  inherit (lib) mkOption types;
+
+  cfg = config.services.portlease;
+  settingsFormat = pkgs.formats.toml { };
+
+  # TOML has no null: an unset option means "the broker's default".
+  configFile = settingsFormat.generate "portlease.toml" (
+    lib.filterAttrs (_: value: value != null) cfg.settings
+  );
+  configPath = "/etc/portlease/config.toml";
+  portallocDir = cfg.settings.portalloc_dir;
+  sharing = portallocDir != null;
+
+  # The sandbox of systemd/portlease.service, key for key. Why each line is
+  # there (and why PrivateUsers, ProtectProc and ProcSubset are not) is said in
+  # that file and in docs/systemd.md.
+  hardening = {
+    DynamicUser = true;
+    SupplementaryGroups = [ cfg.group ];
+    UMask = "0007";
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    PrivateIPC = true;
+    PrivateMounts = true;
+    NoNewPrivileges = true;
+    CapabilityBoundingSet = "";
+    AmbientCapabilities = "";
+    RestrictAddressFamilies = [
+      "AF_UNIX"
+      "AF_INET"
+      "AF_INET6"
+    ];
+    IPAddressDeny = "any";
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged @resources"
+    ];
+    SystemCallErrorNumber = "EPERM";
+    SystemCallArchitectures = "native";
+    MemoryDenyWriteExecute = true;
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    RemoveIPC = true;
+    DevicePolicy = "closed";
+    KeyringMode = "private";
+  };
+
+  documentation = [ "https://github.com/portlease/portlease/blob/main/docs/systemd.md" ];
+
+  runnerUnit = name: "github-runner-${name}";
+  declaredRunners = config.services.github-runners or { };
+in
+{
+  options.services.portlease = {
+    enable = lib.mkEnableOption "the portlease broker, which leases TCP/UDP ports to CI jobs";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./package.nix { };
+      defaultText = lib.literalExpression "pkgs.callPackage ./package.nix { }";
+      description = "The portlease package: broker (`portlease serve`) and client CLI.";
+    };
+
+    socketPath = mkOption {
+      type = types.str;
+      default = "/run/portlease/portlease.sock";
+      description = ''
+        The broker's socket, held by `portlease.socket`. It must stay under
+        `/run`: runners run with `PrivateTmp=`, so a socket in `/tmp` is
+        invisible to them.
+      '';
+    };
+
+    group = mkOption {
+      type = types.str;
+      default = "portlease";
+      description = "Group allowed to connect to the socket (mode 0660, owner root).";
+    };
+
+    allowedUsers = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "alice" ];
+      description = "Users added to {option}`services.portlease.group`.";
+    };
+
+    allowedGroups = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "wheel" ];
+      description = ''
+        Further groups allowed to connect. A group cannot join a group, so
+        each gets a POSIX ACL entry (`setfacl -m g:NAME:rw`) on the socket.
+      '';
+    };
+
+    githubRunners = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [
+        "a"
+        "b"
+        "c"
+      ];
+      description = ''
+        Names of {option}`services.github-runners` entries to join to the broker.
+        Each `github-runner-NAME` service gets {option}`services.portlease.group`
+        as a supplementary group, `PORTLEASE_SOCKET` in its environment and the
+        `portlease` client on its `PATH`. With
+        {option}`services.portlease.settings.portalloc_dir` set, it also gets
+        `FM_PORTALLOC_DATA_DIR`, write access to that directory and `UMask=0007`.
+      '';
+    };
+
+    settings = mkOption {
+      default = { };
+      description = ''
+        The broker's config file (`/etc/portlease/config.toml`), in the keys of
+        `portlease serve --config`. Unknown keys make the broker refuse to
+        start. Changing settings reloads the broker (SIGHUP): leases stay.
+      '';
+      type = types.submodule {
+        freeformType = settingsFormat.type;
+        options = {
+          port_min = mkOption {
+            type = types.port;
+            default = 10000;
+            description = "First port of the leased range.";
+          };
+          port_max = mkOption {
+            type = types.port;
+            default = 32000;
+            description = "Last port of the leased range; keep it below the kernel's ephemeral range.";
+          };
+          ttl = mkOption {
+            type = types.number;
+            default = 120.0;
+            description = ''
+              Seconds a lease outlives its connection (detached leases, and
+              leases awaiting reclaim after a broker restart).
+            '';
+          };
+          max_ports_per_request = mkOption {
+            type = types.ints.positive;
+            default = 256;
+            description = "Most ports one request may ask for.";
+          };
+          max_ports_per_uid = mkOption {
+            type = types.ints.positive;
+            default = 4096;
+            description = "Most ports held at once by the clients of one uid.";
+          };
+          max_leases_per_connection = mkOption {
+            type = types.ints.positive;
+            default = 1024;
+            description = "Most leases one connection may hold.";
+          };
+          portalloc_dir = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "/var/lib/fm-portalloc";
+            description = ''
+              A fedimint-portalloc data directory (`FM_PORTALLOC_DATA_DIR`) the
+              broker shares the range with, for projects still on the Rust
+              crate. The module creates it (`2770 root:GROUP`) and opens it to
+              the broker and to the runners in
+              {option}`services.portlease.githubRunners`.
+            '';
+          };
+          log_level = mkOption {
+            type = types.enum [
+              "debug"
+              "info"
+              "warning"
+              "error"
+            ];
+            default = "info";
+            description = "Broker log level (the journal: `journalctl -u portlease`).";
+          };
+        };
+      };
+    };
+  };
+
+  config = lib.mkIf cfg.enable (
+    lib.mkMerge [
+      {
+        assertions = [
+          {
+            assertion = lib.hasPrefix "/run/" cfg.socketPath;
+            message = "services.portlease.socketPath must be under /run (runners cannot see /tmp).";
+          }
+          {
+            assertion = cfg.settings.port_min <= cfg.settings.port_max;
+            message = "services.portlease.settings: port_min is above port_max.";
+          }
+          {
+            assertion = !sharing || lib.hasPrefix "/" portallocDir;
+            message = "services.portlease.settings.portalloc_dir must be an absolute path.";
+          }
+        ];
+
+        warnings = map (name: "services.portlease.githubRunners names `${name}`, which is not in services.github-runners.") (
+          lib.filter (name: !(declaredRunners ? ${name})) cfg.githubRunners
+        );
+
+        users.groups.${cfg.group}.members = cfg.allowedUsers;
+
+        environment.systemPackages = [ cfg.package ];
+        environment.etc."portlease/config.toml".source = configFile;
+
+        systemd.sockets.portlease = {
+          description = "portlease broker socket (port leases for CI jobs)";
+          inherit documentation;
+          wantedBy = [ "sockets.target" ];
+          listenStreams = [ cfg.socketPath ];
+          socketConfig = {
+            SocketUser = "root";
+            SocketGroup = cfg.group;
+            SocketMode = "0660";
+            DirectoryMode = "0755";
+            FileDescriptorName = "portlease";
+            Accept = false;
+            RemoveOnStop = true;
+            ExecStartPost = map (
+              group: "${pkgs.acl}/bin/setfacl -m g:${group}:rw ${cfg.socketPath}"
+            ) cfg.allowedGroups;
+          };
+        };
+
+        systemd.services.portlease = {
+          description = "portlease broker (port leases for CI jobs)";
+          inherit documentation;
+          requires = [ "portlease.socket" ];
+          after = [ "portlease.socket" ];
+          # A settings change re-reads the file (SIGHUP) instead of restarting.
+          reloadTriggers = [ configFile ];
+          serviceConfig = hardening // {
+            Type = "notify";
+            NotifyAccess = "main";
+            ExecStart = "${cfg.package}/bin/portlease serve --config ${configPath}";
+            ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+            WatchdogSec = "30s";
+            Restart = "on-failure";
+            RestartSec = "1s";
+            TimeoutStopSec = "15s";
+            StateDirectory = "portlease";
+            StateDirectoryMode = "0700";
+            LimitNOFILE = 524288;
+            ReadWritePaths = lib.optional sharing "-${portallocDir}";
+          };
+        };
+      }
+
+      {
+        # Joined directly on the units rather than through serviceOverrides,
+        # which is a shallow attrset: a definition there would clash with the
+        # operator's own overrides.
+        systemd.services = lib.listToAttrs (
+          map (
+            name:
+            lib.nameValuePair (runnerUnit name) {
+              wants = [ "portlease.socket" ];
+              after = [ "portlease.socket" ];
+              path = [ cfg.package ];
+              environment = {
+                PORTLEASE_SOCKET = cfg.socketPath;
+              }
+              // lib.optionalAttrs sharing { FM_PORTALLOC_DATA_DIR = portallocDir; };
+              serviceConfig = {
+                SupplementaryGroups = [ cfg.group ];
+              }
+              // lib.optionalAttrs sharing {
+                ReadWritePaths = [ portallocDir ];
+                # The crate rewrites its JSON file; the next runner (another
+                # dynamic uid) must be able to read and replace it.
+                UMask = "0007";
+              };
+            }
+          ) cfg.githubRunners
+        );
+      }
+
+      (lib.mkIf sharing {
+        systemd.tmpfiles.rules = [ "d ${portallocDir} 2770 root ${cfg.group} -" ];
+      })
+    ]
+  );
+}

@@ -1,0 +1,150 @@
+# NixOS VM test: services.portlease with three runner-like services a, b, c in
+# the sandbox nixpkgs gives github-runner units (DynamicUser, PrivateUsers,
+# ProtectSystem=strict, PrivateTmp). Needs KVM and nixpkgs; on a NixOS host:
+#
+#   nix build .#checks.x86_64-linux.vm -L                         # with the flake
+#   nix-build nix/tests/vm.nix -A driverInteractive && ./result/bin/nixos-test-driver
+#   nix-build nix/tests/vm.nix                                    # without flakes (<nixpkgs>)
+{
+  pkgs ? import <nixpkgs> { },
+}:
+let
+  inherit (pkgs) lib;
+  runners = [
+    "a"
+    "b"
+    "c"
+  ];
+  exposure = lib.fileContents ../../systemd/EXPOSURE;
+  portallocDir = "/var/lib/fm-portalloc";
+
+  # A runner's job: prove the portalloc share is writable from the sandbox,
+  # then hold ten ports until the service is stopped. portlease comes from the
+  # PATH and PORTLEASE_SOCKET from the environment the module gives the unit.
+  job = pkgs.writeShellScript "job" ''
+    set -eu
+    touch "$FM_PORTALLOC_DATA_DIR/probe-$RUNNER"
+    exec portlease lease -n 10 --env BASE=0 --note "$RUNNER" -- \
+      ${pkgs.bash}/bin/sh -c 'echo "LEASED $BASE"; exec sleep infinity'
+  '';
+
+  runnerLike = name: {
+    description = "stand-in for github-runner-${name}";
+    environment.RUNNER = name;
+    serviceConfig = {
+      ExecStart = job;
+      # The sandbox of nixpkgs' github-runner units, as it affects portlease.
+      DynamicUser = true;
+      PrivateUsers = true;
+      ProtectSystem = "strict";
+      ProtectHome = true;
+      PrivateTmp = true;
+      ProtectProc = "invisible";
+      NoNewPrivileges = true;
+      RestrictAddressFamilies = [
+        "AF_INET"
+        "AF_INET6"
+        "AF_UNIX"
+        "AF_NETLINK"
+      ];
+      UMask = lib.mkDefault "0066";
+    };
+  };
+in
+pkgs.testers.runNixOSTest {
+  name = "portlease";
+
+  nodes.machine = {
+    imports = [ ../module.nix ];
+
+    services.portlease = {
+      enable = true;
+      githubRunners = runners;
+      allowedUsers = [ "insider" ];
+      settings = {
+        port_min = 20000;
+        port_max = 20099;
+        ttl = 60;
+        portalloc_dir = portallocDir;
+      };
+    };
+
+    # services.github-runners needs GitHub; these units take their place under
+    # the same names, so the module's additions land on them.
+    systemd.services = lib.listToAttrs (
+      map (name: lib.nameValuePair "github-runner-${name}" (runnerLike name)) runners
+    );
+
+    users.users.insider.isNormalUser = true;
+    users.users.outsider.isNormalUser = true;
+  };
+
+  testScript = ''
+    import json
+    import re
+    import time
+
+    def leases():
+        status = json.loads(machine.succeed("portlease status --json"))
+        return {lease.get("note"): lease for lease in status["leases"]}
+
+    def wait_for(predicate, what, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            current = leases()
+            if predicate(current):
+                return current
+            assert time.monotonic() < deadline, f"{what}: {current}"
+            time.sleep(0.2)
+
+    machine.wait_for_unit("sockets.target")
+
+    with subtest("the socket is root:portlease 0660 under /run, the broker not started yet"):
+        machine.succeed("test \"$(stat -c '%a %U %G' /run/portlease/portlease.sock)\" = '660 root portlease'")
+        machine.fail("systemctl is-active portlease.service")
+        machine.succeed("test \"$(stat -c '%a %G' ${portallocDir})\" = '2770 portlease'")
+
+    with subtest("three sandboxed runners lease concurrently and get disjoint ports"):
+        machine.succeed("systemctl start github-runner-a github-runner-b github-runner-c")
+        held = wait_for(lambda l: set(l) == {"a", "b", "c"}, "three leases")
+        machine.succeed("systemctl is-active portlease.service")
+        ports = {name: set(lease["ports"]) for name, lease in held.items()}
+        assert all(len(p) == 10 for p in ports.values()), ports
+        assert not (ports["a"] & ports["b"] or ports["a"] & ports["c"] or ports["b"] & ports["c"]), ports
+        assert len({lease["uid"] for lease in held.values()}) == 3, held
+        for name in "abc":
+            machine.succeed(f"test -e ${portallocDir}/probe-{name}")
+            machine.succeed(f"systemctl show -p PrivateUsers github-runner-{name} | grep -x PrivateUsers=yes")
+
+    with subtest("killing a runner frees its ports at once"):
+        machine.succeed("systemctl kill -s KILL github-runner-a")
+        wait_for(lambda l: set(l) == {"b", "c"}, "a's lease ended", timeout=2.0)
+
+    with subtest("only the group may connect"):
+        machine.succeed("runuser -u insider -- portlease status")
+        machine.fail("runuser -u outsider -- portlease status")
+
+    with subtest("a reload keeps the leases"):
+        before = {name: set(lease["ports"]) for name, lease in leases().items()}
+        machine.succeed("systemctl reload portlease.service")
+        assert {name: set(lease["ports"]) for name, lease in leases().items()} == before
+
+    with subtest("a restart keeps the leases: the clients reclaim them"):
+        before = {name: set(lease["ports"]) for name, lease in leases().items()}
+        machine.succeed("systemctl restart portlease.service")
+        after = wait_for(
+            lambda l: set(l) == set(before)
+            and all(lease.get("state") == "attached" for lease in l.values()),
+            "leases reclaimed after restart",
+        )
+        assert {name: set(lease["ports"]) for name, lease in after.items()} == before
+
+    with subtest("the journal shows the broker"):
+        machine.succeed("journalctl -u portlease.service | grep -q serving")
+
+    with subtest("exposure stays at the figure in systemd/EXPOSURE"):
+        out = machine.succeed("systemd-analyze security --no-pager portlease.service")
+        score = float(re.search(r"Overall exposure level for portlease\.service: ([0-9.]+)", out).group(1))
+        assert score <= ${exposure}, out
+  '';
+}
