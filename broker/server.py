@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
-
 from portlease.client import protocol as p
 from portlease.client.errors import ConfigError, LeaseError, StartupError
 
@@ -40,6 +39,7 @@ log = logging.getLogger("portlease.broker")
 BROKER_NAME = "portlease/0.1.0"
 TICK = 0.5  # seconds between expiry sweeps, STATUS updates and idle checks
 FD_MARGIN = 64  # fds kept back from connections for the journal, logs, bind probes
+LARGE_STATE = 4 << 20  # bytes of journal above which start-up asks systemd for more time
 
 
 @dataclass(slots=True)
@@ -509,8 +509,7 @@ def open_listener(config: Config) -> Listening:
     """The socket to serve: inherited from systemd when activated, else bound here."""
     inherited = activation.inherited_listener()
     if inherited is not None:
-        name = inherited.getsockname()
-        path = name if isinstance(name, str) else "<inherited>"
+        path = activation.socket_path(inherited)
         log.info("socket activation: serving the inherited socket %s", path)
         return Listening(sock=inherited, path=path, owned=False)
     if not config.socket:
@@ -529,6 +528,10 @@ def run(config: Config, *, config_path: str | None = None) -> int:
         max_connections=max(16, soft - FD_MARGIN),
     )
     try:
+        with contextlib.suppress(OSError):
+            if os.path.getsize(state_path) > LARGE_STATE:
+                # Reading a big journal may outlast systemd's start timeout.
+                notifier.extend_timeout(60)
         broker.restore()
         log.info("state %s, socket %s", state_path, listening.path)
         trio.run(functools.partial(broker.serve, listening.sock))
