@@ -62,7 +62,9 @@ def _activated(
 ) -> subprocess.Popen[bytes]:
     """Start ``cmd`` as socket activation would: the socket as fd 3, LISTEN_PID = its pid."""
     # bash, not dash: dash cannot name fds above 9 in a redirection.
-    wrapper = ["bash", "-c", f'exec 3<&{sock.fileno()} {sock.fileno()}<&-; LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "bash"]
+    fd = sock.fileno()
+    script = f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"'
+    wrapper = ["bash", "-c", script, "bash"]
     with open(log, "ab") as out:
         return subprocess.Popen(wrapper + cmd, pass_fds=[sock.fileno()], stdout=out, stderr=out,
                                 env={k: v for k, v in {**os.environ, **(env or {})}.items()
