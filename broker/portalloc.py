@@ -383,12 +383,10 @@ def merge(
             # Only expired (or empty) foreign entries can be here, live ones were
             # subtracted; the crate drops expired entries on load anyway.
             del keys[b]
+        entry = Entry(end - start, expires)
         old = table.keys.get(start) if start in owned_set else None
-        fresh = old is not None and expires - slack <= old.expires <= expires
-        if old is not None and fresh and old.size == end - start:
-            entry = old
-        else:
-            entry = Entry(end - start, expires)
+        if old is not None and old.size == entry.size and expires - slack <= old.expires <= expires:
+            entry = old  # fresh enough: leave the file alone
         keys[start] = entry
         published[start] = entry
     return Merged(Table(keys=keys, next=table.next, extra=dict(table.extra)), published, problems)
