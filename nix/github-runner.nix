@@ -20,6 +20,8 @@ in
     # PORTLEASE_SOCKET and the portlease client.
     githubRunners = runners;
     settings = {
+      # Above the crate's busiest ports (it starts at 10000), below the
+      # kernel's ephemeral range (32768 and up).
       port_min = 20000;
       port_max = 32000;
       # Jobs get this long to reclaim their leases after a broker restart.

@@ -37,7 +37,10 @@ python3Packages.buildPythonApplication {
 
   # The build sandbox has loopback networking, so the broker tests run. The
   # checks needing systemd-analyze or nix-instantiate skip themselves there.
-  pytestFlagsArray = [ "-m 'not slow'" ];
+  pytestFlagsArray = [
+    "-m"
+    "not slow"
+  ];
 
   pythonImportsCheck = [
     "portlease.client"
