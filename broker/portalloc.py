@@ -84,6 +84,25 @@ class Claim(Protocol):
 
 C = TypeVar("C", bound=Claim)
 
+
+class LeaseLike(Claim, Protocol):
+    """A live lease as the broker keeps it: its run, and its end (None while attached)."""
+
+    @property
+    def expires(self) -> float | None: ...
+
+
+def snapshot(leases: Iterable[LeaseLike], now: float) -> dict[int, tuple[int, float | None]]:
+    """``ours`` for :meth:`PortallocTable.sync`: base -> (count, seconds left or None).
+
+    Seconds left rather than an absolute time, so the lease table's clock and the
+    table's wall clock never have to agree.
+    """
+    return {
+        lease.start: (lease.count, None if lease.expires is None else lease.expires - now)
+        for lease in leases
+    }
+
 # ------------------------------------------------------------------ the pure part
 
 

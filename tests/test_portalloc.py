@@ -154,6 +154,16 @@ def test_overlap_with_live_foreign_entry_is_reported_and_split() -> None:
     assert m.table.keys[20002] == t.keys[20002]
 
 
+def test_snapshot_of_lease_records() -> None:
+    from portlease.broker.leases import LeaseRecord, Peer
+
+    attached = LeaseRecord(token="a", start=20000, count=3, ttl=120, granted=NOW, peer=Peer(),
+                           connection=1)
+    detached = LeaseRecord(token="b", start=20010, count=1, ttl=60, granted=NOW, peer=Peer(),
+                           expires=NOW + 45)
+    assert pa.snapshot([attached, detached], NOW) == {20000: (3, None), 20010: (1, 45.0)}
+
+
 def test_first_overlap() -> None:
     assert pa.first_overlap(10, 5, [(0, 10), (14, 2)]) == 16
     assert pa.first_overlap(10, 4, [(0, 10), (14, 2)]) is None
