@@ -35,7 +35,8 @@ def test_first_connection_starts_the_broker_and_is_served(tmp_path: Path) -> Non
                             stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 10
-        while not os.path.exists(path):
+        # The socket file appears at bind(), before listen(): wait for the tool's word.
+        while "Listening on" not in (tmp_path / "log").read_text():
             assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
             time.sleep(0.01)
         # The broker is not running yet: connecting is what starts it.
