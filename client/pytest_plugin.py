@@ -88,7 +88,7 @@ def _socket_setting(config: pytest.Config) -> str | None:
     if os.path.isabs(ini) or config.inipath is None:
         return ini
     # Relative to the ini file, like pytest's own path settings.
-    return str(config.inipath.parent / ini)
+    return os.path.normpath(config.inipath.parent / ini)
 
 
 def _required(config: pytest.Config) -> bool:

@@ -1,0 +1,223 @@
+"""The pytest plugin, exercised by real pytest runs (xdist workers included)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from brokerproc import BrokerProc, Raw
+
+pytest_plugins = ["pytester"]
+
+# Plugins of this environment that have nothing to do with portlease; hypothesis
+# alone re-imports itself in every in-process run (seconds on this machine).
+UNRELATED = ("-p", "no:hypothesispytest", "-p", "no:benchmark")
+
+
+def run_inline(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest(*UNRELATED, *args)
+
+# Each test binds the ports it got on the wildcard address while it holds
+# them, so two holders of one port would fail with EADDRINUSE, and records
+# when it held them. A barrier makes the first test of every worker (of both
+# runs) wait for the others, so the runs certainly overlap.
+XDIST_TESTS = r'''
+import json, os, socket, time
+import pytest
+
+OUT = os.environ["PL_OUT"]
+BARRIER = os.environ["PL_BARRIER"]
+WORKERS = int(os.environ["PL_WORKERS"])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def all_workers_running():
+    open(os.path.join(BARRIER, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 30
+    while len(os.listdir(BARRIER)) < WORKERS and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def hold(ports, nodeid):
+    socks = []
+    for port in ports:
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            s = socket.socket(socket.AF_INET, kind)
+            s.bind(("", port))
+            socks.append(s)
+    start = time.time()
+    time.sleep(0.03)
+    with open(OUT, "a") as f:
+        f.write(json.dumps({"run": os.environ["PL_RUN"], "node": nodeid, "ports": list(ports),
+                            "start": start, "end": time.time(),
+                            "worker": os.environ.get("PYTEST_XDIST_WORKER")}) + "\n")
+    for s in socks:
+        s.close()
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_lease(port_lease, portlease_connection, request, i):
+    ports = port_lease(3)
+    assert ports.ports == tuple(range(ports.port, ports.port + 3))
+    mine = [info for info in portlease_connection.status().leases
+            if info.ports == list(ports.ports)]
+    assert [info.note for info in mine] == [request.node.nodeid]
+    assert mine[0].pid == os.getpid()
+    hold(ports.ports, request.node.nodeid)
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_free_port(free_port, request, i):
+    assert isinstance(free_port, int)
+    hold([free_port], request.node.nodeid)
+'''
+
+
+def test_xdist_workers_of_concurrent_runs_never_share_a_port(
+    pytester: pytest.Pytester, broker: BrokerProc, tmp_path: Path
+) -> None:
+    pytester.makepyfile(test_ports=XDIST_TESTS)
+    out = tmp_path / "held.jsonl"
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    runs = []
+    for name in ("a", "b"):
+        env = dict(os.environ, PL_OUT=str(out), PL_BARRIER=str(barrier), PL_WORKERS="4",
+                   PL_RUN=name)
+        env.pop("PYTEST_ADDOPTS", None)
+        runs.append(subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-n", "2", "-q", "-p", "no:cacheprovider", *UNRELATED,
+             "--portlease-socket", broker.socket, "test_ports.py"],
+            cwd=pytester.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        ))
+    for proc in runs:
+        output = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 0, output
+        assert "12 passed" in output, output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 24
+    assert len({(r["run"], r["worker"]) for r in records}) == 4
+    overlapping = 0
+    for r1, r2 in itertools.combinations(records, 2):
+        if r1["start"] < r2["end"] and r2["start"] < r1["end"]:
+            overlapping += 1
+            assert not set(r1["ports"]) & set(r2["ports"]), (r1, r2)
+    assert overlapping > 0
+    # Every lease ended with its test (and the workers' connections are gone).
+    assert Raw(broker.socket).call({"op": "status"})["leases"] == []
+
+
+def test_leases_end_with_their_test_and_notes_name_it(
+    pytester: pytest.Pytester, broker: BrokerProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNNER_NAME", "runner-b")
+    monkeypatch.delenv("GITHUB_JOB", raising=False)
+    pytester.makepyfile(
+        """
+        import pytest
+
+        def test_a(port_lease, free_port, portlease_connection, request):
+            two = port_lease(2)
+            custom = port_lease(1, note="custom note")
+            notes = {tuple(i.ports): i.note for i in portlease_connection.status().leases}
+            assert notes[two.ports] == request.node.nodeid + " runner_name=runner-b"
+            assert notes[custom.ports] == "custom note"
+            assert notes[(free_port,)] == request.node.nodeid + " runner_name=runner-b"
+            assert len(portlease_connection.leases) == 3
+
+        def test_b(portlease_connection):
+            # Same session connection: test_a's leases were released explicitly.
+            assert portlease_connection.status().summary.leases == 0
+            assert portlease_connection.leases == []
+        """
+    )
+    result = run_inline(pytester, "--portlease-socket", broker.socket)
+    result.assert_outcomes(passed=2)
+
+
+def test_ini_socket_is_relative_to_the_ini_file(
+    pytester: pytest.Pytester, broker: BrokerProc
+) -> None:
+    pytester.makeini(f"[pytest]\nportlease_socket = {os.path.relpath(broker.socket, pytester.path)}\n")
+    pytester.makepyfile("def test_port(free_port):\n    assert 0 < free_port < 65536\n")
+    run_inline(pytester).assert_outcomes(passed=1)
+
+
+def test_no_broker_fails_by_default_with_a_clear_message(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    missing = str(tmp_path / "nobody.sock")
+    pytester.makepyfile(
+        "def test_one(free_port):\n    pass\n\ndef test_two(port_lease):\n    pass\n"
+        "def test_none():\n    pass\n"
+    )
+    result = run_inline(pytester, "--portlease-socket", missing)
+    result.assert_outcomes(passed=1, errors=2)
+    result.stdout.fnmatch_lines([f"*no portlease broker answers at {missing}*"])
+    result.stdout.fnmatch_lines(["*portlease_required = false*"])
+
+
+def test_no_broker_skips_when_not_required(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    missing = str(tmp_path / "nobody.sock")
+    pytester.makepyfile("def test_one(free_port):\n    pass\n\ndef test_none():\n    pass\n")
+    pytester.makeini(f"[pytest]\nportlease_socket = {missing}\nportlease_required = false\n")
+    result = run_inline(pytester, "-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines([f"*portlease: no portlease broker answers at {missing}*"])
+    # The command line wins over the ini file.
+    run_inline(pytester, "--portlease-required=yes").assert_outcomes(passed=1, errors=1)
+
+
+def test_a_lease_lost_across_a_broker_restart_fails_its_test(
+    pytester: pytest.Pytester, broker: BrokerProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert broker.proc is not None
+    monkeypatch.setenv("PL_BROKER_PID", str(broker.proc.pid))
+    pytester.makepyfile(
+        """
+        import os, signal, time
+
+        def test_survives_restart_with_a_forgetful_broker(port_lease):
+            held = port_lease(2)
+            os.kill(int(os.environ["PL_BROKER_PID"]), signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while held.lost is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert held.lost is not None
+        """
+    )
+
+    def forgetful_restart() -> None:
+        # Stands in for a broker whose journal was lost: nothing to reclaim.
+        assert broker.proc is not None
+        broker.proc.wait(timeout=60)
+        os.unlink(broker.state)
+        broker.start()
+
+    restarter = threading.Thread(target=forgetful_restart)
+    restarter.start()
+    try:
+        result = run_inline(pytester, "--portlease-socket", broker.socket)
+    finally:
+        if restarter.is_alive() and broker.proc is not None:
+            broker.proc.send_signal(signal.SIGKILL)
+        restarter.join()
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*lost after a broker restart*", "*granted to someone else*"])
+
+
+def test_loading_the_plugin_imports_nothing_heavy() -> None:
+    code = (
+        "import sys, portlease.client.pytest_plugin; "
+        "heavy = [m for m in ('msgspec', 'trio', 'portlease.client.sync') "
+        "if m in sys.modules]; assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
