@@ -1,0 +1,218 @@
+"""The per-user broker a client starts on demand: real spawns, races, idle exit."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from portlease.client import BrokerUnavailable, Connection, open_lease
+from portlease.client.paths import SYSTEM_SOCKET, user_socket
+
+pytest_plugins = ["pytester"]
+
+
+def brokers_for(sock: str) -> list[int]:
+    """Pids of live broker processes serving ``sock`` (found by command line)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"portlease.broker" in argv and b"serve" in argv and sock.encode() in argv:
+            found.append(int(entry))
+    return found
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with contextlib.suppress(OSError):
+        # A zombie nobody reaped yet (its parent is another test process).
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    return True
+
+
+def wait_for(pred, what: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def user_sock(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A private ``$XDG_RUNTIME_DIR`` with autostart on; kills what it started."""
+    if os.path.exists(SYSTEM_SOCKET):
+        pytest.skip(f"{SYSTEM_SOCKET} exists and would be used instead of the per-user socket")
+    # Short, because a Unix socket path has at most 107 bytes.
+    runtime = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+    monkeypatch.setenv("PORTLEASE_AUTOSTART", "1")
+    monkeypatch.delenv("PORTLEASE_SOCKET", raising=False)
+    monkeypatch.delenv("PORTLEASE_IDLE_EXIT", raising=False)
+    sock = user_socket()
+    assert sock.startswith(runtime)
+    try:
+        yield sock
+    finally:
+        for pid in brokers_for(sock):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_first_client_starts_a_detached_private_broker_that_exits_when_idle(
+    user_sock: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PORTLEASE_IDLE_EXIT", "1")
+    with Connection() as conn:
+        assert conn.path == user_sock
+        held = conn.lease(2)
+        assert len(held.ports) == 2
+        pid = conn.broker_pid
+        assert pid is not None and brokers_for(user_sock) == [pid]
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[argv.index(b"--state") + 1] == f"{user_sock}.state".encode()
+        assert argv[argv.index(b"--idle-exit") + 1] == b"1"
+        assert os.getsid(pid) == pid  # its own session: no terminal, no signals from ours
+        assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
+        log = os.path.join(os.path.dirname(user_sock), "broker.log")
+        assert os.readlink(f"/proc/{pid}/fd/2") == log
+        assert stat.S_IMODE(os.stat(os.path.dirname(user_sock)).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(log).st_mode) == 0o600
+        # Holding a lease keeps it alive past its idle time.
+        time.sleep(1.6)
+        conn.ping()
+    wait_for(lambda: gone(pid), "the idle broker exits")
+    assert not os.path.exists(user_sock)
+    assert "idle for 1 s with no lease: exiting" in Path(log).read_text()
+
+
+RACER = r"""
+import json, sys, time
+from portlease.client import Connection
+start = float(sys.argv[1])
+while time.time() < start:
+    time.sleep(0.001)
+with Connection() as conn:
+    held = conn.lease(1)
+    print(json.dumps({"broker": conn.broker_pid, "port": held.port}), flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_racing_clients_share_one_broker(user_sock: str) -> None:
+    start = time.time() + 1.0  # every racer imported and waiting by then
+    racers = [
+        subprocess.Popen([sys.executable, "-c", RACER, str(start)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    try:
+        got = []
+        for proc in racers:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line, "a racer failed"
+            got.append(json.loads(line))
+        assert len({g["broker"] for g in got}) == 1
+        assert brokers_for(user_sock) == [got[0]["broker"]]
+        assert len({g["port"] for g in got}) == 4
+    finally:
+        for proc in racers:
+            proc.communicate("", timeout=30)
+
+
+def test_a_killed_brokers_stale_socket_is_replaced_by_a_new_one(user_sock: str) -> None:
+    with Connection() as conn:
+        first = conn.broker_pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: gone(first), "the broker is dead")
+    assert stat.S_ISSOCK(os.lstat(user_sock).st_mode)  # left behind
+
+    async def main() -> tuple[int, ...]:
+        async with open_lease(3) as held:  # the trio client autostarts too
+            return held.ports
+
+    assert len(trio.run(main)) == 3
+    (second,) = brokers_for(user_sock)
+    assert second != first
+
+
+def test_disabled_autostart_is_a_clear_error(user_sock: str) -> None:
+    env = dict(os.environ, PORTLEASE_AUTOSTART="0")
+    out = subprocess.run([sys.executable, "-m", "portlease.broker", "lease", "--", "true"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 69
+    assert f"no portlease broker answers at {user_sock}" in out.stderr
+    assert brokers_for(user_sock) == []
+
+
+def test_a_broker_that_cannot_start_is_reported_with_its_log(user_sock: str) -> None:
+    os.makedirs(os.path.dirname(user_sock), mode=0o700)
+    Path(user_sock).write_text("not a socket")
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable) as exc:
+        Connection()
+    message = str(exc.value)
+    assert "starting one failed" in message and "is not a socket" in message
+    assert "broker.log" in message
+    assert time.monotonic() - started < 10  # reported when the broker exits, not at the timeout
+
+
+def test_a_directory_owned_by_someone_else_is_refused(user_sock: str) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to hand the directory to another user")
+    directory = os.path.dirname(user_sock)
+    os.makedirs(directory, mode=0o700)
+    os.chown(directory, 65534, 65534)
+    with pytest.raises(BrokerUnavailable, match="not a directory owned by uid 0"):
+        Connection()
+    assert brokers_for(user_sock) == []
+
+
+def test_pytest_xdist_just_works_with_no_setup(
+    user_sock: str, pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    pytester.makepyfile(
+        """
+        import json, os, pytest
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_port(free_port, portlease_connection, i):
+            with open(os.environ["PL_OUT"], "a") as f:
+                f.write(json.dumps([portlease_connection.broker_pid, free_port]) + "\\n")
+        """
+    )
+    out = tmp_path / "out.jsonl"
+    env = dict(os.environ, PL_OUT=str(out))
+    env.pop("PYTEST_ADDOPTS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "2", "-q", "-p", "no:cacheprovider",
+         "-p", "no:hypothesispytest", "-p", "no:benchmark"],
+        cwd=pytester.path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 4
+    assert len({pid for pid, _ in records}) == 1
+    assert brokers_for(user_sock) == [records[0][0]]
