@@ -275,13 +275,17 @@ def test_systemd_socket_activate_starts_on_first_connection(
     )
     try:
         deadline = time.monotonic() + 10
-        while not path.exists():
-            assert tool.poll() is None, tool.stderr.read() if tool.stderr else ""
-            assert time.monotonic() < deadline, "systemd-socket-activate never bound"
-            time.sleep(0.01)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
             client.settimeout(10)
-            client.connect(str(path))
+            # The file appears at bind(), a moment before listen(): retry until then.
+            while True:
+                try:
+                    client.connect(str(path))
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    assert tool.poll() is None, tool.stderr.read() if tool.stderr else ""
+                    assert time.monotonic() < deadline, "systemd-socket-activate never listened"
+                    time.sleep(0.01)
             reply = client.recv(100)
         stdout, stderr = tool.communicate(timeout=10)
     finally:
