@@ -28,6 +28,7 @@ from portlease.client import protocol as p
 from portlease.client.errors import ConfigError, LeaseError, StartupError
 
 from . import activation, kernel
+from . import portalloc as pa
 from .allocator import Allocator, BindCheck
 from .config import Config, load_file
 from .leases import LeaseRecord, LeaseTable, Limits, Peer
@@ -38,6 +39,7 @@ log = logging.getLogger("portlease.broker")
 
 BROKER_NAME = "portlease/0.1.0"
 TICK = 0.5  # seconds between expiry sweeps, STATUS updates and idle checks
+PORTALLOC_REFRESH = 30.0  # seconds between pushes of our entries' expiry into the crate's table
 FD_MARGIN = 64  # fds kept back from connections for the journal, logs, bind probes
 LARGE_STATE = 4 << 20  # bytes of journal above which start-up asks systemd for more time
 
@@ -216,9 +218,14 @@ class Broker:
     _idle_since: float = 0.0
     _last_status: str = ""
     _cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+    portalloc: pa.AsyncPortallocTable | None = field(init=False, default=None)
+    _foreign: list[tuple[int, int]] = field(default_factory=list)
+    _portalloc_dirty: trio.Event = field(default_factory=trio.Event)
 
     def __post_init__(self) -> None:
         self.table = LeaseTable(make_allocator(self.config), limits_of(self.config))
+        if self.config.portalloc_dir:
+            self.portalloc = pa.AsyncPortallocTable(pa.PortallocTable(self.config.portalloc_dir))
 
     # -------------------------------------------------------- start
 
@@ -254,6 +261,10 @@ class Broker:
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._tick)
                 nursery.start_soon(self._watchdog)
+                if self.portalloc is not None:
+                    # Publish restored leases before the first grant, then keep them fresh.
+                    await self._sync_portalloc()
+                    nursery.start_soon(self._portalloc_refresher)
                 await nursery.start(trio.serve_listeners, self._handle, listeners)
                 self.notifier.ready()
                 self._update_status(force=True)
@@ -299,7 +310,10 @@ class Broker:
         # Socket, state and group are fixed for the life of the process.
         new.socket, new.state, new.group = self.config.socket, self.config.state, self.config.group
         if (new.port_min, new.port_max) != (self.config.port_min, self.config.port_max):
-            self.table.rebind_allocator(make_allocator(new))
+            allocator = make_allocator(new)
+            for start, count in self._foreign:
+                allocator.hold(start, count)
+            self.table.rebind_allocator(allocator)
         self.table.limits = limits_of(new)
         self.config = new
         log.info(
@@ -325,6 +339,7 @@ class Broker:
             for record in self.table.expire(now):
                 log.info("lease of ports %s expired", _span(record))
                 self.journal.ended(record)
+                self._portalloc_dirty.set()
             if self.journal.needs_compaction(len(self.table)):
                 self.journal.compact(self.table)
             self._update_status()
@@ -373,6 +388,7 @@ class Broker:
             if not self._stopping:
                 for record in self.table.drop_connection(conn.id):
                     self.journal.ended(record)
+                    self._portalloc_dirty.set()
             with contextlib.suppress(Exception):
                 await stream.aclose()
 
@@ -414,6 +430,8 @@ class Broker:
         except Exception as exc:
             return p.error_for_bad_line(line, exc)
         try:
+            if self.portalloc is not None and isinstance(request, p.Lease) and conn.hello:
+                return await self._lease_shared(conn, request)
             return self._carry_out(conn, request)
         except LeaseError as exc:
             return p.Error(id=request.id, code=exc.code, message=exc.message, largest=exc.largest)
@@ -439,25 +457,11 @@ class Broker:
         now = self.clock()
         table = self.table
         if isinstance(req, p.Lease):
-            if not conn.cmdline_read:
-                conn.cmdline_read = True
-                conn.peer = Peer(
-                    pid=conn.peer.pid, uid=conn.peer.uid, gid=conn.peer.gid,
-                    cmdline=read_cmdline(conn.peer.pid),
-                )
-            ttl = req.ttl if req.ttl is not None else self.config.ttl
-            record = table.grant(
-                token=secrets.token_hex(p.TOKEN_BYTES), count=req.count, ttl=ttl, now=now,
-                bind_ok=self.bind_ok, peer=conn.peer,
-                connection=None if req.detach else conn.id, note=req.note,
-            )
-            self.journal.granted(record)
-            return p.Granted(
-                id=req.id, ports=record.ports, token=record.token, ttl=ttl, expires=record.expires
-            )
+            return self._granted(req, self._grant(conn, req))
         if isinstance(req, p.Release):
             record = table.release(req.token)
             self.journal.ended(record)
+            self._portalloc_dirty.set()
             return p.Released(id=req.id, ports=record.ports)
         if isinstance(req, p.Renew):
             record = table.renew(req.token, now)
@@ -477,6 +481,81 @@ class Broker:
             return self._status(req)
         assert isinstance(req, p.Ping)
         return p.Pong(id=req.id)
+
+    def _grant(self, conn: Connection, req: p.Lease) -> LeaseRecord:
+        if not conn.cmdline_read:
+            conn.cmdline_read = True
+            conn.peer = Peer(
+                pid=conn.peer.pid, uid=conn.peer.uid, gid=conn.peer.gid,
+                cmdline=read_cmdline(conn.peer.pid),
+            )
+        record = self.table.grant(
+            token=secrets.token_hex(p.TOKEN_BYTES), count=req.count,
+            ttl=req.ttl if req.ttl is not None else self.config.ttl, now=self.clock(),
+            bind_ok=self.bind_ok, peer=conn.peer,
+            connection=None if req.detach else conn.id, note=req.note,
+        )
+        # On disk before the reply leaves: a client never holds a lease we forgot.
+        self.journal.granted(record)
+        return record
+
+    @staticmethod
+    def _granted(req: p.Lease, record: LeaseRecord) -> p.Granted:
+        return p.Granted(
+            id=req.id, ports=record.ports, token=record.token, ttl=record.ttl,
+            expires=record.expires,
+        )
+
+    # -------------------------------------------------------- fedimint-portalloc
+
+    async def _lease_shared(self, conn: Connection, req: p.Lease) -> p.Reply:
+        """Grant under the crate's lock: skip its live entries, publish ours in one hold."""
+        assert self.portalloc is not None
+
+        def choose(foreign: list[tuple[int, int]]) -> LeaseRecord:
+            self._hold_foreign(foreign)
+            return self._grant(conn, req)
+
+        result = await self.portalloc.sync(self._portalloc_snapshot, choose)
+        self._log_portalloc(result)
+        assert result.chosen is not None  # choose() returns a record or raises
+        return self._granted(req, result.chosen)
+
+    def _portalloc_snapshot(self) -> dict[int, tuple[int, float | None]]:
+        return pa.snapshot(self.table, self.clock())
+
+    def _hold_foreign(self, spans: list[tuple[int, int]]) -> None:
+        """Make the crate's live entries the allocator's foreign holds (replacing the last set)."""
+        allocator = self.table.allocator
+        for start, count in spans:
+            allocator.hold(start, count)
+        for start, count in self._foreign:
+            allocator.unhold(start, count)
+        self._foreign = list(spans)
+
+    async def _sync_portalloc(self) -> None:
+        assert self.portalloc is not None
+        result = await self.portalloc.sync(self._portalloc_snapshot)
+        if result.status == "ok":
+            self._hold_foreign(list(result.foreign))
+        self._log_portalloc(result)
+
+    def _log_portalloc(self, result: pa.SyncResult[LeaseRecord]) -> None:
+        for problem in result.problems:
+            log.warning("portalloc: %s", problem)
+        if result.status == "skipped":
+            log.warning(
+                "portalloc: the lock on %s was busy for %.1f s; went on with bind checks alone",
+                self.config.portalloc_dir, result.waited,
+            )
+
+    async def _portalloc_refresher(self) -> None:
+        """Publish releases soon after they happen, and push our entries' expiry forward."""
+        while True:
+            with trio.move_on_after(PORTALLOC_REFRESH):
+                await self._portalloc_dirty.wait()
+            self._portalloc_dirty = trio.Event()
+            await self._sync_portalloc()
 
     def _status(self, req: p.Status) -> p.StatusReply:
         a = self.table.allocator
