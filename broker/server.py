@@ -535,7 +535,7 @@ class Broker:
 
     async def _sync_portalloc(self) -> None:
         assert self.portalloc is not None
-        result = await self.portalloc.sync(self._portalloc_snapshot)
+        result: pa.SyncResult[LeaseRecord] = await self.portalloc.sync(self._portalloc_snapshot)
         if result.status == "ok":
             self._hold_foreign(list(result.foreign))
         self._log_portalloc(result)
