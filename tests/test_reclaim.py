@@ -1,0 +1,188 @@
+"""Leases survive a broker crash: clients reconnect and reclaim them with their tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from brokerproc import PYTHON, BrokerProc, Raw
+from portlease.client import Connection, Exhausted
+
+TTL = "2"
+
+# A client process: leases 2 ports, then answers every line on stdin with
+# what it believes it holds (after a round trip, so its reconnect is done).
+CLIENT = r"""
+import json, sys
+from portlease.client import Connection
+lost = []
+conn = Connection(sys.argv[1], on_lost=lambda lease, exc: lost.append(str(exc)))
+held = conn.lease(2, note="client " + sys.argv[2])
+print(json.dumps({"ports": list(held.ports), "broker": conn.broker_pid}), flush=True)
+for _ in sys.stdin:
+    conn.ping()
+    print(json.dumps({"ports": list(held.ports), "broker": conn.broker_pid, "lost": lost,
+                      "leases": [list(l.ports) for l in conn.leases]}), flush=True)
+"""
+
+
+def status(sock: str) -> list[dict[str, object]]:
+    raw = Raw(sock)
+    try:
+        return raw.call({"op": "status"})["leases"]  # type: ignore[return-value]
+    finally:
+        raw.close()
+
+
+def wait_for(pred, what: str, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def short_ttl_broker(tmp_path: Path, port_range: str) -> Iterator[BrokerProc]:
+    b = BrokerProc(tmp_path, ["--ttl", TTL], range=port_range).start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def test_twenty_clients_reclaim_their_leases_after_a_broker_sigkill(
+    short_ttl_broker: BrokerProc,
+) -> None:
+    broker = short_ttl_broker
+    clients = [
+        subprocess.Popen([PYTHON, "-c", CLIENT, broker.socket, str(i)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(20)
+    ]
+    try:
+        first = []
+        for proc in clients:
+            assert proc.stdout is not None
+            first.append(json.loads(proc.stdout.readline()))
+        held = {proc.pid: tuple(f["ports"]) for proc, f in zip(clients, first, strict=True)}
+        all_ports = [p for ports in held.values() for p in ports]
+        assert len(all_ports) == len(set(all_ports)) == 40
+
+        broker.kill()
+        # Five clients die while the broker is down: nobody will reclaim theirs.
+        dead, alive = clients[:5], clients[5:]
+        for proc in dead:
+            proc.kill()
+            proc.wait()
+        broker.start()
+
+        # While the survivors reclaim, a newcomer never gets a port that any
+        # of the 20 leases held: the restored ones stay reserved as orphans.
+        with Connection(broker.socket, reclaim=False) as newcomer:
+            fresh = [p for _ in range(30) for p in newcomer.lease(1).ports]
+            assert not set(fresh) & set(all_ports)
+
+            def survivors_attached() -> bool:
+                attached = {tuple(i["ports"]): i["pid"] for i in status(broker.socket)  # type: ignore[arg-type, misc]
+                            if i["state"] == "attached" and i["pid"] != os.getpid()}
+                return attached == {held[proc.pid]: proc.pid for proc in alive}
+
+            wait_for(survivors_attached, "every survivor reclaimed its own lease")
+
+            for proc in alive:
+                assert proc.stdin is not None and proc.stdout is not None
+                proc.stdin.write("report\n")
+                proc.stdin.flush()
+                report = json.loads(proc.stdout.readline())
+                assert report["lost"] == []
+                assert report["leases"] == [list(held[proc.pid])]
+                assert report["broker"] == broker.proc.pid  # type: ignore[union-attr]
+
+            dead_ports = {p for proc in dead for p in held[proc.pid]}
+
+            def dead_ones_expired() -> bool:
+                leased = {p for i in status(broker.socket) for p in i["ports"]}  # type: ignore[attr-defined]
+                return not leased & dead_ports
+
+            wait_for(dead_ones_expired, f"the dead clients' orphans expire after {TTL} s")
+
+            # Now their ports are grantable again, and still nobody else's are.
+            more: set[int] = set()
+            with pytest.raises(Exhausted):
+                while True:
+                    more |= set(newcomer.lease(1).ports)
+            assert not more & {p for proc in alive for p in held[proc.pid]}
+            assert not more & set(fresh)
+            assert dead_ports <= more
+    finally:
+        for proc in clients:
+            if proc.poll() is None:
+                proc.kill()
+            _, err = proc.communicate(timeout=30)
+            assert proc in clients[:5] or "ERROR" not in err, err
+
+
+def test_the_wrapper_keeps_its_lease_across_a_broker_restart(
+    short_ttl_broker: BrokerProc,
+) -> None:
+    broker = short_ttl_broker
+    env = dict(os.environ, PORTLEASE_AUTOSTART="0")
+    wrapper = subprocess.Popen(
+        [PYTHON, "-m", "portlease.broker", "lease", "--socket", broker.socket, "-n", "2", "--",
+         "sh", "-c", 'echo "$PORTLEASE_PORTS"; read _; echo "$PORTLEASE_PORTS"'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    assert wrapper.stdin is not None and wrapper.stdout is not None
+    ports = [int(p) for p in wrapper.stdout.readline().split()]
+    assert len(ports) == 2
+    broker.restart()
+
+    def reattached() -> bool:
+        return [(i["ports"], i["pid"], i["state"]) for i in status(broker.socket)] == [
+            (ports, wrapper.pid, "attached")
+        ]
+
+    # Well past the 2 s TTL: an orphan that was not reclaimed would be gone.
+    time.sleep(float(TTL) + 1)
+    wait_for(reattached, "the wrapper reclaimed its lease")
+    out, err = wrapper.communicate("done\n", timeout=30)
+    assert wrapper.returncode == 0, err
+    assert "ERROR" not in err
+    assert out.split() == [str(p) for p in ports]
+    wait_for(lambda: status(broker.socket) == [], "the lease ends with the command")
+
+
+def test_a_lease_expired_during_a_long_outage_is_reported_lost(
+    short_ttl_broker: BrokerProc,
+) -> None:
+    broker = short_ttl_broker
+    proc = subprocess.Popen([PYTHON, "-c", CLIENT, broker.socket, "x"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    ports = json.loads(proc.stdout.readline())["ports"]
+    # Freeze the client for longer than the TTL while the broker restarts, so
+    # the orphan expires and its ports go to someone else before it can reclaim.
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        broker.restart()
+        with Connection(broker.socket, reclaim=False) as other:
+            wait_for(lambda: status(broker.socket) == [], "the orphan expires")
+            taken = other.lease(2)
+            assert list(taken.ports) == ports or not set(taken.ports) & set(ports)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    proc.stdin.write("report\n")
+    proc.stdin.flush()
+    report = json.loads(proc.stdout.readline())
+    assert len(report["lost"]) == 1 and "lost after a broker restart" in report["lost"][0]
+    assert report["leases"] == []
+    _, err = proc.communicate("", timeout=30)
+    assert "portlease: ERROR: lease of ports" in err
+
