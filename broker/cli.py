@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from portlease.client import protocol as p
 from portlease.client.errors import (
@@ -25,6 +26,9 @@ from portlease.client.errors import (
     StartupError,
 )
 from portlease.client.sync import Connection, default_note
+
+if TYPE_CHECKING:
+    from .config import Config
 
 EXIT_USAGE = 2
 EXIT_BROKER = 69  # EX_UNAVAILABLE: no broker, or it refused
@@ -120,8 +124,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import functools
     import logging
 
+    config = _serve_config(args)
+    logging.basicConfig(
+        level=config.log_level.upper(), stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from .server import run
+
+    # SIGHUP re-reads the file and applies the same flags on top again.
+    reload = functools.partial(_serve_config, args) if args.config else None
+    return run(config, reload=reload)
+
+
+def _serve_config(args: argparse.Namespace) -> Config:
+    """The config file (if any) with the command line's flags on top."""
     from .config import Config, load_file, parse_range
 
     config = load_file(args.config) if args.config else Config()
@@ -139,13 +158,7 @@ def _serve(args: argparse.Namespace) -> int:
             setattr(config, attr, value)
     if config.ttl <= 0:
         raise ConfigError("--ttl must be positive")
-    logging.basicConfig(
-        level=config.log_level.upper(), stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    from .server import run
-
-    return run(config, config_path=args.config)
+    return config
 
 
 # ---------------------------------------------------------------- lease

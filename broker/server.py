@@ -30,7 +30,7 @@ from portlease.client.errors import ConfigError, LeaseError, StartupError
 from . import activation, kernel
 from . import portalloc as pa
 from .allocator import Allocator, BindCheck
-from .config import Config, load_file
+from .config import Config
 from .leases import LeaseRecord, LeaseTable, Limits, Peer
 from .notify import Notifier
 from .state import Journal
@@ -207,7 +207,8 @@ class Broker:
     config: Config
     journal: Journal
     notifier: Notifier
-    config_path: str | None = None
+    config_loader: Callable[[], Config] | None = None
+    """Re-reads the configuration on SIGHUP; None when there is no file to re-read."""
     bind_ok: BindCheck = kernel.bind_ok
     clock: Callable[[], float] = time.time
     max_connections: int = 1 << 20
@@ -297,18 +298,23 @@ class Broker:
 
     def reload(self) -> None:
         """Re-read the config file: range, TTL and limits change, leases stay."""
-        if self.config_path is None:
+        if self.config_loader is None:
             log.info("SIGHUP: no config file to reload")
             return
         self.notifier.reloading()
         try:
-            new = load_file(self.config_path)
+            new = self.config_loader()
         except ConfigError as exc:
             log.error("reload failed, keeping the old settings: %s", exc)
             self.notifier.ready()
             return
-        # Socket, state and group are fixed for the life of the process.
-        new.socket, new.state, new.group = self.config.socket, self.config.state, self.config.group
+        # Socket, state, group and the portalloc directory are fixed for the life
+        # of the process: changing them under live connections has no safe meaning.
+        for key in ("socket", "state", "group", "portalloc_dir", "socket_mode"):
+            if getattr(new, key) != getattr(self.config, key):
+                log.warning("reload: %s changes only at restart; keeping %r", key,
+                            getattr(self.config, key))
+                setattr(new, key, getattr(self.config, key))
         if (new.port_min, new.port_max) != (self.config.port_min, self.config.port_max):
             allocator = make_allocator(new)
             for start, count in self._foreign:
@@ -316,10 +322,7 @@ class Broker:
             self.table.rebind_allocator(allocator)
         self.table.limits = limits_of(new)
         self.config = new
-        log.info(
-            "reloaded %s: range %d-%d, ttl %g s", self.config_path, new.port_min, new.port_max,
-            new.ttl,
-        )
+        log.info("reloaded: range %d-%d, ttl %g s", new.port_min, new.port_max, new.ttl)
         self.notifier.ready()
         self._update_status(force=True)
 
@@ -596,14 +599,14 @@ def open_listener(config: Config) -> Listening:
     return bind_unix_socket(config.socket, int(config.socket_mode, 8), config.group)
 
 
-def run(config: Config, *, config_path: str | None = None) -> int:
+def run(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
     """Run a broker in the foreground until SIGTERM/SIGINT or idle exit; return the exit status."""
     soft = raise_fd_limit()
     notifier = Notifier()
     listening = open_listener(config)
     state_path = config.state or _default_state(listening.path)
     broker = Broker(
-        config=config, journal=Journal(state_path), notifier=notifier, config_path=config_path,
+        config=config, journal=Journal(state_path), notifier=notifier, config_loader=reload,
         max_connections=max(16, soft - FD_MARGIN),
     )
     try:
