@@ -1,0 +1,107 @@
+"""``portlease status``: the operator's view of who holds which ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import signal
+import subprocess
+import time
+
+from brokerproc import PYTHON, BrokerProc, portlease
+from portlease.broker.cli import render_status
+from portlease.client import Connection
+from portlease.client import protocol as p
+
+
+def test_status_shows_owner_note_age_expiry_and_summary(broker: BrokerProc) -> None:
+    me = pwd.getpwuid(os.getuid()).pw_name
+    wrapper = subprocess.Popen(
+        [PYTHON, "-m", "portlease.broker", "lease", "--socket", broker.socket, "-n", "3",
+         "--", "sh", "-c", "echo up; read _"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, RUNNER_NAME="runner-c", GITHUB_JOB="itests"),
+    )
+    assert wrapper.stdout is not None and wrapper.stdout.readline() == "up\n"
+    with Connection(broker.socket) as conn:
+        conn.lease(1, note="detached for a script", detach=True, ttl=600)
+    try:
+        text = portlease("status", "--socket", broker.socket).stdout
+        lines = text.splitlines()
+        assert lines[0] == f"{me}: 2 leases, 4 ports"
+        assert "PORTS" in lines[1] and "EXPIRES" in lines[1] and "NOTE / COMMAND" in lines[1]
+        wrapped = next(line for line in lines if f" {wrapper.pid} " in line)
+        # The wrapper's default note: CI runner and job, then the command line.
+        assert "attached" in wrapped and "runner_name=runner-c github_job=itests sh -c" in wrapped
+        detached = next(line for line in lines if "detached for a script" in line)
+        assert " 10m " in detached or " 9m " in detached  # expires in ~600 s
+        assert lines[-1].startswith("2 leases, 4 ports held, 96 free of ")
+        assert "largest free run" in lines[-1] and "ttl 120s" in lines[-1]
+
+        data = json.loads(portlease("status", "--socket", broker.socket, "--json").stdout)
+        assert data["summary"]["leases"] == 2 and data["summary"]["ports_held"] == 4
+        (info,) = [i for i in data["leases"] if i["pid"] == wrapper.pid]
+        assert len(info["ports"]) == 3 and info["user"] == me and info["uid"] == os.getuid()
+        assert info["state"] == "attached" and info.get("expires") is None
+        assert "portlease" in info["cmdline"] and "lease" in info["cmdline"]
+        assert abs(info["granted"] - time.time()) < 60
+    finally:
+        wrapper.communicate("\n", timeout=30)
+
+
+def test_status_groups_leases_by_user() -> None:
+    now = 1_000_000.0
+    reply = p.StatusReply(
+        id=1,
+        summary=p.Summary(range=(20000, 20099), leases=3, ports_held=4, ports_free=96,
+                          largest_free_run=90, clients=2, ttl=120.0),
+        leases=[
+            p.LeaseInfo(ports=[20000], state="attached", pid=11, uid=1001, user="zoe",
+                        note="tests/test_a.py::test_x", granted=now - 30),
+            p.LeaseInfo(ports=[20001, 20002], state="orphaned", pid=12, uid=1000, user="adam",
+                        cmdline="pytest -n 8", granted=now - 600, expires=now + 90),
+            p.LeaseInfo(ports=[20010], state="detached", uid=4242, granted=now - 7300,
+                        expires=now + 30),
+        ],
+    )
+    lines = render_status(reply, now).splitlines()
+    heads = [line for line in lines if not line.startswith(" ")]
+    assert heads == [
+        "adam: 1 leases, 2 ports",
+        "uid 4242: 1 leases, 1 ports",
+        "zoe: 1 leases, 1 ports",
+        "3 leases, 4 ports held, 96 free of 20000-20099, largest free run 90, 2 clients, "
+        "ttl 120s",
+    ]
+    adam = lines[lines.index(heads[0]) + 2]
+    assert adam.split()[:5] == ["20001-20002", "orphaned", "12", "10m", "90s"]
+    assert adam.endswith("pytest -n 8")
+    zoe = lines[lines.index(heads[2]) + 2]
+    assert zoe.split()[:5] == ["20000", "attached", "11", "30s", "-"]
+    assert lines[lines.index(heads[1]) + 2].split()[3] == "2h"
+
+
+def test_status_watch_refreshes_in_place_until_interrupted(broker: BrokerProc) -> None:
+    watch = subprocess.Popen(
+        [PYTHON, "-m", "portlease.broker", "status", "--socket", broker.socket, "--watch", "0.1"],
+        stdout=subprocess.PIPE, env=dict(os.environ, PORTLEASE_AUTOSTART="0"),
+    )
+    assert watch.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + 20
+
+    def read_until(text: bytes) -> None:
+        nonlocal seen
+        while text not in seen and time.monotonic() < deadline:
+            seen += os.read(watch.stdout.fileno(), 65536)  # type: ignore[union-attr]
+
+    read_until(b"0 leases, 0 ports held")
+    with Connection(broker.socket) as conn:
+        conn.lease(2)
+        read_until(b"1 leases, 2 ports held")
+    watch.send_signal(signal.SIGINT)
+    seen += watch.communicate(timeout=30)[0]
+    assert watch.returncode == 0
+    assert seen.count(b"\x1b[H") >= 2
+    assert b"0 leases, 0 ports held" in seen and b"1 leases, 2 ports held" in seen
