@@ -203,7 +203,8 @@ class LeaseTable:
             raise QuotaExceeded(f"this connection holds {n} leases, the per-connection limit")
         record.orphaned = False
         record.expires = None
-        if peer is not None and peer.pid is not None:
+        # Show the process that holds it now; keep the uid it is counted under.
+        if peer is not None and peer.pid is not None and peer.uid == record.peer.uid:
             record.peer = peer
         self._bind(record, connection)
         return record

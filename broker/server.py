@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import trio
 from portlease.client import protocol as p
-from portlease.client.errors import ConfigError, LeaseError, StartupError
+from portlease.client.errors import Busy, ConfigError, LeaseError, StartupError
 
 from . import activation, kernel
 from . import portalloc as pa
@@ -477,7 +477,7 @@ class Broker:
             assert record.expires is not None
             return p.Detached(id=req.id, ports=record.ports, expires=record.expires)
         if isinstance(req, p.Reclaim):
-            record = table.reclaim(req.token, conn.id)
+            record = table.reclaim(req.token, conn.id, conn.peer)
             self.journal.expiry_changed(record)
             return p.Reclaimed(id=req.id, ports=record.ports)
         if isinstance(req, p.Status):
@@ -499,7 +499,12 @@ class Broker:
             connection=None if req.detach else conn.id, note=req.note,
         )
         # On disk before the reply leaves: a client never holds a lease we forgot.
-        self.journal.granted(record)
+        try:
+            self.journal.granted(record)
+        except OSError as exc:
+            self.table.release(record.token)
+            log.error("cannot write the state journal %s: %s", self.journal.path, exc)
+            raise Busy(f"the broker cannot record leases right now ({exc.strerror})") from None
         return record
 
     @staticmethod
