@@ -38,6 +38,11 @@ from .paths import resolve_socket
 
 R = TypeVar("R", bound=p.Reply)
 
+RECONNECT_MAX_DELAY = 0.1
+"""Longest pause between attempts to reach a restarting broker. A refused
+connect on a Unix socket costs microseconds, and every pause is time the
+leases spend as orphans, so the clients keep knocking often."""
+
 LostCallback = Callable[[Lease, LeaseLost], None]
 
 
@@ -403,7 +408,7 @@ class Connection:
                         self._lose(lease, f"broker unreachable until the TTL lapsed: {exc}")
                     raise ConnectionLost(f"broker unreachable: {exc}") from None
                 time.sleep(delay)
-                delay = min(delay * 2, 0.5)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
         for lease in leases:
             try:
                 self._call_reclaim(lease)

@@ -33,7 +33,13 @@ from . import protocol as p
 from .errors import ConnectionLost, LeaseLost, NotFound, PortleaseError, error_class
 from .grant import Lease
 from .paths import resolve_socket
-from .sync import LostCallback, autostart_failed, default_note, unavailable_error
+from .sync import (
+    RECONNECT_MAX_DELAY,
+    LostCallback,
+    autostart_failed,
+    default_note,
+    unavailable_error,
+)
 
 __all__ = ["TrioConnection", "connect", "open_lease"]
 
@@ -477,7 +483,7 @@ class TrioConnection:
                     self._end_round()
                     return
                 await trio.sleep(delay)
-                delay = min(delay * 2, 0.5)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
         if self._closed:
             stream.socket.close()
             return
