@@ -212,15 +212,45 @@ class Allocator:
         best[i] = b
 
     def _pull(self, start: int, end: int) -> None:
-        """Recompute the ancestors of leaves ``[start, end)``."""
+        """Recompute the ancestors of leaves ``[start, end)``.
+
+        The same arithmetic as :meth:`_combine`, inlined (this is the hot path
+        of every grant and release), and stopping at the first level where no
+        node changed: the ancestors above it then see the same children as
+        before, so they are already right.
+        """
+        best, pre, suf = self._best, self._pre, self._suf
         lo = (start + _N) >> 1
         hi = (end - 1 + _N) >> 1
-        combine = self._combine
+        half = 1  # length of each child of a node on the current level
         while lo >= 1:
+            changed = False
             for i in range(lo, hi + 1):
-                combine(i)
+                left = 2 * i
+                right = left + 1
+                pl = pre[left]
+                sl = suf[left]
+                pr = pre[right]
+                sr = suf[right]
+                p = pl if pl < half else half + pr
+                s = sr if sr < half else half + sl
+                b = sl + pr
+                bl = best[left]
+                br = best[right]
+                if bl > b:
+                    b = bl
+                if br > b:
+                    b = br
+                if p != pre[i] or s != suf[i] or b != best[i]:
+                    pre[i] = p
+                    suf[i] = s
+                    best[i] = b
+                    changed = True
+            if not changed:
+                return
             lo >>= 1
             hi >>= 1
+            half <<= 1
 
     def _find_from(self, pos: int, count: int) -> int | None:
         """Leftmost start ``s >= pos`` of ``count`` free ports, or None."""
