@@ -232,21 +232,28 @@ def decode_request(line: bytes) -> AnyRequest:
     """Decode one request line (without its newline).
 
     Raises ``msgspec.ValidationError`` or ``msgspec.DecodeError``; use
-    :func:`classify_decode_error` to turn that into an error reply.
+    :func:`error_for_bad_line` to turn that into an error reply.
     """
-    return _request_decoder.decode(line)
+    try:
+        return _request_decoder.decode(line)
+    except UnicodeDecodeError as exc:
+        # msgspec lets this one through for invalid UTF-8 inside some strings.
+        raise msgspec.DecodeError(f"invalid UTF-8: {exc}") from None
 
 
 def decode_reply(line: bytes) -> AnyReply:
-    """Decode one reply line (without its newline)."""
-    return _reply_decoder.decode(line)
+    """Decode one reply line (without its newline); raises only msgspec's errors."""
+    try:
+        return _reply_decoder.decode(line)
+    except UnicodeDecodeError as exc:
+        raise msgspec.DecodeError(f"invalid UTF-8: {exc}") from None
 
 
 def error_for_bad_line(line: bytes, exc: Exception) -> Error:
     """The error reply for a line that did not decode, echoing its id when readable."""
     try:
         request_id = _id_decoder.decode(line).id
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, UnicodeDecodeError):
         request_id = None
     text = str(exc)
     code = ErrorCode.BAD_REQUEST
