@@ -338,10 +338,12 @@ class Connection:
 
     def _ensure_watcher(self) -> None:
         if self._reclaim and self._watcher is None:
-            self._watcher = threading.Thread(
-                target=self._watch, name="portlease-reclaim", daemon=True
-            )
-            self._watcher.start()
+            with self._io:  # threads sharing the connection start one watcher
+                if self._watcher is None:
+                    self._watcher = threading.Thread(
+                        target=self._watch, name="portlease-reclaim", daemon=True
+                    )
+                    self._watcher.start()
 
     def _watch(self) -> None:
         """Wait for the broker to hang up while no request is in flight, then recover."""
