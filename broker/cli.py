@@ -21,6 +21,7 @@ from portlease.client import protocol as p
 from portlease.client.errors import (
     BrokerUnavailable,
     ConfigError,
+    ConnectionLost,
     LeaseError,
     PortleaseError,
     StartupError,
@@ -306,18 +307,40 @@ def render_status(reply: p.StatusReply, now: float) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.watch is not None and not args.json:
+        return _watch_status(args)
     with Connection(args.socket, reclaim=False, client="portlease-cli", autostart=False) as conn:
         if args.json:
             print(json.dumps(p.to_builtins(conn.status()), indent=2))
             return 0
-        if args.watch is None:
-            print(render_status(conn.status(), time.time()))
-            return 0
-        try:
-            while True:
+        print(render_status(conn.status(), time.time()))
+        return 0
+
+
+def _watch_status(args: argparse.Namespace) -> int:
+    """Redraw the status every ``args.watch`` seconds; wait out broker restarts."""
+    conn: Connection | None = None
+    try:
+        while True:
+            try:
+                if conn is None:
+                    conn = Connection(args.socket, reclaim=False, client="portlease-cli",
+                                      autostart=False)
                 text = render_status(conn.status(), time.time())
-                sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
-                sys.stdout.flush()
-                time.sleep(args.watch)
-        except KeyboardInterrupt:
-            return 0
+            except (BrokerUnavailable, ConnectionLost) as exc:
+                # Watching is most useful exactly while the broker restarts.
+                if conn is not None:
+                    conn.close()
+                    conn = None
+                text = f"portlease: {exc}\n(retrying every {args.watch:g} s)"
+            # Home the cursor and overwrite line by line (erasing each line's
+            # tail and whatever is below) instead of clearing: no flicker.
+            frame = "".join(f"{line}\x1b[K\n" for line in text.splitlines())
+            sys.stdout.write("\x1b[H" + frame + "\x1b[J")
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if conn is not None:
+            conn.close()
