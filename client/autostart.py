@@ -23,6 +23,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import signal
 import socket
 import stat
 import sys
@@ -167,10 +168,17 @@ def _spawn_and_wait(path: str, deadline: float, timeout: float) -> None:
         os.write(log_fd, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} autostarted by pid "
                          f"{os.getpid()}\n".encode())
         env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
-        proc = subprocess.Popen(
-            broker_command(path), stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-            start_new_session=True, close_fds=True, cwd="/", env=env,
-        )
+        # A child inherits the signal mask of the thread that spawns it, and
+        # `portlease lease -- CMD` blocks the signals it forwards: a broker
+        # started from there would never see SIGTERM. Spawn with none blocked.
+        blocked = signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        try:
+            proc = subprocess.Popen(
+                broker_command(path), stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                start_new_session=True, close_fds=True, cwd="/", env=env,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     finally:
         os.close(log_fd)
     # Reap the broker whenever it exits so it never lingers as a zombie of a

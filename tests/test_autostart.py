@@ -158,6 +158,22 @@ def test_a_killed_brokers_stale_socket_is_replaced_by_a_new_one(user_sock: str) 
     assert second != first
 
 
+def test_the_wrapper_starts_a_broker_that_signals_can_stop(user_sock: str) -> None:
+    # The wrapper blocks the signals it forwards to its command; the broker it
+    # starts must not inherit that mask, or SIGTERM would never reach it.
+    out = subprocess.run([sys.executable, "-m", "portlease.broker", "lease", "--", "true"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (pid,) = brokers_for(user_sock)
+    status = dict(
+        line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if ":\t" in line
+    )
+    assert int(status["SigBlk"], 16) == 0
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: gone(pid), "the broker stops on SIGTERM")
+
+
 def test_disabled_autostart_is_a_clear_error(user_sock: str) -> None:
     env = dict(os.environ, PORTLEASE_AUTOSTART="0")
     out = subprocess.run([sys.executable, "-m", "portlease.broker", "lease", "--", "true"],
