@@ -376,14 +376,23 @@ class TrioConnection:
 
     async def _open(self) -> None:
         """The first connection, made before the reader task starts."""
-        stream = await self._open_stream()
-        try:
-            hello, _ = await self._handshake(stream, [])
-        except BaseException:
-            stream.socket.close()
-            raise
-        self._stream = stream
-        self.broker_pid = hello.pid
+        for attempt in (0, 1):
+            stream = await self._open_stream()
+            try:
+                hello, _ = await self._handshake(stream, [])
+            except (ConnectionLost, trio.BrokenResourceError):
+                stream.socket.close()
+                # An autostarted broker at its idle timeout may hang up just as
+                # we arrive; the second try starts a new one.
+                if attempt:
+                    raise
+                continue
+            except BaseException:
+                stream.socket.close()
+                raise
+            self._stream = stream
+            self.broker_pid = hello.pid
+            return
 
     def _drop_stream(self, reason: str) -> None:
         """Forget the stream; every request in flight fails (and may retry)."""
