@@ -42,6 +42,7 @@ TICK = 0.5  # seconds between expiry sweeps, STATUS updates and idle checks
 PORTALLOC_REFRESH = 30.0  # seconds between pushes of our entries' expiry into the crate's table
 FD_MARGIN = 64  # fds kept back from connections for the journal, logs, bind probes
 LARGE_STATE = 4 << 20  # bytes of journal above which start-up asks systemd for more time
+JOURNAL_RETRY = 30.0  # seconds between compaction attempts while the state file cannot be written
 
 
 @dataclass(slots=True)
@@ -219,6 +220,7 @@ class Broker:
     _idle_since: float = 0.0
     _last_status: str = ""
     _cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+    _compact_after: float = 0.0
     portalloc: pa.AsyncPortallocTable | None = field(init=False, default=None)
     _foreign: list[tuple[int, int]] = field(default_factory=list)
     _portalloc_dirty: trio.Event = field(default_factory=trio.Event)
@@ -247,7 +249,11 @@ class Broker:
         if loaded.records:
             log.info("restored %d leases as orphans awaiting reclaim", len(self.table))
         # A snapshot now drops what the restore skipped and starts a short journal.
-        self.journal.compact(self.table)
+        try:
+            self.journal.compact(self.table)
+        except OSError as exc:
+            log.error("state %s: cannot compact (%s); appending to it as it is",
+                      self.journal.path, exc.strerror or exc)
 
     # -------------------------------------------------------- serving
 
@@ -341,10 +347,15 @@ class Broker:
             now = self.clock()
             for record in self.table.expire(now):
                 log.info("lease of ports %s expired", _span(record))
-                self.journal.ended(record)
+                self._record(self.journal.ended, record)
                 self._portalloc_dirty.set()
-            if self.journal.needs_compaction(len(self.table)):
-                self.journal.compact(self.table)
+            if self.journal.needs_compaction(len(self.table)) and now >= self._compact_after:
+                try:
+                    self.journal.compact(self.table)
+                except OSError as exc:
+                    log.error("state %s: cannot compact (%s); trying again in %g s",
+                              self.journal.path, exc.strerror or exc, JOURNAL_RETRY)
+                    self._compact_after = now + JOURNAL_RETRY
             self._update_status()
             if self.connections or len(self.table):
                 self._idle_since = now
@@ -390,7 +401,7 @@ class Broker:
             del self.connections[conn.id]
             if not self._stopping:
                 for record in self.table.drop_connection(conn.id):
-                    self.journal.ended(record)
+                    self._record(self.journal.ended, record)
                     self._portalloc_dirty.set()
             with contextlib.suppress(Exception):
                 await stream.aclose()
@@ -463,22 +474,22 @@ class Broker:
             return self._granted(req, self._grant(conn, req))
         if isinstance(req, p.Release):
             record = table.release(req.token)
-            self.journal.ended(record)
+            self._record(self.journal.ended, record)
             self._portalloc_dirty.set()
             return p.Released(id=req.id, ports=record.ports)
         if isinstance(req, p.Renew):
             record = table.renew(req.token, now)
             if record.expires is not None:
-                self.journal.expiry_changed(record)
+                self._record(self.journal.expiry_changed, record)
             return p.Renewed(id=req.id, ports=record.ports, expires=record.expires)
         if isinstance(req, p.Detach):
             record = table.detach(req.token, now)
-            self.journal.expiry_changed(record)
+            self._record(self.journal.expiry_changed, record)
             assert record.expires is not None
             return p.Detached(id=req.id, ports=record.ports, expires=record.expires)
         if isinstance(req, p.Reclaim):
             record = table.reclaim(req.token, conn.id, conn.peer)
-            self.journal.expiry_changed(record)
+            self._record(self.journal.expiry_changed, record)
             return p.Reclaimed(id=req.id, ports=record.ports)
         if isinstance(req, p.Status):
             return self._status(req)
@@ -506,6 +517,18 @@ class Broker:
             log.error("cannot write the state journal %s: %s", self.journal.path, exc)
             raise Busy(f"the broker cannot record leases right now ({exc.strerror})") from None
         return record
+
+    def _record(self, write: Callable[[LeaseRecord], None], record: LeaseRecord) -> None:
+        """Journal a change already made to the table; a failed write is logged, not raised.
+
+        A missing end or expiry errs on the safe side: after a restart the lease
+        comes back as an orphan and expires within its TTL. Raising would end the
+        connection's handler in its ``finally``, and with it the whole server.
+        """
+        try:
+            write(record)
+        except OSError as exc:
+            log.error("cannot write the state journal %s: %s", self.journal.path, exc)
 
     @staticmethod
     def _granted(req: p.Lease, record: LeaseRecord) -> p.Granted:

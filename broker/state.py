@@ -22,13 +22,13 @@ counted and skipped; what can be read is kept.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import msgspec
-
 from portlease.client.errors import StartupError
 
 from .leases import LeaseRecord, Peer
@@ -95,6 +95,8 @@ class Journal:
         self._fd = -1
         self._lock_fd = -1
         self._records_written = 0
+        self._torn = False
+        """A write failed part-way: the file may end in half a line."""
 
     def open(self) -> Loaded:
         """Lock the state, read what is there and get ready to append."""
@@ -153,7 +155,7 @@ class Journal:
                 peer=Peer(pid=g.pid, uid=g.uid, gid=g.gid, cmdline=g.cmdline),
             )
             for g in live.values()
-            if g.count >= 1 and 0 < g.start and g.start + g.count <= 65536 and g.ttl > 0
+            if g.count >= 1 and g.start > 0 and g.start + g.count <= 65536 and g.ttl > 0
         ]
         bad += len(live) - len(records)
         return Loaded(records, bad)
@@ -161,8 +163,17 @@ class Journal:
     # ------------------------------------------------------------ appends
 
     def _append(self, entry: _Entry) -> None:
-        os.write(self._fd, _encoder.encode(entry) + b"\n")
+        """Append one line; raise OSError unless all of it was written."""
+        data = _encoder.encode(entry) + b"\n"
+        if self._torn:
+            # End the half line a failed write left, so this one reads back.
+            data = b"\n" + data
+        self._torn = True
+        written = os.write(self._fd, data)
         self._records_written += 1
+        if written < len(data):  # a full disk: the kernel wrote what fitted
+            raise OSError(errno.ENOSPC, f"short write to {self.path}")
+        self._torn = False
 
     def granted(self, record: LeaseRecord) -> None:
         self._append(_grant_entry(record))
@@ -180,16 +191,24 @@ class Journal:
         """Replace the journal with a snapshot of ``records`` (fsynced, then renamed)."""
         tmp = self.path + ".tmp"
         body = b"".join(_encoder.encode(_grant_entry(r)) + b"\n" for r in records)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # Appends go on through this same fd after the rename, so there is no
+        # moment (or failed open) that leaves them going to the replaced file.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, body)
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view):]
             os.fsync(fd)
-        finally:
+            os.replace(tmp, self.path)
+        except BaseException:
             os.close(fd)
-        os.replace(tmp, self.path)
-        new_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        os.close(self._fd)
-        self._fd = new_fd
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = fd
+        self._torn = False
         self._records_written = body.count(b"\n")
 
     def close(self) -> None:

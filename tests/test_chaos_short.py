@@ -1,0 +1,119 @@
+"""Short versions of the chaos and load runs, and regressions for what they found.
+
+``bench/chaos.py --short`` and ``bench/load.py --short`` run as subprocesses
+and must exit 0 (their own safety checks passed); their reports are printed
+(``pytest -s`` shows them). Timings are reported there, never asserted here.
+The long runs are documented in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from brokerproc import BrokerProc, Raw
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PORTLEASE_AUTOSTART="0")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args], env=env, capture_output=True,
+        text=True, timeout=timeout, cwd=ROOT,
+    )
+    print(proc.stdout)
+    print(proc.stderr[-5000:], file=sys.stderr)
+    return proc
+
+
+def test_chaos_short(tmp_path: Path) -> None:
+    proc = run_bench("chaos.py", "--short", "--out", str(tmp_path / "chaos"), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "collisions: 0" in proc.stdout
+
+
+def test_load_short(tmp_path: Path) -> None:
+    proc = run_bench("load.py", "--short", "--out", str(tmp_path / "load"), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- regressions
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs to fill up (root only)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for _ in range(10_000):
+            os.write(fd, b"x" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_state_disk_neither_kills_the_broker_nor_tears_the_journal(
+    tmp_path: Path, tiny_fs: Path
+) -> None:
+    """Regression: with the state file's disk full, a client closing its connection
+    raised ENOSPC out of the handler's ``finally`` and ended the whole broker; a
+    short write left half a line that swallowed the next record too."""
+    state = tiny_fs / "state.jsonl"
+    b = BrokerProc(tmp_path, ["--state", str(state)], range="20700-20799").start()
+    try:
+        keeper = Raw(b.socket)
+        kept = keeper.call({"op": "lease", "count": 1})
+        assert kept["reply"] == "granted"
+        filler = fill(tiny_fs)
+
+        churner = Raw(b.socket)
+        codes = []
+        for _ in range(80):
+            reply = churner.call({"op": "lease", "count": 1, "note": "n" * 300})
+            codes.append(reply.get("code", reply["reply"]))
+            if reply["reply"] == "error":
+                break
+        assert codes[-1] == "busy", codes  # the grant was refused, not half-recorded
+        churner.close()  # its leases end while nothing can be written
+        assert keeper.call({"op": "ping"})["reply"] == "pong"
+        assert b.proc is not None and b.proc.poll() is None, "the broker died of a full disk"
+
+        print("journal ends torn:", not state.read_bytes().endswith(b"\n"))
+        filler.unlink()
+        later = Raw(b.socket)
+        after = later.call({"op": "lease", "count": 2, "note": "after the disk filled"})
+        assert after["reply"] == "granted"
+        b.restart()
+        # The grant written after the failed (possibly half-written) line reads back.
+        with contextlib.closing(Raw(b.socket)) as again:
+            reclaimed = again.call({"op": "reclaim", "token": after["token"]})
+            assert reclaimed["reply"] == "reclaimed" and reclaimed["ports"] == after["ports"]
+            assert again.call({"op": "reclaim", "token": kept["token"]})["reply"] == "reclaimed"
+        assert "Traceback" not in b.log.read_text()
+    finally:
+        b.stop()
