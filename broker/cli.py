@@ -129,6 +129,9 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
 
     config = _serve_config(args)
+    # A parent that blocked signals (as `portlease lease -- CMD` does while it
+    # waits) must not leave the broker deaf to SIGTERM and SIGHUP.
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
     logging.basicConfig(
         level=config.log_level.upper(), stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",

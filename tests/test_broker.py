@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from brokerproc import PYTHON, BrokerProc, Raw, portlease, wait_for_socket
 from portlease.client import Connection, Exhausted, QuotaExceeded, TooLarge, lease
 from portlease.client.errors import BrokerUnavailable
@@ -360,13 +359,16 @@ def test_corrupt_state_file_is_survived(tmp_path: Path) -> None:
 
 def test_sigterm_exits_zero_and_keeps_leases_for_reclaim(tmp_path: Path) -> None:
     b = BrokerProc(tmp_path, range="31850-31859").start()
-    raw = Raw(b.socket)
-    held = raw.call({"op": "lease", "count": 2})
-    assert b.kill(signal.SIGTERM) == 0
-    b.start()
-    again = Raw(b.socket)
-    assert again.call({"op": "reclaim", "token": held["token"]})["ports"] == held["ports"]
-    raw.close()
+    try:
+        raw = Raw(b.socket)
+        held = raw.call({"op": "lease", "count": 2})
+        assert b.kill(signal.SIGTERM) == 0
+        b.start()
+        again = Raw(b.socket)
+        assert again.call({"op": "reclaim", "token": held["token"]})["ports"] == held["ports"]
+        raw.close()
+    finally:
+        b.stop()
 
 
 def test_lease_context_manager_releases_on_exit(broker: BrokerProc) -> None:

