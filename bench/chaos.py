@@ -83,6 +83,7 @@ class BrokerCtl:
     mode: str = ""
     held: socket.socket | None = None
     crashes: list[str] = field(default_factory=list)
+    stopped_outside: int = 0
     n: int = 0
 
     def _serve_args(self) -> list[str]:
@@ -143,10 +144,24 @@ class BrokerCtl:
                 time.sleep(0.02)
         raise RuntimeError("the broker did not come up")
 
+    def check_alive(self) -> None:
+        """Start the broker again if it ended without being killed by us."""
+        assert self.proc is not None
+        rc = self.proc.poll()
+        if rc is None:
+            return
+        self.events("broker_died", mode=self.mode, rc=rc)
+        if rc == 0:
+            # It exits 0 only when told to stop (SIGTERM/SIGINT): someone else did that.
+            self.stopped_outside += 1
+        else:
+            self.crashes.append(f"broker (mode {self.mode}) exited by itself with {rc}")
+        self.start()
+
     def kill(self) -> None:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            self.crashes.append(f"broker (mode {self.mode}) exited by itself with {self.proc.returncode}")
+            self.check_alive()
         self.events("broker_kill", mode=self.mode, pid=self.proc.pid)
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
@@ -233,7 +248,9 @@ def check(out: Path, runners: list[str], ttl: float, settle: dict[str, Any], bro
     runs = [e for r in runners for e in read_jsonl(out / f"runner-{r}.jsonl")]
     squats = read_jsonl(out / "squatters.jsonl")
 
-    kills_of_broker = [e["t"] for e in orch if e["ev"] == "broker_kill"]
+    sigkills = sum(1 for e in orch if e["ev"] == "broker_kill")
+    # Every end of a broker process, ours or not, turns its leases into orphans.
+    kills_of_broker = [e["t"] for e in orch if e["ev"] in ("broker_kill", "broker_died")]
     starts = Counter(e["mode"] for e in orch if e["ev"] == "broker_start")
     readies = [e["t"] for e in orch if e["ev"] == "broker_ready"]
     downtimes = []
@@ -388,7 +405,10 @@ def check(out: Path, runners: list[str], ttl: float, settle: dict[str, Any], bro
             f"max {max(abandoned, default=0):.2f} s (ttl {ttl:g} s)")
     rep.say(f"leases lost by running holders: {len(lost_events)} "
             f"({len(lost_no_restart)} with no broker restart involved)")
-    rep.say(f"broker restarts (SIGKILL): {len(kills_of_broker)}; starts by mode {dict(starts)}; "
+    if broker.stopped_outside:
+        rep.say(f"NOTE: the broker was stopped {broker.stopped_outside} times by a signal from outside "
+                "this run (exit 0); restarted each time")
+    rep.say(f"broker restarts (SIGKILL): {sigkills}; starts by mode {dict(starts)}; "
             f"downtime until it answered p50 {ms(pct(downtimes, 50))} max {ms(max(downtimes, default=0))}")
     rep.say(f"squatters: {sum(1 for e in squats if e['ev'] == 'squat')} binds; raced in between a grant "
             f"and the holder's bind: {len(raced)}; other bind errors: {len(other_bind_fail)}")
@@ -423,7 +443,7 @@ def check(out: Path, runners: list[str], ttl: float, settle: dict[str, Any], bro
         rep.fail("no lease was granted at all")
     rep.figures = {
         "duration": dur, "leases": len(granted), "ports": ports_granted, "kills": len(kills),
-        "stops": len(stops), "restarts": len(kills_of_broker), "collisions": collisions,
+        "stops": len(stops), "restarts": sigkills, "collisions": collisions,
         "leaked": settle["leaked"], "kill_free_p50": pct(attached, 50),
         "kill_free_p99": pct(attached, 99), "orphan_free_max": max(orphaned, default=0),
     }
@@ -511,6 +531,7 @@ def main() -> int:
         next_kill = time.monotonic() + rng.uniform(0.5, 1.5) * args.restart_every
         while time.monotonic() < until:
             time.sleep(0.05)
+            broker.check_alive()
             if time.monotonic() >= next_kill and time.monotonic() < until - 2:
                 broker.kill()
                 time.sleep(rng.uniform(0.05, 0.8))  # down for a while: clients queue or retry
@@ -519,9 +540,7 @@ def main() -> int:
         runner_end = until + args.max_hold + 3 * args.ttl + 60
         for proc in procs:
             proc.wait(timeout=max(1.0, runner_end - time.monotonic()))
-        if broker.proc is None or broker.proc.poll() is not None:
-            broker.crashes.append("broker not running at the end")
-            broker.start("serve")
+        broker.check_alive()
         ended = time.monotonic()
         settled = settle_broker(broker, free_start, args.ttl)
     finally:

@@ -1,0 +1,423 @@
+"""Load: 10,000 concurrent connections each holding a lease, floods, slow-loris, fd exhaustion.
+
+    python bench/load.py                 # 10,000 connections (about 1-2 minutes on 2 cores)
+    python bench/load.py --short         # 3,000 connections and short phases (CI)
+
+Phases, each against a real ``portlease serve`` process:
+
+1. idle: grant round trip (lease count 1 on an open connection) p50/p99, RSS;
+2. ramp: worker processes (bench/load_worker.py) open N connections, non-blocking,
+   each sending hello + lease at once; a probe client keeps leasing meanwhile;
+3. loaded: all N leases held (checked: N distinct ports); probe grant p50/p99,
+   ``status`` latency, broker RSS (VmRSS/VmHWM from /proc) and open fds;
+4. mass release: the workers close everything; time until status shows 0 leases;
+5. slow-loris: connections trickle one byte at a time, never a newline; probe meanwhile;
+6. flood: processes connect/hello/close in a tight loop; probe meanwhile;
+7. fd limit: a broker under RLIMIT_NOFILE 256 gets 300 connections: past its limit
+   each gets a ``busy`` error line and is closed, the broker logs it, and once
+   connections close it serves new ones again.
+
+Exit status 1 when a behaviour check fails (a lease missing or shared, a
+refused connection without its ``busy`` line, no recovery after the fd limit,
+the broker dying). Latencies are reported, not judged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q / 100 * len(s)))]
+
+
+def lat(values: list[float]) -> str:
+    if not values:
+        return "n=0"
+    return (f"n={len(values)} p50 {pct(values, 50) * 1e3:.2f} ms p99 {pct(values, 99) * 1e3:.2f} ms "
+            f"max {max(values) * 1e3:.1f} ms")
+
+
+class Raw:
+    def __init__(self, path: str, timeout: float = 30) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buf = b""
+        self.n = 0
+
+    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self.n += 1
+        self.sock.sendall(json.dumps({"id": self.n, **msg}).encode() + b"\n")
+        return self.line()
+
+    def line(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(1 << 22)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def hello(path: str) -> Raw:
+    r = Raw(path)
+    assert r.call({"op": "hello", "version": 1})["reply"] == "hello"
+    return r
+
+
+@dataclass
+class Broker:
+    dir: Path
+    range: str
+    config: dict[str, Any]
+    nofile: int | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> str:
+        return str(self.dir / "b.sock")
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "broker.log"
+
+    def start(self) -> Broker:
+        cfg = self.dir / "broker.toml"
+        cfg.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in self.config.items()))
+        limit = self.nofile
+
+        def lower_nofile() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [PY, "-m", "portlease.broker", "serve", "--config", str(cfg), "--socket", self.socket,
+                 "--state", str(self.dir / "state.jsonl"), "--range", self.range],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=lower_nofile)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                hello(self.socket).close()
+                return self
+            time.sleep(0.02)
+        raise RuntimeError(f"broker did not start: {self.log.read_text()[-2000:]}")
+
+    def proc_status(self) -> dict[str, int]:
+        assert self.proc is not None
+        out: dict[str, int] = {}
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0])  # kB
+        out["fds"] = len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        return out
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Probe:
+    """A normal client leasing and releasing one port in a loop; grant latencies per phase."""
+
+    path: str
+    interval: float = 0.005
+    samples: list[float] = field(default_factory=list)
+    errors: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def rtts(self, n: int) -> list[float]:
+        c = hello(self.path)
+        out = []
+        try:
+            for _ in range(n):
+                t = time.perf_counter()
+                got = c.call({"op": "lease", "count": 1})
+                out.append(time.perf_counter() - t)
+                c.call({"op": "release", "token": got["token"]})
+        finally:
+            c.close()
+        return out
+
+    def start(self) -> None:
+        self.samples, self.errors = [], 0
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        c = hello(self.path)
+        for _ in range(1_000_000):
+            if self._stop.is_set():
+                break
+            t = time.perf_counter()
+            got = c.call({"op": "lease", "count": 1})
+            if got.get("reply") != "granted":
+                self.errors += 1
+            else:
+                self.samples.append(time.perf_counter() - t)
+                c.call({"op": "release", "token": got["token"]})
+            time.sleep(self.interval)
+        c.close()
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(60)
+        return self.samples
+
+
+def worker(role: str, path: str, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([PY, str(HERE / "load_worker.py"), "--role", role, "--socket", path, *extra],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def main_load(args: argparse.Namespace, out: Path, failures: list[str], figures: dict[str, Any]) -> None:
+    n = args.conns
+    d = out / "loaded"
+    d.mkdir(parents=True, exist_ok=True)
+    b = Broker(d, args.range, {"max_ports_per_uid": n + 1000, "log_level": "warning"}).start()
+    probe = Probe(b.socket)
+    try:
+        idle = probe.rtts(args.samples)
+        rss0 = b.proc_status()
+        print(f"idle broker: grant round trip {lat(idle)}; RSS {rss0['VmRSS'] / 1024:.1f} MiB")
+
+        # ---- ramp
+        per = [n // args.workers + (1 if i < n % args.workers else 0) for i in range(args.workers)]
+        probe.start()
+        t0 = time.monotonic()
+        ws = [worker("hold", b.socket, "--n", str(k), "--id", str(i)) for i, k in enumerate(per)]
+        reports = []
+        for w in ws:
+            assert w.stdout is not None
+            reports.append(json.loads(w.stdout.readline()))
+        ramp = time.monotonic() - t0
+        during_ramp = probe.stop()
+        grant_lat = [x for r in reports for x in r["latencies"]]
+        ports = [p for r in reports for p in r["ports"]]
+        errors: dict[str, int] = {}
+        for r in reports:
+            for k, v in r["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+        print(f"ramp: {len(ports)} of {n} connections granted in {ramp:.2f} s "
+              f"({len(ports) / ramp:.0f} grants/s); errors {errors or 0}")
+        print(f"  per-connection hello+lease latency during the ramp: {lat(grant_lat)}")
+        print(f"  a normal client's grant during the ramp: {lat(during_ramp)}")
+        if len(ports) != n or len(set(ports)) != n:
+            failures.append(f"{len(ports)} grants, {len(set(ports))} distinct ports for {n} connections")
+
+        # ---- loaded
+        c = hello(b.socket)
+        t = time.perf_counter()
+        st = c.call({"op": "status"})
+        status_s = time.perf_counter() - t
+        summary = st["summary"]
+        c.close()
+        if summary["leases"] != n:
+            failures.append(f"status shows {summary['leases']} leases, expected {n}")
+        loaded = probe.rtts(args.samples)
+        rss1 = b.proc_status()
+        print(f"loaded ({summary['leases']} leases, {summary['clients']} clients): grant round trip "
+              f"{lat(loaded)}")
+        print(f"  status with {summary['leases']} leases: {status_s * 1e3:.0f} ms "
+              f"(the event loop is busy for that long)")
+        print(f"  broker RSS {rss1['VmRSS'] / 1024:.1f} MiB (peak {rss1['VmHWM'] / 1024:.1f} MiB), "
+              f"{rss1['fds']} open fds; {(rss1['VmRSS'] - rss0['VmRSS']) / n:.1f} kB per held connection")
+
+        # ---- mass release
+        t0 = time.monotonic()
+        for w in ws:
+            assert w.stdin is not None
+            w.stdin.write("close\n")
+            w.stdin.flush()
+        for w in ws:
+            w.wait(60)
+        c = hello(b.socket)
+        left = -1
+        for _ in range(3000):
+            left = c.call({"op": "status"})["summary"]["leases"]
+            if left == 0:
+                break
+            time.sleep(0.01)
+        c.close()
+        released = time.monotonic() - t0
+        print(f"mass release: {n} connections closed, leases 0 after {released:.2f} s")
+        if left != 0:
+            failures.append(f"{left} leases left after the mass release")
+
+        # ---- slow-loris
+        probe.start()
+        loris = worker("loris", b.socket, "--n", str(args.loris), "--seconds", str(args.phase))
+        assert loris.stdout is not None
+        loris_out = json.loads(loris.stdout.readline())
+        loris.wait(30)
+        during_loris = probe.stop()
+        print(f"slow-loris ({loris_out['connections']} connections, one byte each every 5 ms, "
+              f"{loris_out['bytes_each']} bytes each, no newline): a normal client's grant "
+              f"{lat(during_loris)}")
+
+        # ---- flood
+        probe.start()
+        floods = [worker("flood", b.socket, "--seconds", str(args.phase)) for _ in range(args.flooders)]
+        flood_out = []
+        for f in floods:
+            assert f.stdout is not None
+            flood_out.append(json.loads(f.stdout.readline()))
+            f.wait(30)
+        during_flood = probe.stop()
+        total = sum(x["connections"] for x in flood_out)
+        failed = sum(x["failed"] for x in flood_out)
+        print(f"flood ({args.flooders} processes, {total / args.phase:.0f} connections/s, half "
+              f"dropped before hello, {failed} failed): a normal client's grant {lat(during_flood)}")
+        if not b.alive():
+            failures.append("the loaded broker died")
+        rss2 = b.proc_status()
+        print(f"  broker RSS after everything {rss2['VmRSS'] / 1024:.1f} MiB, {rss2['fds']} open fds")
+        figures.update({
+            "conns": n, "idle_p50_ms": pct(idle, 50) * 1e3, "idle_p99_ms": pct(idle, 99) * 1e3,
+            "loaded_p50_ms": pct(loaded, 50) * 1e3, "loaded_p99_ms": pct(loaded, 99) * 1e3,
+            "ramp_grants_per_s": len(ports) / ramp, "ramp_probe_p99_ms": pct(during_ramp, 99) * 1e3,
+            "rss_idle_mib": rss0["VmRSS"] / 1024, "rss_loaded_mib": rss1["VmRSS"] / 1024,
+            "status_ms": status_s * 1e3, "loris_p99_ms": pct(during_loris, 99) * 1e3,
+            "flood_p99_ms": pct(during_flood, 99) * 1e3, "flood_conn_per_s": total / args.phase,
+        })
+    finally:
+        b.stop()
+
+
+def fd_limit(args: argparse.Namespace, out: Path, failures: list[str], figures: dict[str, Any]) -> None:
+    d = out / "fdlimit"
+    d.mkdir(parents=True, exist_ok=True)
+    b = Broker(d, args.fd_range, {"log_level": "info"}, nofile=256).start()
+    conns: list[Raw] = []
+    try:
+        served, busy, other = [], 0, 0
+        for _ in range(300):
+            r = Raw(b.socket, timeout=10)
+            with contextlib.suppress(OSError):
+                r.sock.sendall(b'{"op":"hello","id":0,"version":1}\n')
+            try:
+                first = r.line()
+            except (OSError, ValueError):
+                first = {}
+            if first.get("reply") == "hello":
+                served.append(r)
+            else:
+                busy += first.get("code") == "busy"
+                other += first.get("code") != "busy"
+                r.close()
+        conns = served
+        logged = b.log.read_text().count("refusing a connection")
+        print(f"fd limit 256: of 300 connections {len(served)} served, {busy} got 'busy' and were "
+              f"closed, {other} got neither; the broker logged {logged} refusals")
+        if busy == 0 or other:
+            failures.append(f"fd limit: busy {busy}, without a reply {other}")
+        if logged < busy:
+            failures.append(f"fd limit: {busy} refusals but {logged} logged")
+        held = served[0].call({"op": "lease", "count": 2})
+        for r in served[-100:]:
+            r.close()
+        del served[-100:]
+        time.sleep(0.2)
+        again = 0
+        for _ in range(50):
+            r = hello(b.socket)
+            again += 1
+            served.append(r)
+        ok = held.get("reply") == "granted" and served[0].call({"op": "ping"})["reply"] == "pong"
+        print(f"  after 100 closed: {again} of 50 new connections served; an old client's lease and "
+              f"ping {'work' if ok else 'FAIL'}; broker {'alive' if b.alive() else 'DEAD'}")
+        if again != 50 or not ok or not b.alive():
+            failures.append("fd limit: no recovery after connections closed")
+        figures.update({"fd_served": len(conns), "fd_busy": busy})
+    finally:
+        for r in conns:
+            r.close()
+        b.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--conns", type=int, default=10_000)
+    ap.add_argument("--workers", type=int, default=4, help="client processes sharing the connections")
+    ap.add_argument("--range", default="10000-20999")
+    ap.add_argument("--fd-range", default="20500-20599")
+    ap.add_argument("--samples", type=int, default=1000, help="probe round trips per measurement")
+    ap.add_argument("--phase", type=float, default=10.0, help="seconds of slow-loris and of flood")
+    ap.add_argument("--loris", type=int, default=50, help="slow-loris connections")
+    ap.add_argument("--flooders", type=int, default=2)
+    ap.add_argument("--out", help="directory for broker logs (default: temporary)")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--short", action="store_true", help="CI preset: 3,000 connections, 3 s phases")
+    args = ap.parse_args()
+    if args.short:
+        args.conns, args.workers, args.range, args.samples, args.phase, args.loris = (
+            3000, 2, "14000-17499", 300, 3.0, 20)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="portlease-load-"))
+    out.mkdir(parents=True, exist_ok=True)
+    # Socket paths must stay under 108 bytes: run the brokers in a short directory.
+    short = Path(tempfile.mkdtemp(prefix="pll-"))
+    failures: list[str] = []
+    figures: dict[str, Any] = {}
+    t0 = time.monotonic()
+    try:
+        main_load(args, short, failures, figures)
+        fd_limit(args, short, failures, figures)
+    finally:
+        for sub in ("loaded", "fdlimit"):
+            with contextlib.suppress(OSError):
+                shutil.copy(short / sub / "broker.log", out / f"broker-{sub}.log")
+        shutil.rmtree(short, ignore_errors=True)
+    print(f"load run took {time.monotonic() - t0:.1f} s; broker logs in {out}")
+    if args.json:
+        print(json.dumps(figures))
+    if failures:
+        print("RESULT: FAIL")
+        for f in failures:
+            print("  -", f)
+        return 1
+    print("RESULT: PASS")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
