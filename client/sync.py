@@ -296,14 +296,26 @@ class Connection:
         self._rbuf.clear()
 
     def _open_socket(self) -> _socket.socket:
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.path)
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        deadline = time.monotonic() + self.timeout
+        delay = 0.001
+        while True:
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.path)
+                return sock
+            except BlockingIOError:
+                # EAGAIN: the broker's listen backlog is full (a burst of clients, or
+                # a socket-activated broker still starting). A socket with a timeout
+                # gets this at once where a blocking one would wait; so wait.
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+            except OSError:
+                sock.close()
+                raise
 
     def _connect(self) -> None:
         """Connect and say hello (caller holds the I/O lock)."""

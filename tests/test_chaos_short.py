@@ -11,13 +11,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from brokerproc import BrokerProc, Raw
+from brokerproc import PYTHON, BrokerProc, Raw
+from portlease.client import Connection
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,3 +121,59 @@ def test_full_state_disk_neither_kills_the_broker_nor_tears_the_journal(
         assert "Traceback" not in b.log.read_text()
     finally:
         b.stop()
+
+
+def test_client_waits_while_a_socket_activated_brokers_backlog_is_full(tmp_path: Path) -> None:
+    """Regression (found by bench/load.py): a client socket with a timeout gets EAGAIN at
+    once from connect() when the listen backlog is full, where a blocking one waits. The
+    sync client (and so ``portlease lease``) failed with "no broker answers" whenever a
+    burst of clients, or a socket-activated broker still starting, filled the queue."""
+    path = str(tmp_path / "b.sock")
+    held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    held.bind(path)
+    held.listen(1)
+    fillers = []
+    for _ in range(16):  # queue connections until the backlog refuses more
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect(path)
+        except BlockingIOError:
+            c.close()
+            break
+        fillers.append(c)
+    result: dict[str, object] = {}
+
+    def client() -> None:
+        try:
+            with Connection(path, timeout=20, reclaim=False, autostart=False) as conn:
+                result["ports"] = conn.lease(2).ports
+        except Exception as exc:
+            result["error"] = repr(exc)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    time.sleep(0.3)
+    assert "error" not in result, result
+    fd = held.fileno()
+
+    def to_fd3() -> None:
+        os.dup2(fd, 3)
+        os.set_inheritable(3, True)
+
+    # Now the broker starts on the queued socket, as systemd would start it.
+    with open(tmp_path / "broker.log", "wb") as log:
+        proc = subprocess.Popen(
+            ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "sh", PYTHON, "-m",
+             "portlease.broker", "serve", "--state", str(tmp_path / "state.jsonl"),
+             "--range", "20700-20799"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=to_fd3, close_fds=False)
+    try:
+        thread.join(30)
+        assert len(result.get("ports", ())) == 2, result  # type: ignore[arg-type]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        for c in fillers:
+            c.close()
+        held.close()
