@@ -238,8 +238,10 @@ def main_load(args: argparse.Namespace, out: Path, failures: list[str], figures:
         for r in reports:
             for k, v in r["errors"].items():
                 errors[k] = errors.get(k, 0) + v
+        eagain = sum(r.get("eagain", 0) for r in reports)
         print(f"ramp: {len(ports)} of {n} connections granted in {ramp:.2f} s "
-              f"({len(ports) / ramp:.0f} grants/s); errors {errors or 0}")
+              f"({len(ports) / ramp:.0f} grants/s); errors {errors or 0}; connect() retried "
+              f"{eagain} times on a full listen backlog (EAGAIN)")
         print(f"  per-connection hello+lease latency during the ramp: {lat(grant_lat)}")
         print(f"  a normal client's grant during the ramp: {lat(during_ramp)}")
         if len(ports) != n or len(set(ports)) != n:
