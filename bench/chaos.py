@@ -259,6 +259,7 @@ def check(out: Path, runners: list[str], ttl: float, settle: dict[str, Any], bro
         if after:
             downtimes.append(min(after) - k)
 
+    max_down = max(downtimes, default=0.0)
     by_id: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for e in kids + runs:
         if "id" in e:
@@ -326,7 +327,6 @@ def check(out: Path, runners: list[str], ttl: float, settle: dict[str, Any], bro
     attached, orphaned, abandoned = [], [], []
     late: list[tuple[str, float, float]] = []
     starts_t = [e["t"] for e in orch if e["ev"] == "broker_start"][1:]  # restarts only
-    max_down = max(downtimes, default=0.0)
     for e in freed:
         t0, t1 = e["since"], e["since"] + e["latency"]
         # A restart re-arms an orphan's TTL from the moment the new broker read the journal.
@@ -348,7 +348,8 @@ def check(out: Path, runners: list[str], ttl: float, settle: dict[str, Any], bro
     stop_restart, stop_lost_ok, stop_lost_bad, stop_unusable, stop_kept = 0, 0, [], [], 0
     for s in stops:
         c = conts.get(s["id"], ended)
-        spans_restart = any(s["t"] <= k <= c + 0.5 for k in kills_of_broker)
+        # Stopped before it could reclaim after an earlier restart counts too.
+        spans_restart = any(s["t"] - (max_down + RECLAIM_GRACE) <= k <= c + 0.5 for k in kills_of_broker)
         stop_restart += spans_restart
         v = verifies.get(s["id"])
         if v is None:
@@ -397,10 +398,12 @@ def check(out: Path, runners: list[str], ttl: float, settle: dict[str, Any], bro
     rep.say(f"  near a broker restart (may be orphans): n={len(orphaned)} max "
             f"{max(orphaned, default=0):.2f} s (bound: restart + downtime + ttl + {SWEEP:g} s)")
     rep.say(f"stops: {len(stops)} SIGSTOPs of {ttl + 1:g}-{ttl + 2:g} s (longer than the TTL); "
-            f"{stop_restart} spanned a broker restart; lease kept {stop_kept}, lost across a restart "
+            f"{stop_restart} spanned a broker restart or came within {max_down + RECLAIM_GRACE:.1f} s "
+            f"after one; lease kept {stop_kept}, lost across a restart "
             f"{stop_lost_ok}, lost without one {len(stop_lost_bad)}; ports unusable after SIGCONT "
             f"{len(stop_unusable)}")
-    rep.say(f"detached: {len(detached)} leases, {renews} renewals ({renew_errors} failed), "
+    rep.say(f"detached: {len(detached)} leases, {renews} renewals ({renew_errors} failed: the CLI "
+            "while the broker was down), "
             f"{len(abandoned)} abandoned and gone after p50 {pct(abandoned, 50):.2f} s "
             f"max {max(abandoned, default=0):.2f} s (ttl {ttl:g} s)")
     rep.say(f"leases lost by running holders: {len(lost_events)} "
@@ -478,6 +481,34 @@ def settle_broker(broker: BrokerCtl, free_start: int, ttl: float) -> dict[str, A
             "leases_end": summary.get("leases", -1), "took": time.monotonic() - t0}
 
 
+def recheck(out: Path, args: argparse.Namespace) -> int:
+    done = [e for e in read_jsonl(out / "orchestrator.jsonl") if e["ev"] == "settled"]
+    if not done:
+        print(f"{out}: the run did not finish")
+        return 1
+    e = done[-1]
+    for key in ("procs", "range", "ttl", "slow_release"):
+        setattr(args, key, e["args"][key])
+    names = sorted(f.name[len("runner-"):-len(".jsonl")] for f in out.glob("runner-*.jsonl"))
+    broker = BrokerCtl(socket="", state="", range=args.range, ttl=args.ttl, log_path=out / "broker.log",
+                       events=None, modes=[], crashes=e["crashes"], stopped_outside=e["stopped_outside"])
+    return report(check(out, names, args.ttl, e["settle"], broker, e["started"], e["ended"], args), args)
+
+
+def report(rep: Report, args: argparse.Namespace) -> int:
+    for line in rep.lines:
+        print(line)
+    if args.json:
+        print(json.dumps(rep.figures))
+    if rep.failures:
+        print("RESULT: FAIL")
+        for f in rep.failures:
+            print("  -", f)
+        return 1
+    print("RESULT: PASS")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=300.0, help="seconds of chaos")
@@ -495,7 +526,10 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
     ap.add_argument("--short", action="store_true",
                     help="CI preset: 40 s, 4 procs per runner, a restart every 8 s (about a minute)")
+    ap.add_argument("--recheck", metavar="DIR", help="only run the checker again on a run's logs")
     args = ap.parse_args()
+    if args.recheck:
+        return recheck(Path(args.recheck), args)
     if args.short:
         args.duration, args.procs, args.restart_every, args.max_hold = 40.0, 4, 8.0, 2.5
     rng = random.Random(args.seed)
@@ -543,6 +577,8 @@ def main() -> int:
         broker.check_alive()
         ended = time.monotonic()
         settled = settle_broker(broker, free_start, args.ttl)
+        events("settled", started=started, ended=ended, settle=settled, crashes=broker.crashes,
+               stopped_outside=broker.stopped_outside, args=vars(args))
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -551,18 +587,7 @@ def main() -> int:
                 proc.wait()
         broker.stop()
         shutil.rmtree(sockdir, ignore_errors=True)
-    rep = check(out, names, args.ttl, settled, broker, started, ended, args)
-    for line in rep.lines:
-        print(line)
-    if args.json:
-        print(json.dumps(rep.figures))
-    if rep.failures:
-        print("RESULT: FAIL")
-        for f in rep.failures:
-            print("  -", f)
-        return 1
-    print("RESULT: PASS")
-    return 0
+    return report(check(out, names, args.ttl, settled, broker, started, ended, args), args)
 
 
 if __name__ == "__main__":
