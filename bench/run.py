@@ -349,6 +349,62 @@ def portserver_scale(r: Results, mode: Mode) -> None:
     r.put("portserver_scale", out)
 
 
+def head_to_head(r: Results, mode: Mode, broker: Broker, workdir: Path) -> None:
+    """The count-1 figures the targets compare, taken in interleaved rounds.
+
+    This VM's speed drifts by up to 2x within a minute; alternating the
+    contenders in short rounds lets a slow spell fall on all of them alike, so
+    the ratios stay fair even when the absolute figures move.
+    """
+    rounds = 10 if mode.name == "full" else 2
+    conn = broker.connect()
+    samples: dict[str, list[float]] = {
+        "portlease_lease1": [], "portlease_cycle1": [], "portserver": [],
+        "filelock_0": [], "filelock_1000": [],
+    }
+    dirs = {}
+    for level in (0, 1000):
+        dirs[level] = str(workdir / f"h2h-fm-{level}")
+        filelock_alloc.seed(dirs[level], level)
+    ps = None
+    holders: list[subprocess.Popen[bytes]] = []
+    if os.path.exists(PORTSERVER):
+        low, high = mode.ps_pool
+        ps = PortServer(low, high)
+        victim = sleeper()
+        for _ in range(high - low + 1):  # steady state: every port last owned by a dead pid
+            ps.request(victim.pid)
+        victim.kill()
+        victim.wait()
+        holders.append(sleeper())
+    try:
+        for _ in range(rounds):
+            samples["portlease_lease1"] += timed(lambda: conn.lease(1), mode.lat_n // rounds,
+                                                 after=conn.release)
+            samples["portlease_cycle1"] += timed(lambda: conn.release(conn.lease(1)),
+                                                 mode.lat_n // rounds)
+            if ps is not None:
+                pid = holders[-1].pid
+                samples["portserver"] += timed(lambda pid=pid, ps=ps: ps.request(pid),
+                                               mode.ps_n // rounds, warmup=3)
+            for level, d in dirs.items():
+                samples[f"filelock_{level}"] += timed(
+                    lambda d=d: filelock_alloc.allocate(d, 1), mode.fl_n // rounds,
+                    after=lambda base, d=d: filelock_alloc.release(d, base), warmup=2)
+    finally:
+        conn.close()
+        if ps is not None:
+            ps.stop()
+        for h in holders:
+            h.kill()
+            h.wait()
+    out = {k: summary(v) for k, v in samples.items() if v}
+    out["rounds"] = rounds
+    r.put("head_to_head", out)
+    log("head to head: " + ", ".join(f"{k} {v['p50_us']:.0f} us" for k, v in out.items()
+                                     if isinstance(v, dict)))
+
+
 def filelock_scale(r: Results, mode: Mode, workdir: Path) -> None:
     """The file-lock + JSON allocator with 0/1k/10k ranges held (release untimed, to hold the level)."""
     out: dict[str, Any] = {}
@@ -494,14 +550,16 @@ def throughput(r: Results, mode: Mode, broker: Broker, workdir: Path) -> None:
         for clients in mode.tp_clients:
             ps = PortServer(*RANGE)
             try:
-                row = throughput_one("portserver", ps.name, clients, mode.tp_seconds, ps.pid)
+                # Ports stay held by the live workers: keep the window short of the pool.
+                row = throughput_one("portserver", ps.name, clients, min(mode.tp_seconds, 2.0),
+                                     ps.pid)
             finally:
                 ps.stop()
             out["portserver"].append(row)
             log(f"throughput portserver x{clients}: {row['per_s']:.0f}/s")
     for clients in mode.tp_clients:
         d = str(workdir / f"fm-tp-{clients}")
-        row = throughput_one("filelock", d, clients, mode.tp_seconds, None)
+        row = throughput_one("filelock", d, clients, min(mode.tp_seconds, 2.0), None)
         out["filelock"].append(row)
         log(f"throughput file-lock x{clients}: {row['per_s']:.0f}/s")
     r.put("throughput", out)
@@ -746,6 +804,39 @@ def busy_cores(seconds: float = 1.0) -> float:
     return (b1 - b0) / max(1, t1 - t0) * (os.cpu_count() or 1)
 
 
+def calibrate() -> dict[str, float]:
+    """The machine's speed right now: a fixed Python loop, and the round trip of a line
+    between two processes over a Unix socket pair (the floor under any broker's reply)."""
+    t0 = time.perf_counter()
+    x = 0
+    for i in range(1_000_000):
+        x += i
+    loop_ms = (time.perf_counter() - t0) * 1000
+    a, b = socket.socketpair()
+    n = 5000
+
+    def echo() -> None:
+        a.close()
+        while True:
+            data = b.recv(4096)
+            if not data:
+                return
+            b.sendall(data)
+
+    pid = _forked(echo)
+    b.close()
+    line = b"x" * 64 + b"\n"
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        a.sendall(line)
+        a.recv(4096)
+        samples.append(time.perf_counter() - t)
+    a.close()
+    os.waitpid(pid, 0)
+    return {"python_loop_ms": round(loop_ms, 1), "unix_rtt_p50_us": round(pct(samples, 50) * 1e6, 1)}
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -765,20 +856,23 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{b / a:.1f}{X}"
 
 
+def _errs(row: dict[str, Any]) -> str:
+    return f" ({len(row['errors'])}+ workers failed: {row['errors'][0]})" if row.get("errors") else ""
+
+
 def targets(d: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     """(target, measured, ratio or note, met)."""
     pl = d.get("portlease_scale", {})
-    ps = d.get("portserver_scale", {})
-    fl = d.get("filelock_scale", {})
     out: list[tuple[str, str, str, bool | None]] = []
-    lease1 = pl.get("0", {}).get("lease1", {}).get("p50_us")
-    cycle1 = pl.get("0", {}).get("cycle1", {}).get("p50_us")
-    ps0 = (ps.get("0") or {}).get("p50_us")
+    h2h = d.get("head_to_head", {})
+    lease1 = h2h.get("portlease_lease1", {}).get("p50_us")
+    cycle1 = h2h.get("portlease_cycle1", {}).get("p50_us")
+    ps0 = h2h.get("portserver", {}).get("p50_us")
     if lease1 and ps0:
         out.append((f"count-1 allocation p50 ≥ 4{X} faster than portserver",
                     f"{_us(lease1)} vs {_us(ps0)}",
                     f"{ps0 / lease1:.1f}{X} (lease+release {ps0 / cycle1:.1f}{X})", ps0 / lease1 >= 4))
-    fl1k = (fl.get("1000") or {}).get("p50_us")
+    fl1k = h2h.get("filelock_1000", {}).get("p50_us")
     if lease1 and fl1k:
         out.append((f"count-1 p50 ≥ 10{X} faster than file-lock+JSON with 1,000 held",
                     f"{_us(lease1)} vs {_us(fl1k)}",
@@ -789,12 +883,13 @@ def targets(d: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         out.append(("throughput, 32 clients ≥ 5,000 leases/s", f"{tp[32]:,.0f}/s",
                     "lease+release cycles", tp[32] >= 5000))
     c0 = pl.get("0", {}).get("cycle1", {}).get("p50_us")
+    l0 = pl.get("0", {}).get("lease1", {}).get("p50_us")
     c10k = pl.get("10000", {}).get("cycle1", {}).get("p50_us")
     l10k = pl.get("10000", {}).get("lease1", {}).get("p50_us")
-    if c0 and c10k and lease1 and l10k:
-        worst = max(c10k / c0, l10k / lease1)
+    if c0 and c10k and l0 and l10k:
+        worst = max(c10k / c0, l10k / l0)
         out.append(("p50 with 10,000 held within 20% of none",
-                    f"lease {_us(l10k)} vs {_us(lease1)}; lease+release {_us(c10k)} vs {_us(c0)}",
+                    f"lease {_us(l10k)} vs {_us(l0)}; lease+release {_us(c10k)} vs {_us(c0)}",
                     f"{(worst - 1) * 100:+.0f}% (worse of the two)", worst <= 1.2))
     rel = d.get("release_portlease", {}).get("p99_us")
     if rel:
@@ -803,7 +898,7 @@ def targets(d: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     if cli:
         out.append(("CLI wrapper `portlease lease -n 1 -- true` ≤ 100 ms", f"p50 {_us(cli)}",
                     f"p99 {_us(d['cli']['p99_us'])}", cli <= 100_000))
-    if cycle1:
+    if cycle1 and "0" in pl:
         out.append(("core round trip count-1 (lease+release) p50 ≤ 150 µs", _us(cycle1),
                     f"default client; without the reclaim thread "
                     f"{_us(pl['0']['cycle1_noreclaim']['p50_us'])}", cycle1 <= 150))
@@ -825,12 +920,18 @@ def render(r: Results, cmdline: str) -> str:
     lines.append(f"Other load: {d['busy_start']:.2f} of {m['cores']} cores busy in the second "
                  f"before the run, {d['busy_end']:.2f} in the second after it; load average "
                  f"{d['load_start']} at the start, {d['load_end']} at the end.")
+    cs0, cs1 = d["calibration_start"], d["calibration_end"]
+    lines.append(f"Machine speed (this VM's varies from minute to minute): a 10⁶-step Python loop "
+                 f"took {cs0['python_loop_ms']} ms before and {cs1['python_loop_ms']} ms after; "
+                 f"a line's round trip between two processes over a Unix socket pair, p50 "
+                 f"{cs0['unix_rtt_p50_us']} µs before and {cs1['unix_rtt_p50_us']} µs after.")
     lines.append("")
 
     lines += ["## Latency of one allocation, as the caller sees it", "",
               "| contender | what is timed | p50 | p99 | p50 ÷ portlease `lease(1)` p50 |",
               "|---|---|---|---|---|"]
-    base = pl.get("0", {}).get("lease1", {}).get("p50_us")
+    h2h = d.get("head_to_head", {})
+    base = h2h.get("portlease_lease1", {}).get("p50_us")
 
     def row(name: str, what: str, s: dict[str, Any] | None, ratio: bool = True) -> None:
         if not s:
@@ -839,8 +940,10 @@ def render(r: Results, cmdline: str) -> str:
                      f"{_ratio(base, s['p50_us']) if ratio else ''} |")
 
     p0 = pl.get("0", {})
-    row("portlease, sync client", "`lease(1)` on an open connection", p0.get("lease1"), False)
-    row("portlease, sync client", "`lease(1)` + `release` round trip", p0.get("cycle1"))
+    row("portlease, sync client", "`lease(1)` on an open connection", h2h.get("portlease_lease1"),
+        False)
+    row("portlease, sync client", "`lease(1)` + `release` round trip",
+        h2h.get("portlease_cycle1"))
     row("portlease, sync client", "`lease(10)`", p0.get("lease10"))
     row("portlease, sync client", "`lease(10)` + `release`", p0.get("cycle10"))
     row("portlease, sync client, `reclaim=False`", "`lease(1)` + `release`",
@@ -851,10 +954,15 @@ def render(r: Results, cmdline: str) -> str:
     row("portlease CLI", "`portlease lease -n 1 -- true`, whole process", d.get("cli"), False)
     row("(python itself)", "`python -c pass`, whole process", d.get("python_startup"), False)
     row("portpicker portserver", "one request (connect, pid, port), pool steady state",
-        ps.get("0"))
-    row("file-lock + JSON", "`allocate(1)`, empty table", fl.get("0"))
-    row("file-lock + JSON", "`allocate(1)`, 1,000 ranges held", fl.get("1000"))
+        h2h.get("portserver"))
+    row("file-lock + JSON", "`allocate(1)`, empty table", h2h.get("filelock_0"))
+    row("file-lock + JSON", "`allocate(1)`, 1,000 ranges held", h2h.get("filelock_1000"))
     lines.append("")
+    if h2h:
+        lines.append(f"The `lease(1)`, lease+release, portserver and file-lock rows were taken in "
+                     f"{h2h['rounds']} interleaved rounds, so that a slow spell of the machine "
+                     "falls on every contender; the other rows were taken one after another.")
+        lines.append("")
 
     lines += ["## Scale: allocation p50 / p99 with ranges already held", "",
               "| held | portlease `lease(1)` | portlease lease+release | portserver request "
@@ -878,15 +986,16 @@ def render(r: Results, cmdline: str) -> str:
     tp = d.get("throughput", {})
     if tp.get("portlease"):
         lines += ["## Throughput (client processes, 2 cores shared with the server)", "",
-                  "| clients | portlease lease+release/s (broker CPU) | portserver requests/s "
+                  "| clients | portlease lease+release/s (broker CPU) | portserver requests/s (CPU) "
                   "| file-lock allocations/s |", "|---|---|---|---|"]
         pst = {x["clients"]: x for x in tp.get("portserver", [])}
         flt = {x["clients"]: x for x in tp.get("filelock", [])}
         for x in tp["portlease"]:
             c = x["clients"]
-            a = f"{x['per_s']:,.0f} ({x.get('server_cpu', 0):.0%})"
-            b = f"{pst[c]['per_s']:,.0f}" if c in pst else "-"
-            f = f"{flt[c]['per_s']:,.0f}" if c in flt else "-"
+            a = f"{x['per_s']:,.0f} ({x.get('server_cpu', 0):.0%})" + _errs(x)
+            b = (f"{pst[c]['per_s']:,.0f} ({pst[c].get('server_cpu', 0):.0%})" + _errs(pst[c])
+                 if c in pst else "-")
+            f = f"{flt[c]['per_s']:,.0f}" + _errs(flt[c]) if c in flt else "-"
             lines.append(f"| {c} | {a} | {b} | {f} |")
         lines.append("")
 
@@ -948,10 +1057,12 @@ def chart(r: Results, path: Path) -> bool:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     ax = axes[0]
     names, vals = [], []
-    for name, s in (("portlease\nlease(1)", pl.get("0", {}).get("lease1")),
-                    ("portlease\nlease+release", pl.get("0", {}).get("cycle1")),
-                    ("portserver", ps.get("0")), ("file-lock\n0 held", fl.get("0")),
-                    ("file-lock\n1,000 held", fl.get("1000"))):
+    h2h = d.get("head_to_head", {})
+    for name, s in (("portlease\nlease(1)", h2h.get("portlease_lease1")),
+                    ("portlease\nlease+release", h2h.get("portlease_cycle1")),
+                    ("portserver", h2h.get("portserver")),
+                    ("file-lock\n0 held", h2h.get("filelock_0")),
+                    ("file-lock\n1,000 held", h2h.get("filelock_1000"))):
         if s:
             names.append(name)
             vals.append(s["p50_us"])
@@ -1005,6 +1116,19 @@ def chart(r: Results, path: Path) -> bool:
 # ---------------------------------------------------------------- main
 
 
+DOCS = REPO / "docs" / "performance.md"
+BEGIN, END = "<!-- bench results: begin -->", "<!-- bench results: end -->"
+
+
+def update_docs(md: str) -> None:
+    """Put the tables between the markers in docs/performance.md (headings one level down)."""
+    text = DOCS.read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    body = "\n".join(("#" + ln if ln.startswith("#") else ln) for ln in md.splitlines()[2:])
+    DOCS.write_text(f"{head}{BEGIN}\n{body.strip()}\n{END}{tail}")
+
+
 @contextlib.contextmanager
 def workdir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="portlease-bench-") as d:
@@ -1016,6 +1140,8 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="few samples; well under 2 minutes")
     group.add_argument("--full", action="store_true", help="the published figures (default)")
+    parser.add_argument("--docs", action="store_true",
+                        help="also replace the results section of docs/performance.md")
     parser.add_argument("--out", type=Path, default=HERE / "results",
                         help="output directory (default bench/results)")
     args = parser.parse_args(argv)
@@ -1026,12 +1152,14 @@ def main(argv: list[str] | None = None) -> int:
     r.put("machine", machine())
     r.put("load_start", loadavg())
     r.put("busy_start", busy_cores())
+    r.put("calibration_start", calibrate())
     log(f"{cmdline}: commit {r.data['machine']['commit']}, load {r.data['load_start']}")
     with workdir() as wd:
         broker = Broker(wd, "main", *RANGE)
         try:
             r.put("broker_rss_start_kib", rss_kib(broker.pid))
             portlease_latency_and_scale(r, mode, broker)
+            head_to_head(r, mode, broker, wd)
             cli_wrapper(r, mode, broker)
             throughput(r, mode, broker, wd)
         finally:
@@ -1044,6 +1172,7 @@ def main(argv: list[str] | None = None) -> int:
         import_time(r, mode)
     r.put("load_end", loadavg())
     r.put("busy_end", busy_cores())
+    r.put("calibration_end", calibrate())
     r.put("seconds", round(time.monotonic() - started, 1))
     args.out.mkdir(parents=True, exist_ok=True)
     md = render(r, cmdline)
@@ -1051,6 +1180,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{mode.name}.json").write_text(
         json.dumps({"mode": mode.name, "skipped": r.skipped, **r.data}, indent=1) + "\n")
     png = chart(r, args.out / f"{mode.name}.png")
+    if args.docs:
+        update_docs(md)
     print(md)
     log(f"done in {r.data['seconds']} s; wrote {args.out}/{mode.name}.md/.json"
         + ("/.png" if png else " (no matplotlib: no chart)"))
