@@ -10,6 +10,7 @@ Phases, each against a real ``portlease serve`` process:
    each sending hello + lease at once; a probe client keeps leasing meanwhile;
 3. loaded: all N leases held (checked: N distinct ports); probe grant p50/p99,
    ``status`` latency, broker RSS (VmRSS/VmHWM from /proc) and open fds;
+   and a normal client's grant while another client asks for status in a loop;
 4. mass release: the workers close everything; time until status shows 0 leases;
 5. slow-loris: connections trickle one byte at a time, never a newline; probe meanwhile;
 6. flood: processes connect/hello/close in a tight loop; probe meanwhile;
@@ -264,6 +265,18 @@ def main_load(args: argparse.Namespace, out: Path, failures: list[str], figures:
               f"(the event loop is busy for that long)")
         print(f"  broker RSS {rss1['VmRSS'] / 1024:.1f} MiB (peak {rss1['VmHWM'] / 1024:.1f} MiB), "
               f"{rss1['fds']} open fds; {(rss1['VmRSS'] - rss0['VmRSS']) / n:.1f} kB per held connection")
+
+        # ---- a client asking for status in a loop while everything is held
+        probe.start()
+        looper = worker("status", b.socket, "--seconds", str(args.phase))
+        assert looper.stdout is not None
+        loop_out = json.loads(looper.stdout.readline())
+        looper.wait(30)
+        during_status = probe.stop()
+        print(f"  another process asking for status in a loop ({loop_out['calls'] / args.phase:.1f} "
+              f"calls/s, {loop_out['bytes'] / 1e6:.1f} MB each): a normal client's grant "
+              f"{lat(during_status)}")
+        figures["status_loop_p99_ms"] = pct(during_status, 99) * 1e3
 
         # ---- mass release
         t0 = time.monotonic()

@@ -5,6 +5,7 @@
                   a line arrives on stdin, then close them all
     --role loris  C connections that trickle one byte at a time and never send a newline
     --role flood  connect, hello, close (and connect-and-drop) as fast as possible
+    --role status ask for status in a loop (the whole lease table each time)
 """
 
 from __future__ import annotations
@@ -167,16 +168,33 @@ def flood(args: argparse.Namespace) -> int:
     return 0
 
 
+def status_loop(args: argparse.Namespace) -> int:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    s.connect(args.socket)
+    f = s.makefile("rb")
+    s.sendall(HELLO)
+    f.readline()
+    end = time.monotonic() + args.seconds
+    calls, size = 0, 0
+    while time.monotonic() < end:
+        s.sendall(b'{"op":"status","id":1}\n')
+        size = len(f.readline())  # not parsed: this process only keeps the broker busy
+        calls += 1
+    print(json.dumps({"calls": calls, "bytes": size, "seconds": args.seconds}), flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--role", choices=["hold", "loris", "flood"], required=True)
+    ap.add_argument("--role", choices=["hold", "loris", "flood", "status"], required=True)
     ap.add_argument("--socket", required=True)
     ap.add_argument("--n", type=int, default=1)
     ap.add_argument("--id", default="0")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--interval", type=float, default=0.005)
     args = ap.parse_args()
-    return {"hold": hold, "loris": loris, "flood": flood}[args.role](args)
+    return {"hold": hold, "loris": loris, "flood": flood, "status": status_loop}[args.role](args)
 
 
 if __name__ == "__main__":
