@@ -504,12 +504,18 @@ class Broker:
                 pid=conn.peer.pid, uid=conn.peer.uid, gid=conn.peer.gid,
                 cmdline=read_cmdline(conn.peer.pid),
             )
-        record = self.table.grant(
-            token=secrets.token_hex(p.TOKEN_BYTES), count=req.count,
-            ttl=req.ttl if req.ttl is not None else self.config.ttl, now=self.clock(),
-            bind_ok=self.bind_ok, peer=conn.peer,
-            connection=None if req.detach else conn.id, note=req.note,
-        )
+        try:
+            record = self.table.grant(
+                token=secrets.token_hex(p.TOKEN_BYTES), count=req.count,
+                ttl=req.ttl if req.ttl is not None else self.config.ttl, now=self.clock(),
+                bind_ok=self.bind_ok, peer=conn.peer,
+                connection=None if req.detach else conn.id, note=req.note,
+            )
+        except OSError as exc:
+            # The bind check could not even open a probe socket (EMFILE, ENFILE,
+            # ENOBUFS): nothing was granted, and the client may try again.
+            log.error("cannot check ports: %s", exc)
+            raise Busy(f"the broker cannot check ports right now ({exc.strerror})") from None
         # On disk before the reply leaves: a client never holds a lease we forgot.
         try:
             self.journal.granted(record)

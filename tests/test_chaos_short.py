@@ -190,3 +190,26 @@ def test_broker_collects_garbage_rarely_and_freezes_startup_objects() -> None:
     out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, check=True)
     threshold, frozen = map(int, out.stdout.split())
     assert threshold >= 10_000 and frozen > 1000
+
+
+def test_out_of_fds_at_the_bind_check_is_busy_not_internal(tmp_path: Path) -> None:
+    """Regression: when the broker had no fd left for a bind-check probe socket (EMFILE),
+    the OSError escaped the lease table and the client got ``internal`` (with a traceback
+    in the log) instead of ``busy``."""
+    import resource
+
+    b = BrokerProc(tmp_path, range="20700-20799").start()
+    try:
+        assert b.proc is not None
+        raw = Raw(b.socket)
+        limits = resource.prlimit(b.proc.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(b.proc.pid, resource.RLIMIT_NOFILE, (4, limits[1]))  # all fds in use
+        try:
+            reply = raw.call({"op": "lease", "count": 1})
+        finally:
+            resource.prlimit(b.proc.pid, resource.RLIMIT_NOFILE, limits)
+        assert reply["reply"] == "error" and reply["code"] == "busy", reply
+        assert raw.call({"op": "lease", "count": 1})["reply"] == "granted"  # and it recovers
+        assert "Traceback" not in b.log.read_text()
+    finally:
+        b.stop()
