@@ -4,6 +4,8 @@
     python bench/fuzz_atheris.py -max_total_time=600            # ten minutes
     python bench/fuzz_atheris.py -atheris_runs=200000 corpus/   # keep a corpus
 
+Without a corpus directory it starts from a temporary one seeded with valid requests.
+
 Each input is split into request lines and fed to ``Broker.dispatch`` in-process
 (a real Broker with a real journal in a temporary directory), on a fresh
 connection, while another connection holds a lease. A crash is any of: dispatch
@@ -96,8 +98,32 @@ def TestOneInput(data: bytes) -> None:  # the name atheris expects
     check_victim()
 
 
+SEEDS = [
+    b'{"op":"hello","id":0,"version":1}',
+    b'{"op":"lease","id":1,"count":3,"ttl":5.0,"note":"x","detach":true}',
+    b'{"op":"release","id":2,"token":"00000000000000000000000000000000"}',
+    b'{"op":"renew","id":"r","token":"x"}',
+    b'{"op":"detach","id":3,"token":"x"}',
+    b'{"op":"reclaim","id":4,"token":"x"}',
+    b'{"op":"status","id":5}',
+    b'{"op":"ping","id":6}',
+]
+
+
+def seed_corpus() -> str:
+    """A directory of valid request lines for libFuzzer to start from (JSON is hard to guess)."""
+    d = tempfile.mkdtemp(prefix="portlease-atheris-seeds-")
+    for i, seed in enumerate(SEEDS):
+        with open(os.path.join(d, f"seed{i}"), "wb") as f:
+            f.write(b"\x01\x00" + seed + b"\n" + SEEDS[(i + 1) % len(SEEDS)])
+    return d
+
+
 def main() -> None:
-    atheris.Setup(sys.argv, TestOneInput)
+    argv = list(sys.argv)
+    if not any(os.path.isdir(a) for a in argv[1:]):
+        argv.append(seed_corpus())
+    atheris.Setup(argv, TestOneInput)
     atheris.Fuzz()
 
 
