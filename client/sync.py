@@ -291,6 +291,9 @@ class Connection:
 
     def _drop_socket(self) -> None:
         if self._sock is not None:
+            # shutdown() before close(): it wakes the watcher if it polls this socket.
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(_socket.SHUT_RDWR)
             self._sock.close()
             self._sock = None
         self._rbuf.clear()
@@ -358,40 +361,44 @@ class Connection:
                     self._watcher.start()
 
     def _watch(self) -> None:
-        """Wait for the broker to hang up while no request is in flight, then recover."""
+        """Wait for the broker to hang up, then reconnect and reclaim.
+
+        The socket is polled for POLLRDHUP only, not POLLIN: replies to calls
+        must not wake this thread (that cost every round trip a thread switch).
+        ``_drop_socket`` shuts a socket down before closing it, which wakes a
+        poll that still waits on it, so the thread never sleeps on a dead socket.
+        """
+        hangup = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
         while not self._closed:
             sock = self._sock
-            fds = [self._wake_r] + ([sock.fileno()] if sock is not None else [])
+            if sock is None:
+                # Lost and not yet recovered (the broker is still away): retry.
+                with self._io:
+                    if self._closed:
+                        return
+                    if self._sock is None and self._leases:
+                        self._recover_quietly()
+                if self._sock is None:
+                    select.select([self._wake_r], [], [], 0.1)
+                continue
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
             try:
-                ready, _, _ = select.select(fds, [], [], None if sock is not None else 0.2)
+                fd = sock.fileno()
+                if fd < 0:
+                    continue
+                poller.register(fd, select.POLLRDHUP)
+                events = poller.poll()
             except (OSError, ValueError):
-                ready = []
+                events = []
             if self._closed:
                 return
             with self._io:
                 if self._closed:
                     return
-                if self._sock is None:
-                    if self._leases:
-                        self._recover_quietly()
-                    continue
-                if self._sock is not sock or not ready:
-                    continue
-                # Readable now, with the lock held? (A request may have read its
-                # reply first.) Ask select, not recv: a socket with a timeout
-                # would wait in recv even with MSG_DONTWAIT.
-                try:
-                    if not select.select([self._sock], [], [], 0)[0]:
-                        continue
-                    peek = self._sock.recv(1, _socket.MSG_PEEK)
-                except (ConnectionResetError, BrokenPipeError):
-                    peek = b""
-                except OSError:
-                    continue
-                if peek:
-                    # The protocol has no unsolicited messages: drop the stray line.
-                    with contextlib.suppress(OSError, EOFError):
-                        self._read_line(self._sock)
+                if self._sock is not sock:
+                    continue  # a call found the loss first and reconnected
+                if not any(f == fd and ev & hangup for f, ev in events):
                     continue
                 self._drop_socket()
                 if self._leases:

@@ -186,3 +186,22 @@ def test_a_lease_expired_during_a_long_outage_is_reported_lost(
     _, err = proc.communicate("", timeout=30)
     assert "portlease: ERROR: lease of ports" in err
 
+
+
+def test_leases_survive_restart_after_restart_with_no_call_between(broker: BrokerProc) -> None:
+    """The reclaim thread watches each new connection, whoever noticed the last loss."""
+    with Connection(broker.socket) as conn:
+        held = conn.lease(2)
+        for round_ in range(3):
+            broker.restart()
+            if round_ == 1:
+                conn.ping()  # this time a call may meet the dead socket first
+            deadline = time.monotonic() + 10
+            while True:
+                leases = Raw(broker.socket).call({"op": "status"})["leases"]
+                states = [i["state"] for i in leases if i["ports"] == list(held.ports)]  # type: ignore[union-attr, index]
+                if states == ["attached"]:
+                    break
+                assert time.monotonic() < deadline, f"not reclaimed after restart {round_}: {states}"
+                time.sleep(0.02)
+        assert held.lost is None
