@@ -156,7 +156,13 @@ class Allocator:
         while True:
             if count > self._best[1]:
                 return None
-            start = self._find_from(self._cursor, count)
+            cursor = self._cursor
+            if not any(self._holds[cursor : cursor + count]):
+                # The common case of next-fit: the run at the cursor is free, so
+                # it is what the tree search would find; skip the search.
+                start: int | None = cursor
+            else:
+                start = self._find_from(cursor, count)
             if start is None:
                 start = self._find_from(self.low, count)
                 if start is None:  # pragma: no cover - best[1] >= count guarantees a run
