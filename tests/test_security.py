@@ -55,6 +55,14 @@ class Users:
     outsider: str
 
 
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
 def _run(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
 
@@ -66,13 +74,16 @@ def users() -> Iterator[Users]:
     for tool in ("groupadd", "useradd", "userdel", "groupdel"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is missing (Debian package passwd)")
+    primary = next((g for g in ("nogroup", "nobody") if _group_exists(g)), None)
+    if primary is None:
+        pytest.skip("no nogroup/nobody group to give the test users")
     base = f"plsec{os.getpid() % 100000}"
     names = Users(group=base, gid=-1, member=base + "a", member2=base + "b", outsider=base + "x")
     made: list[str] = []
     try:
         _run("groupadd", base)
         for user, member in ((names.member, True), (names.member2, True), (names.outsider, False)):
-            _run("useradd", "--no-create-home", "--no-user-group", "--gid", "nogroup",
+            _run("useradd", "--no-create-home", "--no-user-group", "--gid", primary,
                  "--shell", "/usr/sbin/nologin", *(["--groups", base] if member else []), user)
             made.append(user)
         names.gid = grp.getgrnam(base).gr_gid
