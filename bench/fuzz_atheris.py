@@ -26,6 +26,7 @@ import atheris
 with atheris.instrument_imports():
     import msgspec
     import trio
+
     from portlease.broker.config import Config
     from portlease.broker.leases import Peer
     from portlease.broker.notify import Notifier

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import filelock_alloc
+
 from portlease.client import Connection, Exhausted, lease
 
 HERE = Path(__file__).resolve().parent

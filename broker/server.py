@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
+
 from portlease.client import protocol as p
 from portlease.client.errors import Busy, ConfigError, LeaseError, StartupError
 

@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import msgspec
+
 from portlease.client.errors import StartupError
 
 from .leases import LeaseRecord, Peer

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from portlease.broker.activation import inherited_listener
 from portlease.client.errors import StartupError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from portlease.broker.allocator import Allocator
 
 LOW, HIGH = 100, 163  # small range: runs collide and fragment often

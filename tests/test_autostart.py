@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
+
 from portlease.client import BrokerUnavailable, Connection, open_lease
 from portlease.client.paths import SYSTEM_SOCKET, user_socket
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from brokerproc import PYTHON, BrokerProc, Raw, portlease, wait_for_socket
 from portlease.client import Connection, Exhausted, QuotaExceeded, TooLarge, lease
 from portlease.client.errors import BrokerUnavailable

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from brokerproc import PYTHON, BrokerProc, Raw
 from portlease.client import Connection
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import trio
+
 from portlease.broker.config import Config
 from portlease.broker.leases import Peer
 from portlease.broker.notify import Notifier

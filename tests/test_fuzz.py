@@ -27,9 +27,10 @@ from typing import Any
 import msgspec
 import pytest
 import trio
-from brokerproc import BrokerProc, Raw
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+
+from brokerproc import BrokerProc, Raw
 from portlease.broker.config import Config
 from portlease.broker.leases import Peer
 from portlease.broker.notify import Notifier

@@ -6,6 +6,7 @@ import itertools
 import socket
 
 import pytest
+
 from portlease.broker import kernel
 
 V6 = kernel.has_ipv6()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from portlease.broker import portalloc as pa
 
 HERE = Path(__file__).resolve().parent

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from brokerproc import BrokerProc, Raw
 
 pytest_plugins = ["pytester"]

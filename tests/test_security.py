@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 import trio
+
 from brokerproc import BrokerProc, Raw, wait_for_socket
 from portlease.broker import server
 from portlease.broker.config import Config

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from brokerproc import PYTHON, Raw
 
 ACTIVATE = shutil.which("systemd-socket-activate")

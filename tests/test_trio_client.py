@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+
 from brokerproc import BrokerProc, Raw
 from portlease.client import (
     BrokerUnavailable,

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from portlease.broker.config import Config, load_file
 
 ROOT = Path(__file__).resolve().parent.parent
