@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import heapq
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from portlease.client.errors import Exhausted, InUse, NotFound, QuotaExceeded, TooLarge
@@ -39,6 +39,9 @@ class Peer:
     uid: int | None = None
     gid: int | None = None
     cmdline: str | None = None
+    started: str | None = None
+    """When the process started (boot id and start time): tells it from a later
+    process that happens to get the same pid."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,8 +223,17 @@ class LeaseTable:
             dropped.append(record)
         return dropped
 
-    def expire(self, now: float) -> list[LeaseRecord]:
-        """Release every unbound lease whose expiry is at or before ``now``."""
+    def expire(
+        self, now: float, owner_alive: Callable[[Peer], bool] | None = None
+    ) -> list[LeaseRecord]:
+        """Release every unbound lease whose expiry is at or before ``now``.
+
+        An *orphan* (restored after a restart, never reclaimed) whose owner
+        ``owner_alive`` says is still running gets another TTL instead: a client
+        that was stopped (SIGSTOP, a debugger) while the broker restarted could
+        not reclaim, yet still means to use its ports. Detached leases expire
+        regardless: their owners chose the TTL.
+        """
         out = []
         heap = self._expiries
         while heap and heap[0][0] <= now:
@@ -229,6 +241,9 @@ class LeaseTable:
             record = self._by_token.get(token)
             # Entries are never removed from the heap; skip stale ones.
             if record is None or record.connection is not None or record.expires != when:
+                continue
+            if record.orphaned and owner_alive is not None and owner_alive(record.peer):
+                self._set_expiry(record, now + record.ttl)
                 continue
             self._remove(record)
             out.append(record)

@@ -65,6 +65,40 @@ def peer_of(sock: trio.socket.SocketType) -> Peer:
         return Peer()
 
 
+@functools.cache
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def process_started(pid: int | None) -> str | None:
+    """``"<boot id>:<start time>"`` of a live process, None if it is gone or unreadable.
+
+    The start time (clock ticks after boot, field 22 of /proc/PID/stat) and the
+    boot id together name one process for good, where a pid alone is reused.
+    """
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after it.
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+        return None  # a zombie holds no sockets
+    return f"{boot_id()}:{fields[19].decode()}"
+
+
+def owner_alive(peer: Peer) -> bool:
+    """Whether the very process that took a lease still runs."""
+    return peer.started is not None and process_started(peer.pid) == peer.started
+
+
 def read_cmdline(pid: int | None) -> str | None:
     if not pid:
         return None
@@ -347,7 +381,7 @@ class Broker:
         while True:
             await trio.sleep(TICK)
             now = self.clock()
-            for record in self.table.expire(now):
+            for record in self.table.expire(now, owner_alive):
                 log.info("lease of ports %s expired", _span(record))
                 self._record(self.journal.ended, record)
                 self._portalloc_dirty.set()
@@ -490,7 +524,7 @@ class Broker:
             assert record.expires is not None
             return p.Detached(id=req.id, ports=record.ports, expires=record.expires)
         if isinstance(req, p.Reclaim):
-            record = table.reclaim(req.token, conn.id, conn.peer)
+            record = table.reclaim(req.token, conn.id, self._identify(conn))
             self._record(self.journal.expiry_changed, record)
             return p.Reclaimed(id=req.id, ports=record.ports)
         if isinstance(req, p.Status):
@@ -498,13 +532,19 @@ class Broker:
         assert isinstance(req, p.Ping)
         return p.Pong(id=req.id)
 
-    def _grant(self, conn: Connection, req: p.Lease) -> LeaseRecord:
+    @staticmethod
+    def _identify(conn: Connection) -> Peer:
+        """The peer with its command line and start time, read from /proc once per connection."""
         if not conn.cmdline_read:
             conn.cmdline_read = True
             conn.peer = Peer(
                 pid=conn.peer.pid, uid=conn.peer.uid, gid=conn.peer.gid,
-                cmdline=read_cmdline(conn.peer.pid),
+                cmdline=read_cmdline(conn.peer.pid), started=process_started(conn.peer.pid),
             )
+        return conn.peer
+
+    def _grant(self, conn: Connection, req: p.Lease) -> LeaseRecord:
+        self._identify(conn)
         try:
             record = self.table.grant(
                 token=secrets.token_hex(p.TOKEN_BYTES), count=req.count,

@@ -46,6 +46,7 @@ class _Grant(msgspec.Struct, tag="grant", omit_defaults=True):
     uid: int | None = None
     gid: int | None = None
     cmdline: str | None = None
+    started: str | None = None
     note: str | None = None
 
 
@@ -70,7 +71,7 @@ def _grant_entry(record: LeaseRecord) -> _Grant:
     return _Grant(
         token=record.token, start=record.start, count=record.count, ttl=record.ttl,
         granted=record.granted, expires=record.expires, pid=peer.pid, uid=peer.uid,
-        gid=peer.gid, cmdline=peer.cmdline, note=record.note,
+        gid=peer.gid, cmdline=peer.cmdline, started=peer.started, note=record.note,
     )
 
 
@@ -153,7 +154,7 @@ class Journal:
             LeaseRecord(
                 token=g.token, start=g.start, count=g.count, ttl=g.ttl, granted=g.granted,
                 expires=g.expires, note=g.note,
-                peer=Peer(pid=g.pid, uid=g.uid, gid=g.gid, cmdline=g.cmdline),
+                peer=Peer(pid=g.pid, uid=g.uid, gid=g.gid, cmdline=g.cmdline, started=g.started),
             )
             for g in live.values()
             if g.count >= 1 and g.start > 0 and g.start + g.count <= 65536 and g.ttl > 0

@@ -55,3 +55,18 @@ def test_reclaim_shows_the_new_holder_but_keeps_the_uid(tmp_path: Path) -> None:
     record = broker.table.get(granted.token)
     assert record is not None and record.peer.pid == 20
     assert broker.table.ports_of_uid(1000) == 1
+
+
+def test_process_start_identifies_a_live_process_only() -> None:
+    import subprocess
+
+    from portlease.broker.server import owner_alive, process_started
+
+    me = process_started(os.getpid())
+    assert me is not None and me == process_started(os.getpid())
+    assert owner_alive(Peer(pid=os.getpid(), started=me))
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert process_started(child.pid) is None
+    assert not owner_alive(Peer(pid=os.getpid(), started=me + "0"))  # same pid, other process
+    assert not owner_alive(Peer(pid=os.getpid(), started=None))

@@ -208,3 +208,19 @@ def test_reclaimed_orphan_is_bound_and_freed_with_its_new_connection() -> None:
     assert table.expire(1000.0) == []  # bound leases do not expire
     assert [r.token for r in table.drop_connection(7)] == ["a"]
     assert table.allocator.is_free(1010) and table.allocator.is_free(1011)
+
+
+def test_orphan_of_a_live_owner_outlives_its_ttl_but_detached_leases_do_not() -> None:
+    table = LeaseTable(Allocator(LOW, HIGH))
+    alive = Peer(pid=1, uid=0, started="boot:1")
+    table.restore([LeaseRecord(token="orphan", start=1000, count=1, ttl=5, granted=0, peer=alive)], 0.0)
+    table.grant(token="detached", count=1, ttl=5, now=0.0, bind_ok=always, peer=alive,
+                connection=None)
+    running = {"boot:1"}
+    expired = table.expire(6.0, lambda peer: peer.started in running)
+    assert [r.token for r in expired] == ["detached"]
+    kept = table.get("orphan")
+    assert kept is not None and kept.expires == 11.0  # another TTL from now
+    running.clear()  # the owner is gone: the next sweep after its TTL frees the port
+    assert table.expire(10.0, lambda peer: peer.started in running) == []
+    assert [r.token for r in table.expire(11.0, lambda peer: peer.started in running)] == ["orphan"]

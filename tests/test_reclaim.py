@@ -160,7 +160,7 @@ def test_the_wrapper_keeps_its_lease_across_a_broker_restart(
     wait_for(lambda: status(broker.socket) == [], "the lease ends with the command")
 
 
-def test_a_lease_expired_during_a_long_outage_is_reported_lost(
+def test_a_lease_the_restarted_broker_no_longer_holds_is_reported_lost(
     short_ttl_broker: BrokerProc,
 ) -> None:
     broker = short_ttl_broker
@@ -168,13 +168,14 @@ def test_a_lease_expired_during_a_long_outage_is_reported_lost(
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdin is not None and proc.stdout is not None
     ports = json.loads(proc.stdout.readline())["ports"]
-    # Freeze the client for longer than the TTL while the broker restarts, so
-    # the orphan expires and its ports go to someone else before it can reclaim.
+    # The broker comes back without the lease (its state was lost), and hands
+    # the ports to someone else before the client can reclaim them.
     proc.send_signal(signal.SIGSTOP)
     try:
-        broker.restart()
+        broker.kill()
+        os.unlink(broker.state)
+        broker.start()
         with Connection(broker.socket, reclaim=False) as other:
-            wait_for(lambda: status(broker.socket) == [], "the orphan expires")
             taken = other.lease(2)
             assert list(taken.ports) == ports or not set(taken.ports) & set(ports)
     finally:
@@ -186,7 +187,6 @@ def test_a_lease_expired_during_a_long_outage_is_reported_lost(
     assert report["leases"] == []
     _, err = proc.communicate("", timeout=30)
     assert "portlease: ERROR: lease of ports" in err
-
 
 
 def test_leases_survive_restart_after_restart_with_no_call_between(broker: BrokerProc) -> None:
@@ -206,3 +206,34 @@ def test_leases_survive_restart_after_restart_with_no_call_between(broker: Broke
                 assert time.monotonic() < deadline, f"not reclaimed after restart {round_}: {states}"
                 time.sleep(0.02)
         assert held.lost is None
+
+
+def test_orphan_of_a_process_that_cannot_reclaim_is_kept_while_it_lives(tmp_path: Path) -> None:
+    """A client stopped across a restart keeps its ports until it is really gone."""
+    from brokerproc import BrokerProc
+
+    b = BrokerProc(tmp_path, ["--ttl", "1"], range="31830-31839").start()
+    holder = subprocess.Popen(
+        [PYTHON, "-c", "import sys, time\nfrom portlease.client import Connection\n"
+         f"c = Connection({b.socket!r}, reclaim=False)\nprint(*c.lease(2).ports, flush=True)\n"
+         "time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        ports = [int(x) for x in holder.stdout.readline().split()]
+        holder.send_signal(signal.SIGSTOP)
+        b.restart()
+        time.sleep(2.5)  # well past the 1 s TTL: a dead owner's orphan would be gone
+        leases = Raw(b.socket).call({"op": "status"})["leases"]
+        assert [(i["ports"], i["state"]) for i in leases] == [(ports, "orphaned")]  # type: ignore[union-attr, index]
+        holder.kill()
+        holder.wait()
+        deadline = time.monotonic() + 5
+        while Raw(b.socket).call({"op": "status"})["leases"]:
+            assert time.monotonic() < deadline, "orphan of a dead process kept"
+            time.sleep(0.05)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        b.stop()
