@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import resource
 import shutil
 import socket
@@ -361,7 +362,8 @@ def fd_limit(args: argparse.Namespace, out: Path, failures: list[str], figures: 
                 other += first.get("code") != "busy"
                 r.close()
         conns = served
-        logged = b.log.read_text().count("refusing a connection")
+        time.sleep(2.0)  # refusals are logged at most once a second, with their count
+        logged = sum(int(n) for n in re.findall(r"refused (\d+) connection", b.log.read_text()))
         print(f"fd limit 256: of 300 connections {len(served)} served, {busy} got 'busy' and were "
               f"closed, {other} got neither; the broker logged {logged} refusals")
         if busy == 0 or other:

@@ -259,6 +259,8 @@ class Broker:
     _compact_after: float = 0.0
     portalloc: pa.AsyncPortallocTable | None = field(init=False, default=None)
     _foreign: list[tuple[int, int]] = field(default_factory=list)
+    _refused: int = 0
+    _refusal_logged: float = -1e9
     _portalloc_dirty: trio.Event = field(default_factory=trio.Event)
 
     def __post_init__(self) -> None:
@@ -393,6 +395,7 @@ class Broker:
                               self.journal.path, exc.strerror or exc, JOURNAL_RETRY)
                     self._compact_after = now + JOURNAL_RETRY
             self._update_status()
+            self._flush_refusals()
             if self.connections or len(self.table):
                 self._idle_since = now
             elif self.config.idle_exit and now - self._idle_since >= self.config.idle_exit:
@@ -423,7 +426,7 @@ class Broker:
         self.connections[conn.id] = conn
         try:
             if len(self.connections) > self.max_connections:
-                log.warning("refusing a connection: %d open, the limit", len(self.connections) - 1)
+                self._log_refusal()
                 busy = p.Error(id=None, code=p.ErrorCode.BUSY, message="too many connections")
                 await stream.send_all(p.encode(busy))
                 return
@@ -441,6 +444,22 @@ class Broker:
                     self._portalloc_dirty.set()
             with contextlib.suppress(Exception):
                 await stream.aclose()
+
+    def _log_refusal(self) -> None:
+        """Log refused connections at most once a second, with a count: a flood
+        of clients must not become a flood of log lines."""
+        self._refused += 1
+        self._flush_refusals()
+
+    def _flush_refusals(self) -> None:
+        now = time.monotonic()
+        if self._refused and now - self._refusal_logged >= 1.0:
+            log.warning(
+                "refused %d connection(s) with `busy`: %d open, the limit (RLIMIT_NOFILE)",
+                self._refused, len(self.connections) - 1,
+            )
+            self._refused = 0
+            self._refusal_logged = now
 
     async def _converse(self, stream: trio.SocketStream, conn: Connection) -> None:
         buf = bytearray()
