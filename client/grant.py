@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 
 from .errors import LeaseLost
 
@@ -52,3 +53,25 @@ class Lease:
         """Raise :class:`LeaseLost` if the lease was lost across a broker restart."""
         if self.lost is not None:
             raise self.lost
+
+
+LostCallback = Callable[[Lease, LeaseLost], None]
+"""``on_lost(lease, exc)``: told when a lease could not be kept across a broker restart."""
+
+
+def report_lost(lease: Lease, why: str, on_lost: LostCallback | None) -> LeaseLost:
+    """Mark ``lease`` lost, say so on stderr and to ``on_lost``; return the exception.
+
+    Loud on purpose: a lost lease means its ports may now be someone else's, and
+    a test that goes on using them must not pass quietly.
+    """
+    exc = LeaseLost(f"lease of ports {list(lease.ports)} lost after a broker restart: {why}",
+                    ports=lease.ports)
+    lease.lost = exc
+    print(f"portlease: ERROR: {exc}; stop using these ports", file=sys.stderr, flush=True)
+    if on_lost is not None:
+        try:
+            on_lost(lease, exc)
+        except Exception as cb_exc:  # a faulty callback must not end the caller's thread or task
+            print(f"portlease: on_lost callback failed: {cb_exc!r}", file=sys.stderr)
+    return exc

@@ -17,10 +17,9 @@ import itertools
 import os
 import select
 import socket as _socket
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 from . import protocol as p
@@ -33,7 +32,7 @@ from .errors import (
     PortleaseError,
     error_class,
 )
-from .grant import Lease
+from .grant import Lease, LostCallback, report_lost
 from .paths import resolve_socket
 
 R = TypeVar("R", bound=p.Reply)
@@ -43,7 +42,6 @@ RECONNECT_MAX_DELAY = 0.1
 connect on a Unix socket costs microseconds, and every pause is time the
 leases spend as orphans, so the clients keep knocking often."""
 
-LostCallback = Callable[[Lease, LeaseLost], None]
 
 
 def default_note() -> str | None:
@@ -443,16 +441,7 @@ class Connection:
 
     def _lose(self, lease: Lease, why: str) -> None:
         self._leases.pop(lease.token, None)
-        exc = LeaseLost(f"lease of ports {list(lease.ports)} lost after a broker restart: {why}",
-                        ports=lease.ports)
-        lease.lost = exc
-        self._lost.append(exc)
-        print(f"portlease: ERROR: {exc}; stop using these ports", file=sys.stderr, flush=True)
-        if self._on_lost is not None:
-            try:
-                self._on_lost(lease, exc)
-            except Exception as cb_exc:  # a faulty callback must not kill the thread
-                print(f"portlease: on_lost callback failed: {cb_exc!r}", file=sys.stderr)
+        self._lost.append(report_lost(lease, why, self._on_lost))
 
 
 @contextlib.contextmanager

@@ -31,11 +31,10 @@ import trio
 from . import autostart
 from . import protocol as p
 from .errors import ConnectionLost, LeaseLost, NotFound, PortleaseError, error_class
-from .grant import Lease
+from .grant import Lease, LostCallback, report_lost
 from .paths import resolve_socket
 from .sync import (
     RECONNECT_MAX_DELAY,
-    LostCallback,
     autostart_failed,
     default_note,
     unavailable_error,
@@ -505,18 +504,7 @@ class TrioConnection:
 
     def _lose(self, lease: Lease, why: str) -> None:
         self._leases.pop(lease.token, None)
-        exc = LeaseLost(
-            f"lease of ports {list(lease.ports)} lost after a broker restart: {why}",
-            ports=lease.ports,
-        )
-        lease.lost = exc
-        self._lost.append(exc)
-        print(f"portlease: ERROR: {exc}; stop using these ports", file=sys.stderr, flush=True)
-        if self._on_lost is not None:
-            try:
-                self._on_lost(lease, exc)
-            except Exception as cb_exc:  # a faulty callback must not end the reader
-                print(f"portlease: on_lost callback failed: {cb_exc!r}", file=sys.stderr)
+        self._lost.append(report_lost(lease, why, self._on_lost))
 
 
 @contextlib.asynccontextmanager
