@@ -262,6 +262,16 @@ def error_for_bad_line(line: bytes, exc: Exception) -> Error:
     return Error(id=request_id, code=code, message=f"cannot read request: {text}")
 
 
+def take_line(buf: bytearray) -> bytes | None:
+    """Remove and return the first complete line of ``buf`` (without its newline), if any."""
+    nl = buf.find(b"\n")
+    if nl < 0:
+        return None
+    line = bytes(buf[:nl])
+    del buf[: nl + 1]
+    return line
+
+
 def to_builtins(message: Any) -> Any:
     """Plain dicts/lists for printing (``--json`` output)."""
     return msgspec.to_builtins(message)

@@ -275,17 +275,12 @@ class Connection:
             raise ConnectionLost(f"connection to the broker lost: {exc}") from None
 
     def _read_line(self, sock: _socket.socket) -> bytes:
-        buf = self._rbuf
-        while True:
-            nl = buf.find(b"\n")
-            if nl >= 0:
-                line = bytes(buf[:nl])
-                del buf[: nl + 1]
-                return line
+        while (line := p.take_line(self._rbuf)) is None:
             data = sock.recv(65536)
             if not data:
                 raise EOFError("broker closed the connection")
-            buf += data
+            self._rbuf += data
+        return line
 
     def _drop_socket(self) -> None:
         if self._sock is not None:

@@ -319,17 +319,12 @@ class TrioConnection:
     # -------------------------------------------------------- stream plumbing
 
     async def _read_line(self, stream: trio.SocketStream) -> bytes:
-        buf = self._rbuf
-        while True:
-            nl = buf.find(b"\n")
-            if nl >= 0:
-                line = bytes(buf[:nl])
-                del buf[: nl + 1]
-                return line
+        while (line := p.take_line(self._rbuf)) is None:
             data = await stream.receive_some(65536)
             if not data:
                 raise ConnectionLost("the broker closed the connection")
-            buf += data
+            self._rbuf += data
+        return line
 
     async def _open_stream(self) -> trio.SocketStream:
         try:
