@@ -32,7 +32,7 @@ from portlease.client.errors import Busy, ConfigError, LeaseError, StartupError
 from . import activation, kernel
 from . import portalloc as pa
 from .allocator import Allocator, BindCheck
-from .config import Config
+from .config import Config, default_state_path
 from .leases import LeaseRecord, LeaseTable, Limits, Peer
 from .notify import Notifier
 from .state import Journal
@@ -385,8 +385,7 @@ class Broker:
             now = self.clock()
             for record in self.table.expire(now, owner_alive):
                 log.info("lease of ports %s expired", _span(record))
-                self._record(self.journal.ended, record)
-                self._portalloc_dirty.set()
+                self._ended(record)
             if self.journal.needs_compaction(len(self.table)) and now >= self._compact_after:
                 try:
                     self.journal.compact(self.table)
@@ -440,8 +439,7 @@ class Broker:
             del self.connections[conn.id]
             if not self._stopping:
                 for record in self.table.drop_connection(conn.id):
-                    self._record(self.journal.ended, record)
-                    self._portalloc_dirty.set()
+                    self._ended(record)
             with contextlib.suppress(Exception):
                 await stream.aclose()
 
@@ -529,8 +527,7 @@ class Broker:
             return self._granted(req, self._grant(conn, req))
         if isinstance(req, p.Release):
             record = table.release(req.token)
-            self._record(self.journal.ended, record)
-            self._portalloc_dirty.set()
+            self._ended(record)
             return p.Released(id=req.id, ports=record.ports)
         if isinstance(req, p.Renew):
             record = table.renew(req.token, now)
@@ -596,6 +593,12 @@ class Broker:
             write(record)
         except OSError as exc:
             log.error("cannot write the state journal %s: %s", self.journal.path, exc)
+
+    def _ended(self, record: LeaseRecord) -> None:
+        """A lease ended (released, expired, its connection closed): journal it and
+        let the fedimint-portalloc table drop its entry soon."""
+        self._record(self.journal.ended, record)
+        self._portalloc_dirty.set()
 
     @staticmethod
     def _granted(req: p.Lease, record: LeaseRecord) -> p.Granted:
@@ -712,7 +715,7 @@ def run(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
     soft = raise_fd_limit()
     notifier = Notifier()
     listening = open_listener(config)
-    state_path = config.state or _default_state(listening.path)
+    state_path = config.state or default_state_path(listening.path)
     broker = Broker(
         config=config, journal=Journal(state_path), notifier=notifier, config_loader=reload,
         max_connections=max(16, soft - FD_MARGIN),
@@ -734,12 +737,6 @@ def run(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
                 os.close(listening.lock_fd)
         listening.sock.close()
     return 0
-
-
-def _default_state(socket_path: str) -> str:
-    from .config import default_state_path
-
-    return default_state_path(socket_path)
 
 
 __all__ = ["Broker", "bind_unix_socket", "run"]
