@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rawproto import Raw
+
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 SSA = shutil.which("systemd-socket-activate")
@@ -177,31 +179,6 @@ class BrokerCtl:
                 self.proc.wait()
         if self.held is not None:
             self.held.close()
-
-
-class Raw:
-    def __init__(self, path: str, timeout: float = 10) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.buf = b""
-        self.n = 0
-        self.call({"op": "hello", "version": 1})
-
-    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        self.n += 1
-        self.sock.sendall(json.dumps({"id": self.n, **msg}).encode() + b"\n")
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        out: dict[str, Any] = json.loads(line)
-        return out
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class Events:

@@ -15,13 +15,14 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rawproto import Raw
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -65,43 +66,18 @@ class StatusClient:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.sock: socket.socket | None = None
-        self.buf = b""
-        self.n = 0
-
-    def _connect(self) -> socket.socket:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(3)
-        s.connect(self.path)
-        self.sock, self.buf = s, b""
-        self._call({"op": "hello", "version": 1})
-        return s
-
-    def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        assert self.sock is not None
-        self.n += 1
-        self.sock.sendall(json.dumps({"id": self.n, **msg}).encode() + b"\n")
-        while True:
-            while b"\n" not in self.buf:
-                chunk = self.sock.recv(1 << 20)
-                if not chunk:
-                    raise ConnectionError("closed")
-                self.buf += chunk
-            line, self.buf = self.buf.split(b"\n", 1)
-            reply: dict[str, Any] = json.loads(line)
-            if reply.get("id") == self.n:
-                return reply
+        self.conn: Raw | None = None
 
     def holders(self) -> set[int] | None:
         """Pids that hold a lease now; None when the broker cannot be asked."""
         try:
-            if self.sock is None:
-                self._connect()
-            reply = self._call({"op": "status"})
+            if self.conn is None:
+                self.conn = Raw(self.path, timeout=3)
+            reply = self.conn.call({"op": "status"})
         except (OSError, ValueError):
-            if self.sock is not None:
-                self.sock.close()
-            self.sock = None
+            if self.conn is not None:
+                self.conn.close()
+            self.conn = None
             return None
         return {info.get("pid") for info in reply.get("leases", [])}
 

@@ -32,7 +32,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rawproto import Raw
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -60,37 +61,8 @@ def lat(values: list[float]) -> str:
             f"max {max(values) * 1e3:.1f} ms")
 
 
-class Raw:
-    def __init__(self, path: str, timeout: float = 30) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.buf = b""
-        self.n = 0
-
-    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        self.n += 1
-        self.sock.sendall(json.dumps({"id": self.n, **msg}).encode() + b"\n")
-        return self.line()
-
-    def line(self) -> dict[str, Any]:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(1 << 22)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        out: dict[str, Any] = json.loads(line)
-        return out
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def hello(path: str) -> Raw:
-    r = Raw(path)
-    assert r.call({"op": "hello", "version": 1})["reply"] == "hello"
-    return r
+    return Raw(path, timeout=30)
 
 
 @dataclass
@@ -348,7 +320,7 @@ def fd_limit(args: argparse.Namespace, out: Path, failures: list[str], figures: 
     try:
         served, busy, other = [], 0, 0
         for _ in range(300):
-            r = Raw(b.socket, timeout=10)
+            r = Raw(b.socket, timeout=10, hello=False)
             with contextlib.suppress(OSError):
                 r.sock.sendall(b'{"op":"hello","id":0,"version":1}\n')
             try:
