@@ -25,7 +25,7 @@ import pytest
 
 from portlease.broker import portalloc as pa
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]
 CRATE = str(HERE / "portalloc_crate.py")
 sys.path.insert(0, str(HERE))
 import portalloc_crate as crate  # noqa: E402

@@ -17,7 +17,7 @@ import pytest
 
 from portlease.broker.config import Config, load_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
 EXPOSURE_FILE = UNITS / "EXPOSURE"
 ANALYZE = shutil.which("systemd-analyze")

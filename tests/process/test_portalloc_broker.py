@@ -11,7 +11,7 @@ from pathlib import Path
 from brokerproc import BrokerProc
 from portlease.client import Connection
 
-CRATE = str(Path(__file__).with_name("portalloc_crate.py"))
+CRATE = str(Path(__file__).resolve().parents[1] / "portalloc_crate.py")
 LOW, HIGH = 31700, 31779
 
 

@@ -24,7 +24,7 @@ import pytest
 from brokerproc import PYTHON, BrokerProc, Raw
 from portlease.client import Connection
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_bench(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
