@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 from portlease.client import protocol as p
 from portlease.client.errors import (
     BrokerUnavailable,
-    ConfigError,
     ConnectionLost,
     LeaseError,
     PortleaseError,
-    StartupError,
 )
 from portlease.client.sync import Connection, default_note
+
+from .errors import ConfigError, StartupError
 
 if TYPE_CHECKING:
     from .config import Config

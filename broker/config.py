@@ -11,7 +11,7 @@ from typing import Annotated
 
 import msgspec
 
-from portlease.client.errors import ConfigError
+from .errors import ConfigError
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]

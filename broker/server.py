@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 import trio
 
 from portlease.client import protocol as p
-from portlease.client.errors import Busy, ConfigError, LeaseError, StartupError
+from portlease.client.errors import Busy, LeaseError
 
 from . import activation, kernel
 from . import portalloc as pa
 from .allocator import Allocator, BindCheck
 from .config import Config, default_state_path
+from .errors import ConfigError, StartupError
 from .leases import LeaseRecord, LeaseTable, Limits, Peer
 from .notify import Notifier
 from .state import Journal

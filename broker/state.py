@@ -30,8 +30,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from portlease.client.errors import StartupError
-
+from .errors import StartupError
 from .leases import LeaseRecord, Peer
 
 

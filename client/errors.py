@@ -3,8 +3,8 @@
 One hierarchy: :class:`PortleaseError` at the root; :class:`LeaseError` for
 anything the broker refused (one subclass per :class:`ErrorCode`, so callers can
 ``except Exhausted``); :class:`BrokerUnavailable` when no broker answers;
-:class:`LeaseLost` when a lease could not be reclaimed after a broker restart;
-:class:`ConfigError` and :class:`StartupError` for the broker's own start.
+:class:`LeaseLost` when a lease could not be reclaimed after a broker restart.
+The broker's own start-up errors live in :mod:`portlease.broker.errors`.
 """
 
 from __future__ import annotations
@@ -123,11 +123,3 @@ class LeaseLost(PortleaseError):
     def __init__(self, message: str, *, ports: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.ports = ports
-
-
-class ConfigError(PortleaseError):
-    """The broker's configuration (file, flags, environment) is invalid."""
-
-
-class StartupError(PortleaseError):
-    """The broker cannot start: socket or state already in use, bad inherited fd, …"""

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 from portlease.broker.config import Config, load_file
-from portlease.client.errors import ConfigError
+from portlease.broker.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 SOCKET_PATH = "/run/portlease/portlease.sock"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from portlease.broker.errors import StartupError
 from portlease.broker.leases import LeaseRecord, Peer
 from portlease.broker.state import Journal
-from portlease.client.errors import StartupError
 
 
 def rec(token: str, start: int, expires: float | None = None) -> LeaseRecord:
