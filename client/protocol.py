@@ -25,9 +25,19 @@ RequestId = int | str
 TOKEN_BYTES: Final = 16  # 128-bit lease tokens, sent as 32 hex digits
 
 Count = Annotated[int, msgspec.Meta(ge=1, le=65535)]
-# A day at most: a detached lease must not squat on ports for months.
-Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
-Note = Annotated[str, msgspec.Meta(max_length=1024)]
+MIN_TTL: Final = 1.0
+"""Shortest TTL a lease may ask for: below a second a detached lease would lapse
+between two renewals of any real client."""
+MAX_TTL: Final = 86400.0
+"""Longest TTL: a day at most, so a detached lease cannot squat on ports for months."""
+Seconds = Annotated[float, msgspec.Meta(ge=MIN_TTL, le=MAX_TTL)]
+MAX_NOTE: Final = 1024
+Note = Annotated[str, msgspec.Meta(max_length=MAX_NOTE)]
+MAX_STATUS_LEASES: Final = 1000
+"""Most leases one ``status`` reply carries; ask again with ``after`` for the rest."""
+STATUS_TEXT_MAX: Final = 256
+"""Characters of a command line or note that ``status`` shows; longer ones are cut,
+ending in an ellipsis."""
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
@@ -115,14 +125,27 @@ class Reclaim(Request, tag="reclaim"):
 
 
 class Status(Request, tag="status"):
-    """List every lease and a summary of the port range."""
+    """List leases (sorted by first port) and a summary of the port range.
+
+    One reply carries at most ``limit`` leases (and never more than
+    MAX_STATUS_LEASES); ``more`` in the reply says there are others: ask again
+    with ``after`` set to the last port shown. ``uid`` shows only that uid's leases.
+    """
+
+    uid: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    after: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_STATUS_LEASES)] = MAX_STATUS_LEASES
+
+
+class Metrics(Request, tag="metrics"):
+    """The broker's metrics in the OpenMetrics text format."""
 
 
 class Ping(Request, tag="ping"):
     """Liveness check; answered with ``pong``."""
 
 
-AnyRequest = Hello | Lease | Release | Renew | Detach | Reclaim | Status | Ping
+AnyRequest = Hello | Lease | Release | Renew | Detach | Reclaim | Status | Metrics | Ping
 
 # ---------------------------------------------------------------- replies
 
@@ -194,6 +217,13 @@ class Summary(msgspec.Struct, kw_only=True):
 class StatusReply(Reply, tag="status"):
     summary: Summary
     leases: list[LeaseInfo]
+    more: bool = False
+    """More leases follow the last one shown: ask again with ``after``."""
+
+
+class MetricsReply(Reply, tag="metrics"):
+    text: str
+    """OpenMetrics exposition, ending in ``# EOF``."""
 
 
 class Pong(Reply, tag="pong"):
@@ -209,7 +239,9 @@ class Error(Reply, tag="error"):
     """With ``exhausted``: the largest count that would be granted now."""
 
 
-AnyReply = Welcome | Granted | Released | Renewed | Detached | Reclaimed | StatusReply | Pong | Error
+AnyReply = (
+    Welcome | Granted | Released | Renewed | Detached | Reclaimed | StatusReply | MetricsReply | Pong | Error
+)
 
 
 class _IdOnly(msgspec.Struct):
