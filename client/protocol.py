@@ -18,8 +18,13 @@ import msgspec
 PROTOCOL_VERSION: Final = 1
 """The version a client names in ``hello``; the broker answers ``version`` to others."""
 
-MAX_LINE: Final = 65536
-"""Longest accepted request line in bytes, not counting the newline."""
+MAX_LINE: Final = 8192
+"""Longest accepted request line in bytes, not counting the newline. The largest
+valid request (a note of MAX_NOTE characters, every one escaped) fits well
+within it; the bound is what a connection may make the broker buffer."""
+
+MAX_REPLY_LINE: Final = 16 << 20
+"""Longest reply line a client accepts (a ``status`` page is the largest reply)."""
 
 RequestId = int | str
 TOKEN_BYTES: Final = 16  # 128-bit lease tokens, sent as 32 hex digits
