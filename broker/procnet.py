@@ -1,0 +1,268 @@
+"""Which sockets hold which ports, and which processes hold those sockets, read from the kernel.
+
+Sockets come from ``/proc/net/{tcp,tcp6,udp,udp6}``. Those files list TCP
+sockets that listen or are connected, and every UDP socket, but not a TCP
+socket that is only *bound*: a server that has called ``bind()`` and not yet
+``listen()``, or a test that binds a port to "reserve" it. Such a socket holds
+its port as firmly as a listener does, so the kernel's socket-diagnostics
+netlink interface (``NETLINK_SOCK_DIAG``, the one ``ss`` uses) is asked for
+those as well; it lists them from Linux 6.5 on (``TCP_BOUND_INACTIVE``) and
+older kernels simply return none.
+
+Processes come from ``/proc/PID/fd``: each socket fd reads as
+``socket:[INODE]``. Another user's fds can be read only by root (or with
+CAP_SYS_PTRACE), so an unprivileged caller sees owners only among its own
+processes; the sockets themselves are visible to everyone.
+
+Everything here is synchronous and reads the current network namespace.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import socket
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+__all__ = ["NetSocket", "all_owners", "cmdline", "descendants", "owners", "sockets", "squatters"]
+
+_PROC_NET = "/proc/net"
+
+# Kernel TCP states (include/net/tcp_states.h) as /proc/net and sock_diag spell them.
+_TCP_ESTABLISHED = 0x01
+_TCP_CLOSE = 0x07  # for UDP: an unconnected (receive-from-anyone) socket; for TCP: bound only
+_TCP_LISTEN = 0x0A
+_TCP_BOUND_INACTIVE = 13
+
+_TABLES = (("tcp", 4, "tcp"), ("tcp", 6, "tcp6"), ("udp", 4, "udp"), ("udp", 6, "udp6"))
+
+
+@dataclass(frozen=True)
+class NetSocket:
+    """One socket bound to a local port.
+
+    ``listening`` means the socket takes traffic from anyone: a TCP socket in
+    LISTEN, or a UDP socket that is bound and not connected. A TCP socket that
+    is bound but neither listening nor connected has ``listening=False``, as
+    does a connection. ``inode`` is 0 for a socket no process holds any more
+    (TCP TIME_WAIT, for one).
+    """
+
+    proto: str
+    """``"tcp"`` or ``"udp"``."""
+    family: int
+    """4 or 6."""
+    address: str
+    """The local address, e.g. ``"0.0.0.0"``, ``"127.0.0.1"``, ``"::"``, ``"::ffff:127.0.0.1"``."""
+    port: int
+    listening: bool
+    inode: int
+    uid: int
+
+
+def _address(hexaddr: str) -> str:
+    # The kernel prints each 32-bit word of the address in host byte order.
+    raw = bytes.fromhex(hexaddr)
+    words = struct.unpack(f"={len(raw) // 4}I", raw)
+    packed = struct.pack(f"!{len(words)}I", *words)
+    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
+
+
+def _read_table(proto: str, family: int, name: str, ports: range | None) -> Iterator[NetSocket]:
+    try:
+        with open(os.path.join(_PROC_NET, name)) as f:
+            lines = f.read().splitlines()[1:]
+    except FileNotFoundError:  # no IPv6 in this kernel or namespace
+        return
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 10:
+            continue
+        addr, _, porthex = fields[1].rpartition(":")
+        port = int(porthex, 16)
+        if ports is not None and port not in ports:
+            continue
+        state = int(fields[3], 16)
+        listening = state == _TCP_LISTEN if proto == "tcp" else state == _TCP_CLOSE
+        yield NetSocket(proto, family, _address(addr), port, listening, int(fields[9]), int(fields[7]))
+
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 0x1
+_NLM_F_DUMP = 0x300
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+_NLMSG_HDR = struct.Struct("=IHHII")
+# struct inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed inet_diag_sockid (48 bytes).
+_DIAG_REQ = struct.Struct("=BBBBI48x")
+# struct inet_diag_msg: family, state, timer, retrans, sport, dport, src[16], dst[16], if, cookie[8],
+# expires, rqueue, wqueue, uid, inode.
+_DIAG_MSG = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
+
+
+def _bound_only_tcp(ports: range | None) -> Iterator[NetSocket]:
+    """TCP sockets that are bound and neither listening nor connected (absent from /proc/net/tcp)."""
+    try:
+        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
+    except OSError:
+        return
+    with nl:
+        for af, family in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
+            req = _DIAG_REQ.pack(af, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_BOUND_INACTIVE)
+            nl.send(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(req), _SOCK_DIAG_BY_FAMILY,
+                                    _NLM_F_REQUEST | _NLM_F_DUMP, family, 0) + req)
+            yield from _diag_replies(nl, family, ports)
+
+
+def _diag_replies(nl: socket.socket, family: int, ports: range | None) -> Iterator[NetSocket]:
+    while True:
+        data = nl.recv(1 << 16)
+        off = 0
+        while off + _NLMSG_HDR.size <= len(data):
+            length, kind, _, _, _ = _NLMSG_HDR.unpack_from(data, off)
+            if kind in (_NLMSG_DONE, _NLMSG_ERROR) or length < _NLMSG_HDR.size:
+                # An error here (EINVAL, ENOENT) is an older kernel or a family it lacks: nothing to add.
+                return
+            (fam, state, _, _, sport, _, src, _, _, _, _, _, _, uid, inode) = _DIAG_MSG.unpack_from(
+                data, off + _NLMSG_HDR.size)
+            off += (length + 3) & ~3
+            port = int.from_bytes(sport, "big")
+            if state != _TCP_CLOSE or (ports is not None and port not in ports):
+                continue
+            af = socket.AF_INET if fam == socket.AF_INET else socket.AF_INET6
+            address = socket.inet_ntop(af, src[:4] if af == socket.AF_INET else src)
+            yield NetSocket("tcp", family, address, port, False, inode, uid)
+        if not data:
+            return
+
+
+def sockets(ports: range | None = None) -> list[NetSocket]:
+    """Every TCP and UDP socket (IPv4 and IPv6) bound to a local port in ``ports`` (all if None).
+
+    Listening, bound-only and connected TCP sockets, bound and connected UDP
+    sockets, and TCP sockets in TIME_WAIT (``inode`` 0). A socket accepted from
+    a listener shares the listener's port and is listed too.
+    """
+    found: list[NetSocket] = []
+    for proto, family, name in _TABLES:
+        found.extend(_read_table(proto, family, name, ports))
+    found.extend(_bound_only_tcp(ports))
+    return found
+
+
+def _pids() -> Iterator[int]:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            yield int(name)
+
+
+def all_owners(inodes: Iterable[int]) -> dict[int, set[int]]:
+    """inode → every pid that has the socket open (a socket inherited across fork has several)."""
+    wanted = {f"socket:[{i}]": i for i in inodes if i}
+    found: dict[int, set[int]] = {}
+    if not wanted:
+        return found
+    for pid in _pids():
+        fddir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fddir)
+        except OSError:  # gone, or another user's process and we are not root
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fddir}/{fd}")
+            except OSError:
+                continue
+            inode = wanted.get(target)
+            if inode is not None:
+                found.setdefault(inode, set()).add(pid)
+    return found
+
+
+def owners(inodes: Iterable[int]) -> dict[int, int]:
+    """inode → the pid that holds the socket, for the inodes some visible process holds.
+
+    Where several processes share the socket (inherited across fork), the
+    lowest pid is given, usually the one that created it; use
+    :func:`all_owners` to see them all.
+    """
+    return {inode: min(pids) for inode, pids in all_owners(inodes).items()}
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name in parentheses may itself contain spaces and ')'.
+    rest = stat[stat.rindex(b")") + 2:].split()
+    if rest[0] == b"Z":  # a zombie has no sockets and is not "live"
+        return None
+    return int(rest[1])
+
+
+def descendants(pid: int) -> set[int]:
+    """``pid`` and every live process below it (children, their children, …).
+
+    Empty when ``pid`` itself is not running. A process whose parent died has
+    been re-parented (to init or a subreaper) and is no longer counted, as the
+    kernel no longer counts it either.
+    """
+    children: dict[int, list[int]] = {}
+    alive: set[int] = set()
+    for p in _pids():
+        parent = _parent(p)
+        if parent is not None:
+            alive.add(p)
+            children.setdefault(parent, []).append(p)
+    if pid not in alive:
+        return set()
+    tree = {pid}
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in tree:
+                tree.add(child)
+                todo.append(child)
+    return tree
+
+
+def cmdline(pid: int) -> str | None:
+    """The process's command line, arguments joined by spaces; None if it is gone or hidden."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    if not raw:  # a kernel thread, or a zombie
+        return None
+    return " ".join(arg.decode(errors="replace") for arg in raw.rstrip(b"\0").split(b"\0"))
+
+
+def squatters(low: int, high: int, leased: Iterable[tuple[int, int]]) -> list[NetSocket]:
+    """Sockets on ports in ``[low, high]`` that no lease covers.
+
+    ``leased`` is the (start, count) runs currently granted. Sockets no process
+    holds (TIME_WAIT, inode 0) are left out: they are the remains of a
+    connection, not something that took the port. Sorted by port.
+    """
+    runs = sorted(leased)
+    starts = [start for start, _ in runs]
+    ends = [start + count for start, count in runs]
+    found = []
+    for s in sockets(range(low, high + 1)):
+        if s.inode == 0 or _covered(s.port, starts, ends):
+            continue
+        found.append(s)
+    found.sort(key=lambda s: (s.port, s.proto, s.family, s.address, s.inode))
+    return found
+
+
+def _covered(port: int, starts: list[int], ends: list[int]) -> bool:
+    # Leases never overlap, so the one run that may cover a port is the last starting at or below it.
+    i = bisect.bisect_right(starts, port) - 1
+    return i >= 0 and port < ends[i]
