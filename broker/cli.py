@@ -126,16 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import functools
-    import logging
 
     config = _serve_config(args)
     # A parent that blocked signals (as `portlease lease -- CMD` does while it
     # waits) must not leave the broker deaf to SIGTERM and SIGHUP.
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
-    logging.basicConfig(
-        level=config.log_level.upper(), stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    from . import logs
+
+    # Priority prefixes for journald when stderr is the journal (logs.py).
+    logs.setup(config.log_level)
     from .server import run
 
     # SIGHUP re-reads the file and applies the same flags on top again.
