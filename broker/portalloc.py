@@ -266,17 +266,32 @@ def parse(data: bytes | None) -> Parsed:
     return Parsed(table, problems, repair)
 
 
+def _entry_json(base: int, e: Entry) -> str:
+    if e.extra:
+        body = json.dumps({"size": e.size, "expires": e.expires, **e.extra}, allow_nan=False)
+    else:
+        body = f'{{"size": {e.size}, "expires": {e.expires}}}'
+    return f'    "{base}": {body}'
+
+
 def render(table: Table) -> bytes:
-    """The JSON the crate reads: ``next`` (if any), ``keys`` by ascending base, then extras."""
-    root: dict[str, Any] = {}
+    """The JSON the crate reads: ``next`` (if any), ``keys`` by ascending base, then extras.
+
+    One entry per line, formatted directly: ``json.dumps(indent=...)`` runs the
+    pure-Python encoder, which at 2,000 entries cost more than the merge itself,
+    and all of it happens while the crate's callers wait on the lock.
+    """
+    parts: list[str] = []
     if table.next is not None:
-        root["next"] = table.next
-    root["keys"] = {
-        str(base): {"size": e.size, "expires": e.expires, **e.extra}
-        for base, e in sorted(table.keys.items())
-    }
-    root.update(table.extra)
-    return json.dumps(root, indent=2, allow_nan=False).encode() + b"\n"
+        parts.append(f'  "next": {int(table.next)}')
+    if table.keys:
+        body = ",\n".join(_entry_json(b, table.keys[b]) for b in sorted(table.keys))
+        parts.append(f'  "keys": {{\n{body}\n  }}')
+    else:
+        parts.append('  "keys": {}')
+    for name, value in table.extra.items():
+        parts.append(f"  {json.dumps(name)}: {json.dumps(value, allow_nan=False)}")
+    return ("{\n" + ",\n".join(parts) + "\n}\n").encode()
 
 
 def owned_bases(
@@ -319,23 +334,16 @@ def first_overlap(start: int, count: int, ranges: Iterable[tuple[int, int]]) -> 
     return None
 
 
-def _subtract(start: int, end: int, holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``[start, end)`` minus sorted, possibly overlapping ``[s, e)`` holes."""
-    pieces: list[tuple[int, int]] = []
-    cur = start
-    for s, e in holes:
-        if e <= cur:
-            continue
-        if s >= end:
-            break
-        if s > cur:
-            pieces.append((cur, s))
-        cur = max(cur, e)
-        if cur >= end:
-            break
-    if cur < end:
-        pieces.append((cur, end))
-    return pieces
+def _union(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint ``[s, e)`` covering the same ports as ``spans`` (which may overlap)."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1]:
+            if e > out[-1][1]:
+                out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
 
 
 @dataclass(slots=True)
@@ -369,16 +377,25 @@ def merge(
     A lease overlapping a live foreign entry is a double grant that already
     happened (e.g. while the lock was stuck): we publish only the ports outside
     the foreign entry, keeping the table free of overlaps, and report it.
+
+    Cost: one sort of the table and one of our leases, then a single sweep over
+    both. This runs while the crate's callers wait on its lock, for every grant,
+    so nothing in it may cost leases times entries.
     """
     owned_set = set(owned)
     problems: list[str] = []
     keys = {b: e for b, e in table.keys.items() if b not in owned_set}
-    foreign = sorted((b, b + e.size) for b, e in keys.items() if e.size > 0 and e.live(now))
-    wanted: list[tuple[int, int, int]] = []  # (start, end, expires)
+    # Live foreign entries as one disjoint, sorted cover: each run below is cut
+    # against it with a pointer that only moves forward.
+    foreign = _union((b, b + e.size) for b, e in keys.items() if e.size > 0 and e.live(now))
     runs: list[tuple[int, int, float | None]] = [(b, n, left) for b, (n, left) in ours.items()]
     if claim is not None:
         runs.append((claim.start, claim.count, None))
-    for base, count, left in sorted(runs):
+    runs.sort(key=lambda r: (r[0], r[1]))
+    wanted: list[tuple[int, int, int]] = []  # (start, end, expires), ascending and disjoint
+    covered = 0  # every port below this is published already or foreign
+    j = 0
+    for base, count, left in runs:
         if count <= 0 or (left is not None and left <= 0):
             continue  # nothing to reserve, or the lease has already lapsed
         end = min(base + count, U16_MAX)  # the crate's u16 `base + size` must not overflow
@@ -388,20 +405,38 @@ def merge(
         if end < base + count:
             problems.append(f"lease {base}+{count}: ports from {U16_MAX} on are not published")
         expires = math.ceil(now + (horizon if left is None else min(left, horizon)))
-        for s, e in foreign:
-            if s < end and base < e:
+        cur = max(base, covered)
+        while j < len(foreign) and foreign[j][1] <= cur:
+            j += 1  # ends before this run, so before every later one too
+        k = j
+        while cur < end:
+            if k < len(foreign) and foreign[k][0] < end:
+                s, e = foreign[k]
                 problems.append(
-                    f"lease {base}+{count} overlaps live fedimint-portalloc entry {s}+{e - s}: "
-                    f"ports {max(s, base)}-{min(e, end) - 1} may be in use twice"
+                    f"lease {base}+{count} overlaps live fedimint-portalloc entries on "
+                    f"{s}-{e - 1}: ports {max(s, base)}-{min(e, end) - 1} may be in use twice"
                 )
-        taken = sorted([*foreign, *((w[0], w[1]) for w in wanted)])
-        wanted.extend((s, e, expires) for s, e in _subtract(base, end, taken))
+                if s > cur:
+                    wanted.append((cur, s, expires))
+                cur = e
+                k += 1
+            else:
+                wanted.append((cur, end, expires))
+                cur = end
+        covered = max(covered, end)
+    # Entries we do not own lying under a piece we publish (or starting where one
+    # does) go: live ones cannot (they were cut out above), so these are expired
+    # or empty, and the crate drops those on load anyway. One sweep, both sorted.
+    i = 0
+    for b in sorted(keys):
+        while i < len(wanted) and wanted[i][1] <= b:
+            i += 1
+        if i == len(wanted):
+            break
+        if wanted[i][0] < b + max(keys[b].size, 1):
+            del keys[b]
     published: dict[int, Entry] = {}
     for start, end, expires in wanted:
-        for b in [b for b, e in keys.items() if (b < end and start < b + e.size) or b == start]:
-            # Only expired (or empty) foreign entries can be here, live ones were
-            # subtracted; the crate drops expired entries on load anyway.
-            del keys[b]
         entry = Entry(end - start, expires)
         old = table.keys.get(start) if start in owned_set else None
         if old is not None and old.size == entry.size and expires - slack <= old.expires <= expires:
@@ -457,12 +492,56 @@ def _open_or_create(path: str, flags: int, mode: int) -> int:
     return fd
 
 
+@dataclass(slots=True)
+class Locked:
+    """The crate's lock, held, and the table as read under it (from :meth:`PortallocTable.begin`).
+
+    Give it back with :meth:`PortallocTable.finish` (publish) or
+    :meth:`PortallocTable.abandon` (write nothing); until then every crate caller waits.
+    """
+
+    fd: int
+    mode: int
+    wall: float
+    waited: float
+    parsed: Parsed
+    missing: bool
+    """No table file existed: the crate reads that as empty; one is created only to publish."""
+    owned: set[int]
+    foreign: list[Span]
+
+
+@dataclass(frozen=True, slots=True)
+class Unlocked:
+    """:meth:`PortallocTable.begin` could not hold the lock: go on with ``foreign`` (stale)."""
+
+    status: Literal["skipped", "error"]
+    foreign: list[Span]
+    waited: float
+    problems: tuple[str, ...]
+
+
+_FileId = tuple[int, int, int, int]
+"""(device, inode, size, mtime in ns): the table file as we last saw it."""
+
+
+def _file_id(st: os.stat_result) -> _FileId:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class PortallocTable:
     """The crate's directory, used from one process under the crate's own lock.
 
-    Blocking: call :meth:`sync` from a worker thread (see :class:`AsyncPortallocTable`).
-    Calls are serialised by an internal lock; each one opens ``lock`` afresh, so a
+    Blocking: call it from a worker thread (see :class:`portlease.broker.share.PortallocShare`).
+    One exchange at a time (an internal mutex); each one opens ``lock`` afresh, so a
     lock file deleted and recreated by hand is followed.
+
+    An exchange is :meth:`begin` (lock, read, find the foreign entries), then the
+    caller's grant, then :meth:`finish` (merge, write, unlock); :meth:`sync` does
+    all three for callers that can run the grant in the same thread. The table
+    we last wrote or read is kept with its file's identity (inode, size, mtime):
+    while the file is still that one, nobody else has written it (the crate
+    replaces it by rename, which makes a new inode), and it is not parsed again.
     """
 
     def __init__(
@@ -480,11 +559,58 @@ class PortallocTable:
         self._mutex = threading.Lock()
         self._published: dict[int, Entry] = {}
         self._last_foreign: list[tuple[Span, int]] = []  # with each entry's expires
+        self._seen: tuple[_FileId, Table] | None = None
 
     @property
     def published(self) -> dict[int, Entry]:
         """Our entries as of the last successful sync."""
         return dict(self._published)
+
+    # -------------------------------------------------------------- one exchange
+
+    def begin(
+        self, ours: Mapping[int, tuple[int, float | None]], *, now: float | None = None
+    ) -> Locked | Unlocked:
+        """Take the crate's lock (waiting at most ``lock_timeout``) and read the table.
+
+        ``ours`` (base -> (count, seconds left or None)) tells our own entries from
+        foreign ones, including ours from before a restart. On :class:`Locked` the
+        caller must call :meth:`finish` or :meth:`abandon`, from any thread.
+        ``now`` is Unix time (default ``time.time()``): the table is in wall-clock seconds.
+        """
+        t0 = time.monotonic()
+        deadline = t0 + self.lock_timeout
+        if not self._mutex.acquire(timeout=self.lock_timeout):
+            return self._unlocked("skipped", now, time.monotonic() - t0,
+                                  ["another sync of this table is still running"])
+        try:
+            got = self._begin_locked(ours, now, deadline, t0)
+        except BaseException:
+            self._mutex.release()
+            raise
+        if isinstance(got, Unlocked):
+            self._mutex.release()
+        return got
+
+    def finish(
+        self,
+        held: Locked,
+        ours: Mapping[int, tuple[int, float | None]],
+        *,
+        claim: Run | None = None,
+        chosen: C | None = None,
+    ) -> SyncResult[C]:
+        """Publish ``ours`` (taken after the grant, so it includes it) and release the lock."""
+        try:
+            return self._finish_locked(held, ours, claim, chosen)
+        finally:
+            os.close(held.fd)  # closing our only fd on that open file releases the flock
+            self._mutex.release()
+
+    def abandon(self, held: Locked) -> None:
+        """Release the lock without writing (the grant failed)."""
+        os.close(held.fd)
+        self._mutex.release()
 
     def sync(
         self,
@@ -495,39 +621,34 @@ class PortallocTable:
     ) -> SyncResult[C]:
         """Read the table, let ``choose`` pick a run, publish ours, all in one lock hold.
 
-        ``ours``: base port -> (count, seconds left or None while attached) for
-        every live lease. ``choose(foreign)`` is called exactly once (if given):
-        under the lock when it was obtained, otherwise after the timeout with the
-        last known live foreign runs; its result (anything with ``start`` and
-        ``count``, or None) is published in the same write. An exception from
-        ``choose`` propagates after the lock is released, with nothing written.
-        ``now`` is Unix time (default: ``time.time()``); the table is in wall-clock
-        seconds.
+        ``choose(foreign)`` is called exactly once (if given): under the lock when it
+        was obtained, otherwise after the timeout with the last known live foreign
+        runs; its result (anything with ``start`` and ``count``, or None) is
+        published in the same write. An exception from ``choose`` propagates after
+        the lock is released, with nothing written.
         """
-        deadline = time.monotonic() + self.lock_timeout
-        t0 = time.monotonic()
-        if not self._mutex.acquire(timeout=self.lock_timeout):
-            return self._unlocked("skipped", choose, now, time.monotonic() - t0,
-                                  ["another sync of this table is still running"])
+        held = self.begin(ours, now=now)
+        if isinstance(held, Unlocked):
+            chosen = choose(list(held.foreign)) if choose is not None else None
+            return SyncResult(held.status, tuple(held.foreign), chosen, False, False,
+                              held.waited, held.problems)
         try:
-            return self._sync_locked(ours, choose, now, deadline, t0)
-        finally:
-            self._mutex.release()
+            chosen = choose(list(held.foreign)) if choose is not None else None
+        except BaseException:
+            self.abandon(held)
+            raise
+        claim = Run(chosen.start, chosen.count) if chosen is not None else None
+        return self.finish(held, ours, claim=claim, chosen=chosen)
 
     # -------------------------------------------------------------- internals
 
     def _unlocked(
-        self,
-        status: Literal["skipped", "error"],
-        choose: Callable[[list[Span]], C | None] | None,
-        now: float | None,
-        waited: float,
+        self, status: Literal["skipped", "error"], now: float | None, waited: float,
         problems: list[str],
-    ) -> SyncResult[C]:
+    ) -> Unlocked:
         wall = time.time() if now is None else now
         stale = [run for run, expires in self._last_foreign if wall < expires]
-        chosen = choose(stale) if choose is not None else None
-        return SyncResult(status, tuple(stale), chosen, False, False, waited, tuple(problems))
+        return Unlocked(status, stale, waited, tuple(problems))
 
     def _lock(self, fd: int, deadline: float) -> bool:
         # Non-blocking attempts with growing sleeps: a blocking flock in a thread
@@ -558,16 +679,20 @@ class PortallocTable:
             # flock needs no write access; the crate's own file may be 0644 and not ours.
             return os.open(path, os.O_RDONLY | os.O_CLOEXEC), mode
 
-    def _read(self) -> bytes | None:
+    def _read(self) -> tuple[bytes | None, _FileId | None, Table | None]:
+        """(bytes, file id, None), or (None, id, table) when the file is the one we last saw."""
         path = os.path.join(self.directory, DATA_NAME)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            return None
+            return None, None, None
         with os.fdopen(fd, "rb") as f:
-            return f.read(_MAX_TABLE_BYTES + 1)
+            fid = _file_id(os.fstat(fd))
+            if self._seen is not None and self._seen[0] == fid:
+                return None, fid, self._seen[1]
+            return f.read(_MAX_TABLE_BYTES + 1), fid, None
 
-    def _write(self, data: bytes, mode: int) -> None:
+    def _write(self, data: bytes, mode: int) -> _FileId:
         path = os.path.join(self.directory, DATA_NAME)
         tmp = os.path.join(self.directory, TMP_NAME)
         with contextlib.suppress(FileNotFoundError):
@@ -579,72 +704,70 @@ class PortallocTable:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fdatasync(f.fileno())
+                os.fdatasync(fd)
+                fid = _file_id(os.fstat(fd))
             os.rename(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        return fid
 
-    def _sync_locked(
-        self,
-        ours: Mapping[int, tuple[int, float | None]],
-        choose: Callable[[list[Span]], C | None] | None,
-        now: float | None,
-        deadline: float,
+    def _begin_locked(
+        self, ours: Mapping[int, tuple[int, float | None]], now: float | None, deadline: float,
         t0: float,
-    ) -> SyncResult[C]:
+    ) -> Locked | Unlocked:
         try:
             fd, mode = self._open_lock()
         except OSError as exc:
-            return self._unlocked("error", choose, now, time.monotonic() - t0,
+            return self._unlocked("error", now, time.monotonic() - t0,
                                   [f"cannot open {self.directory}/{LOCK_NAME}: {exc}"])
         try:
             got = self._lock(fd, deadline)
         except OSError as exc:
             os.close(fd)
-            return self._unlocked("error", choose, now, time.monotonic() - t0,
+            return self._unlocked("error", now, time.monotonic() - t0,
                                   [f"flock on {self.directory}/{LOCK_NAME}: {exc}"])
         waited = time.monotonic() - t0
         if not got:
             os.close(fd)
-            return self._unlocked("skipped", choose, now, waited, [
+            return self._unlocked("skipped", now, waited, [
                 f"{self.directory}/{LOCK_NAME} held by another process for over "
                 f"{self.lock_timeout:g} s; table not read or written"])
         try:
-            return self._exchange(ours, choose, now, waited, mode)
-        finally:
-            os.close(fd)  # closing our only fd on that open file releases the flock
+            wall = time.time() if now is None else now
+            try:
+                raw, fid, known = self._read()
+            except OSError as exc:
+                # Unreadable is not corrupt: writing now could destroy others' entries.
+                os.close(fd)
+                return self._unlocked("error", now, waited,
+                                      [f"cannot read {self.directory}/{DATA_NAME}: {exc}"])
+            if known is not None:
+                parsed = Parsed(known, [], repair=False)
+            else:
+                if raw is not None and len(raw) > _MAX_TABLE_BYTES:
+                    raw = b"too large"
+                parsed = parse(raw)
+                self._seen = (fid, parsed.table) if fid is not None and not parsed.repair else None
+            owned = owned_bases(parsed.table, ours, self._published)
+            foreign = foreign_ranges(parsed.table, wall, owned)
+            self._last_foreign = [(r, parsed.table.keys[r[0]].expires) for r in foreign]
+            missing = fid is None
+            return Locked(fd, mode, wall, waited, parsed, missing, owned, foreign)
+        except BaseException:
+            os.close(fd)
+            raise
 
-    def _exchange(
-        self,
-        ours: Mapping[int, tuple[int, float | None]],
-        choose: Callable[[list[Span]], C | None] | None,
-        now: float | None,
-        waited: float,
-        mode: int,
+    def _finish_locked(
+        self, held: Locked, ours: Mapping[int, tuple[int, float | None]], claim: Run | None,
+        chosen: C | None,
     ) -> SyncResult[C]:
-        """Read, choose, merge, write: the part done while holding the crate's lock."""
-        wall = time.time() if now is None else now
-        try:
-            raw = self._read()
-        except OSError as exc:
-            # Unreadable is not corrupt: writing now could destroy others' entries.
-            # choose() still runs, after the caller's usual rule, on stale ranges.
-            return self._unlocked("error", choose, now, waited,
-                                  [f"cannot read {self.directory}/{DATA_NAME}: {exc}"])
-        if raw is not None and len(raw) > _MAX_TABLE_BYTES:
-            raw = b"too large"
-        parsed = parse(raw)
-        owned = owned_bases(parsed.table, ours, self._published)
-        foreign = foreign_ranges(parsed.table, wall, owned)
-        self._last_foreign = [(r, parsed.table.keys[r[0]].expires) for r in foreign]
-        chosen = choose(list(foreign)) if choose is not None else None
-        claim = Run(chosen.start, chosen.count) if chosen is not None else None
-        merged = merge(parsed.table, wall, ours, owned, claim=claim,
+        parsed = held.parsed
+        merged = merge(parsed.table, held.wall, ours, held.owned, claim=claim,
                        horizon=self.horizon, slack=self.slack)
         problems = parsed.problems + merged.problems
-        if raw is None:
+        if held.missing:
             # No file: the crate reads that as empty. Create one only to publish,
             # with `next` explicit (see empty_table).
             changed = bool(merged.table.keys)
@@ -653,17 +776,20 @@ class PortallocTable:
         else:
             changed = parsed.repair or merged.table != parsed.table
         wrote = False
+        foreign = tuple(held.foreign)
         if changed:
             try:
-                self._write(render(merged.table), mode)
-                wrote = True
+                fid = self._write(render(merged.table), held.mode)
             except OSError as exc:
+                self._seen = None
                 problems.append(f"cannot write {self.directory}/{DATA_NAME}: {exc}; "
                                 "leases not published")
-                return SyncResult("error", tuple(foreign), chosen, False, False, waited,
+                return SyncResult("error", foreign, chosen, False, False, held.waited,
                                   tuple(problems))
+            wrote = True
+            self._seen = (fid, merged.table)
         self._published = merged.published
-        return SyncResult("ok", tuple(foreign), chosen, True, wrote, waited, tuple(problems))
+        return SyncResult("ok", foreign, chosen, True, wrote, held.waited, tuple(problems))
 
 
 class AsyncPortallocTable:
