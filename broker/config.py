@@ -36,6 +36,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_ports_per_request: Positive = 256
     max_ports_per_uid: Positive = 4096
     max_leases_per_connection: Positive = 1024
+    max_connections_per_uid: Positive = 1024
+    """Open connections one uid may have at once; more are refused with ``quota``,
+    so one user cannot take every file descriptor the broker has."""
     portalloc_dir: str | None = None
     """A fedimint-portalloc data directory (``FM_PORTALLOC_DATA_DIR``) to share the range with."""
     idle_exit: Annotated[float, msgspec.Meta(ge=0)] = 0.0

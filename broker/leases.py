@@ -1,25 +1,37 @@
 """The lease table: who holds which ports, until when, and under which limits.
 
 Pure: no sockets, no clock, no randomness of its own. The server passes in
-``now``, the bind check and fresh tokens. Every rule about leases lives here:
+``now`` (elapsed seconds on a monotonic clock: a wall-clock step must neither
+expire a live lease nor keep a dead one), the wall time for display, the bind
+check and fresh tokens. Every rule about leases lives here:
 
 - a lease bound to a live connection never expires; when the connection ends,
   :meth:`LeaseTable.drop_connection` releases all its leases at once;
 - a detached or restored (orphaned) lease lives until ``expires``, pushed
   forward by ``renew`` and ended by ``release`` or :meth:`LeaseTable.expire`;
-- ``reclaim`` binds a detached or orphaned lease to a new connection.
+- ``reclaim`` binds a detached or orphaned lease to a new connection, which
+  then holds it (and counts it against its own uid's quota);
+- after a broker restart, a lease that was bound to a connection comes back
+  *orphaned* and is kept while the very process that took it still runs (it may
+  be stopped and unable to reclaim), for at most ORPHAN_KEEP_TTLS of its TTL;
+  a detached lease comes back detached, with the lifetime it had left.
 """
 
 from __future__ import annotations
 
 import enum
 import heapq
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from portlease.client.errors import Exhausted, InUse, NotFound, QuotaExceeded, TooLarge
 
 from .allocator import Allocator, BindCheck
+
+ORPHAN_KEEP_TTLS = 10
+"""An orphan whose owner still runs is kept at most this many TTLs after the
+restart: long enough for a process stopped across it, short enough that a lease
+whose end the journal missed (a full disk) cannot outlive the owner's session."""
 
 
 class LeaseState(enum.StrEnum):
@@ -45,6 +57,19 @@ class Peer:
 
 
 @dataclass(frozen=True, slots=True)
+class Instant:
+    """One moment on both clocks: ``mono`` for every duration, ``wall`` for display
+    and the journal."""
+
+    mono: float
+    wall: float
+
+    def to_wall(self, mono: float) -> float:
+        """The wall time of monotonic time ``mono``, as the clocks stand now."""
+        return self.wall + (mono - self.mono)
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     max_ports_per_request: int = 256
     max_ports_per_uid: int = 4096
@@ -58,13 +83,18 @@ class LeaseRecord:
     count: int
     ttl: float
     granted: float
+    """Wall time of the grant: for display only."""
     peer: Peer
     note: str | None = None
     connection: int | None = None
     """The connection the lease is bound to; None when detached or orphaned."""
     expires: float | None = None
-    """None while bound to a connection."""
+    """Monotonic time the lease lapses; None while bound to a connection."""
     orphaned: bool = False
+    since: float = 0.0
+    """Monotonic time of the grant (how long a lease was held)."""
+    keep_until: float | None = None
+    """For an orphan: the latest time it is kept while its owner still runs."""
 
     @property
     def ports(self) -> list[int]:
@@ -127,10 +157,12 @@ class LeaseTable:
         peer: Peer,
         connection: int | None,
         note: str | None = None,
+        wall: float | None = None,
     ) -> LeaseRecord:
         """Allocate ``count`` consecutive ports and record the lease.
 
         ``connection=None`` makes a detached lease expiring at ``now + ttl``.
+        ``wall`` is the wall time shown as the grant's time (default ``now``).
         Raises :class:`TooLarge`, :class:`QuotaExceeded` or :class:`Exhausted`.
         """
         limits = self.limits
@@ -164,7 +196,8 @@ class LeaseTable:
                 largest=largest,
             )
         record = LeaseRecord(
-            token=token, start=start, count=count, ttl=ttl, granted=now, peer=peer, note=note,
+            token=token, start=start, count=count, ttl=ttl, granted=now if wall is None else wall,
+            peer=peer, note=note, since=now,
         )
         self._insert(record, held=True)
         if connection is None:
@@ -195,7 +228,12 @@ class LeaseTable:
         return record
 
     def reclaim(self, token: str, connection: int, peer: Peer | None = None) -> LeaseRecord:
-        """Bind an unbound lease to ``connection``. A lease bound elsewhere is :class:`InUse`."""
+        """Bind an unbound lease to ``connection``. A lease bound elsewhere is :class:`InUse`.
+
+        The reclaiming ``peer`` becomes the holder: ``status`` shows it, and when
+        it runs as another uid (a token handed on, or leaked), the ports count
+        against that uid's quota from now on.
+        """
         record = self._lookup(token)
         if record.connection == connection:
             return record
@@ -204,11 +242,21 @@ class LeaseTable:
         n = len(self._by_connection.get(connection, ()))
         if n >= self.limits.max_leases_per_connection:
             raise QuotaExceeded(f"this connection holds {n} leases, the per-connection limit")
+        if peer is not None and peer.uid != record.peer.uid:
+            held = self._ports_by_uid.get(peer.uid, 0)
+            if held + record.count > self.limits.max_ports_per_uid:
+                raise QuotaExceeded(
+                    f"uid {peer.uid} holds {held} ports; this lease's {record.count} more would "
+                    f"pass the per-uid limit of {self.limits.max_ports_per_uid}"
+                )
+            self._uncount(record)
+            record.peer = peer
+            self._count(record)
+        elif peer is not None and peer.pid is not None:
+            record.peer = peer
         record.orphaned = False
         record.expires = None
-        # Show the process that holds it now; keep the uid it is counted under.
-        if peer is not None and peer.pid is not None and peer.uid == record.peer.uid:
-            record.peer = peer
+        record.keep_until = None
         self._bind(record, connection)
         return record
 
@@ -229,10 +277,10 @@ class LeaseTable:
         """Release every unbound lease whose expiry is at or before ``now``.
 
         An *orphan* (restored after a restart, never reclaimed) whose owner
-        ``owner_alive`` says is still running gets another TTL instead: a client
-        that was stopped (SIGSTOP, a debugger) while the broker restarted could
-        not reclaim, yet still means to use its ports. Detached leases expire
-        regardless: their owners chose the TTL.
+        ``owner_alive`` says is still running gets another TTL instead, up to
+        its ``keep_until``: a client that was stopped (SIGSTOP, a debugger) while
+        the broker restarted could not reclaim, yet still means to use its
+        ports. Detached leases expire regardless: their owners chose the TTL.
         """
         out = []
         heap = self._expiries
@@ -242,21 +290,34 @@ class LeaseTable:
             # Entries are never removed from the heap; skip stale ones.
             if record is None or record.connection is not None or record.expires != when:
                 continue
-            if record.orphaned and owner_alive is not None and owner_alive(record.peer):
-                self._set_expiry(record, now + record.ttl)
+            if (
+                record.orphaned
+                and owner_alive is not None
+                and (record.keep_until is None or now < record.keep_until)
+                and owner_alive(record.peer)
+            ):
+                until = now + record.ttl
+                if record.keep_until is not None:
+                    until = min(until, record.keep_until)
+                self._set_expiry(record, max(until, now))
                 continue
             self._remove(record)
             out.append(record)
         return out
 
-    def restore(self, records: Iterable[LeaseRecord], now: float) -> list[LeaseRecord]:
-        """Take back leases from a previous broker run, as orphans.
+    def restore(
+        self, records: Iterable[LeaseRecord], now: float, *, detached: Collection[str] = ()
+    ) -> list[LeaseRecord]:
+        """Take back leases from a previous broker run.
 
-        Each keeps its ports until ``max(its expiry, now + ttl)`` unless its owner
-        reclaims it: the owner may have been unable to renew while the broker was
-        down. A record that overlaps one already restored, or falls outside the
-        range, is skipped and returned, so that restore can never create a port
-        held twice.
+        A lease that was bound to a connection comes back as an orphan and keeps
+        its ports for one TTL (and while its owner runs, up to ORPHAN_KEEP_TTLS
+        TTLs) unless its owner reclaims it. A lease whose token is in
+        ``detached`` comes back detached and keeps the expiry it had (its
+        ``expires``, on this ``now``'s clock): a restart must not lengthen a
+        lifetime its owner chose. A record that overlaps one already restored,
+        or falls outside the range, is skipped and returned, so that restore can
+        never create a port held twice.
         """
         skipped = []
         for record in records:
@@ -270,9 +331,15 @@ class LeaseTable:
                 skipped.append(record)
                 continue
             record.connection = None
-            record.orphaned = True
             self._insert(record, held=False)
-            self._set_expiry(record, max(record.expires or 0.0, now + record.ttl))
+            if record.token in detached and record.expires is not None:
+                record.orphaned = False
+                record.keep_until = None
+                self._set_expiry(record, record.expires)
+            else:
+                record.orphaned = True
+                record.keep_until = now + ORPHAN_KEEP_TTLS * record.ttl
+                self._set_expiry(record, now + record.ttl)
         return skipped
 
     def rebind_allocator(self, allocator: Allocator) -> None:
@@ -298,8 +365,7 @@ class LeaseTable:
     def _insert(self, record: LeaseRecord, *, held: bool) -> None:
         """Index a record; ``held`` says the allocator already holds its run."""
         self._by_token[record.token] = record
-        uid = record.peer.uid
-        self._ports_by_uid[uid] = self._ports_by_uid.get(uid, 0) + record.count
+        self._count(record)
         self._ports_held += record.count
         if not held:
             self.allocator.hold(record.start, record.count)
@@ -307,15 +373,22 @@ class LeaseTable:
     def _remove(self, record: LeaseRecord) -> None:
         del self._by_token[record.token]
         self._unbind(record)
+        self._uncount(record)
+        self._ports_held -= record.count
+        self.allocator.unhold(record.start, record.count)
+        record.expires = None
+
+    def _count(self, record: LeaseRecord) -> None:
+        uid = record.peer.uid
+        self._ports_by_uid[uid] = self._ports_by_uid.get(uid, 0) + record.count
+
+    def _uncount(self, record: LeaseRecord) -> None:
         uid = record.peer.uid
         left = self._ports_by_uid[uid] - record.count
         if left:
             self._ports_by_uid[uid] = left
         else:
             del self._ports_by_uid[uid]
-        self._ports_held -= record.count
-        self.allocator.unhold(record.start, record.count)
-        record.expires = None
 
     def _bind(self, record: LeaseRecord, connection: int) -> None:
         record.connection = connection

@@ -17,6 +17,15 @@ leases rather than the last few lines.
 
 Reading is forgiving: a torn last line or any line that does not decode is
 counted and skipped; what can be read is kept.
+
+Times: a lease's expiry is kept on the monotonic clock (``mexp``) together with
+the boot id, so that a broker restarted on the same boot restores exactly the
+lifetime that was left, whatever the wall clock did meanwhile. The wall-clock
+``expires`` is written too, for people reading the file and for a journal read
+after a reboot (the monotonic clock restarts with the kernel), when the
+lifetime left is taken from it, never more than one TTL. ``attached`` says
+whether the lease was bound to a connection at its last change: only those
+come back as orphans kept while their owner lives.
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ from dataclasses import dataclass
 import msgspec
 
 from .errors import StartupError
-from .leases import LeaseRecord, Peer
+from .leases import Instant, LeaseRecord, Peer
+from .safedir import check_directory, open_file
 
 
 class _Grant(msgspec.Struct, tag="grant", omit_defaults=True):
@@ -47,30 +57,47 @@ class _Grant(msgspec.Struct, tag="grant", omit_defaults=True):
     cmdline: str | None = None
     started: str | None = None
     note: str | None = None
+    boot: str | None = None
+    mexp: float | None = None
+    since: float | None = None
+    attached: bool = True
 
 
 class _End(msgspec.Struct, tag="end"):
     token: str
 
 
-class _Expiry(msgspec.Struct, tag="expiry"):
+class _Expiry(msgspec.Struct, tag="expiry", omit_defaults=True):
     """The lease's expiry changed; null while it is bound to a connection."""
 
     token: str
     expires: float | None
+    mexp: float | None = None
+    attached: bool = True
 
 
-_Entry = _Grant | _End | _Expiry
+class _Identity(msgspec.Struct, tag="identity", omit_defaults=True):
+    """Who holds the lease, read from /proc after the grant's reply left."""
+
+    token: str
+    cmdline: str | None = None
+    started: str | None = None
+
+
+_Entry = _Grant | _End | _Expiry | _Identity
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(_Entry)
 
 
-def _grant_entry(record: LeaseRecord) -> _Grant:
+def _grant_entry(record: LeaseRecord, at: Instant, boot: str) -> _Grant:
     peer = record.peer
     return _Grant(
         token=record.token, start=record.start, count=record.count, ttl=record.ttl,
-        granted=record.granted, expires=record.expires, pid=peer.pid, uid=peer.uid,
-        gid=peer.gid, cmdline=peer.cmdline, started=peer.started, note=record.note,
+        granted=record.granted,
+        expires=None if record.expires is None else at.to_wall(record.expires),
+        pid=peer.pid, uid=peer.uid, gid=peer.gid, cmdline=peer.cmdline, started=peer.started,
+        note=record.note, boot=boot, mexp=record.expires, since=record.since,
+        attached=record.connection is not None or record.orphaned,
     )
 
 
@@ -81,6 +108,8 @@ class Loaded:
     records: list[LeaseRecord]
     bad_lines: int
     """Lines that did not decode (a torn write, corruption); skipped."""
+    detached: set[str]
+    """Tokens of the leases that were detached (not bound to a connection) at their last change."""
 
 
 class Journal:
@@ -90,8 +119,10 @@ class Journal:
     state fail fast with :class:`StartupError` instead of corrupting it.
     """
 
-    def __init__(self, path: str, *, compact_slack: int = 1000) -> None:
+    def __init__(self, path: str, *, boot: str = "", compact_slack: int = 1000) -> None:
         self.path = path
+        self.boot = boot
+        """This boot's id: monotonic times journaled under another boot mean nothing now."""
         self._compact_slack = compact_slack
         self._fd = -1
         self._lock_fd = -1
@@ -99,12 +130,13 @@ class Journal:
         self._torn = False
         """A write failed part-way: the file may end in half a line."""
 
-    def open(self) -> Loaded:
-        """Lock the state, read what is there and get ready to append."""
+    def open(self, at: Instant) -> Loaded:
+        """Lock the state, read what is there (times brought onto ``at``'s clocks)
+        and get ready to append."""
         directory = os.path.dirname(os.path.abspath(self.path))
+        check_directory(directory, create_mode=0o700)
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._lock_fd = open_file(self.path + ".lock", os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise StartupError(f"cannot open state {self.path}: {exc.strerror}") from None
         try:
@@ -116,19 +148,20 @@ class Journal:
                 f"state file {self.path} is in use by another portlease broker; "
                 "stop it first or give this one another --state"
             ) from None
-        loaded = self._read()
-        self._fd = os.open(
-            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
-        )
+        loaded = self._read(at)
+        try:
+            self._fd = open_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except OSError as exc:
+            raise StartupError(f"cannot open state {self.path}: {exc.strerror}") from None
         self._records_written = len(loaded.records) + loaded.bad_lines
         return loaded
 
-    def _read(self) -> Loaded:
+    def _read(self, at: Instant) -> Loaded:
         try:
-            with open(self.path, "rb") as f:
+            with os.fdopen(open_file(self.path, os.O_RDONLY), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            return Loaded([], 0)
+            return Loaded([], 0, set())
         except OSError as exc:
             raise StartupError(f"cannot read state {self.path}: {exc.strerror}") from None
         live: dict[str, _Grant] = {}
@@ -145,21 +178,38 @@ class Journal:
                 live[entry.token] = entry
             elif isinstance(entry, _End):
                 live.pop(entry.token, None)
+            elif isinstance(entry, _Expiry):
+                grant = live.get(entry.token)
+                if grant is not None:
+                    grant.expires, grant.mexp, grant.attached = entry.expires, entry.mexp, entry.attached
             else:
                 grant = live.get(entry.token)
                 if grant is not None:
-                    grant.expires = entry.expires
+                    grant.cmdline, grant.started = entry.cmdline, entry.started
         records = [
             LeaseRecord(
                 token=g.token, start=g.start, count=g.count, ttl=g.ttl, granted=g.granted,
-                expires=g.expires, note=g.note,
+                expires=self._expiry_now(g, at), note=g.note,
+                since=g.since if g.since is not None and g.boot == self.boot else at.mono,
                 peer=Peer(pid=g.pid, uid=g.uid, gid=g.gid, cmdline=g.cmdline, started=g.started),
             )
             for g in live.values()
             if g.count >= 1 and g.start > 0 and g.start + g.count <= 65536 and g.ttl > 0
         ]
         bad += len(live) - len(records)
-        return Loaded(records, bad)
+        detached = {g.token for g in live.values() if not g.attached}
+        return Loaded(records, bad, detached)
+
+    def _expiry_now(self, grant: _Grant, at: Instant) -> float | None:
+        """The grant's expiry on this run's monotonic clock."""
+        if grant.mexp is not None and grant.boot == self.boot:
+            return grant.mexp
+        if grant.expires is None:
+            return None
+        # Another boot (or an older journal): all we have is the wall clock, so
+        # take what is left by it, but never more than one TTL.
+        left = min(max(grant.expires - at.wall, 0.0), grant.ttl)
+        return at.mono + left
 
     # ------------------------------------------------------------ appends
 
@@ -176,25 +226,39 @@ class Journal:
             raise OSError(errno.ENOSPC, f"short write to {self.path}")
         self._torn = False
 
-    def granted(self, record: LeaseRecord) -> None:
-        self._append(_grant_entry(record))
+    def granted(self, record: LeaseRecord, at: Instant) -> None:
+        self._append(_grant_entry(record, at, self.boot))
 
     def ended(self, record: LeaseRecord) -> None:
         self._append(_End(record.token))
 
-    def expiry_changed(self, record: LeaseRecord) -> None:
-        self._append(_Expiry(record.token, record.expires))
+    def expiry_changed(self, record: LeaseRecord, at: Instant) -> None:
+        expires = record.expires
+        self._append(_Expiry(
+            record.token, None if expires is None else at.to_wall(expires), expires,
+            attached=record.connection is not None or record.orphaned,
+        ))
+
+    def identified(self, record: LeaseRecord) -> None:
+        self._append(_Identity(record.token, record.peer.cmdline, record.peer.started))
 
     def needs_compaction(self, live: int) -> bool:
         return self._records_written > 2 * live + self._compact_slack
 
-    def compact(self, records: Iterable[LeaseRecord]) -> None:
+    def compact(self, records: Iterable[LeaseRecord], at: Instant) -> None:
         """Replace the journal with a snapshot of ``records`` (fsynced, then renamed)."""
         tmp = self.path + ".tmp"
-        body = b"".join(_encoder.encode(_grant_entry(r)) + b"\n" for r in records)
+        body = b"".join(_encoder.encode(_grant_entry(r, at, self.boot)) + b"\n" for r in records)
         # Appends go on through this same fd after the rename, so there is no
         # moment (or failed open) that leaves them going to the replaced file.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        # A file left at the temporary name (a crash mid-compaction) is removed
+        # first; O_EXCL | O_NOFOLLOW then refuse anything planted there since.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_APPEND | os.O_CLOEXEC,
+            0o600,
+        )
         try:
             view = memoryview(body)
             while view:

@@ -209,7 +209,7 @@ class LeaseInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     expires: float | None = None
 
 
-class Summary(msgspec.Struct, kw_only=True):
+class Summary(msgspec.Struct, kw_only=True, omit_defaults=True):
     range: tuple[int, int]
     leases: int
     ports_held: int
@@ -217,6 +217,8 @@ class Summary(msgspec.Struct, kw_only=True):
     largest_free_run: int
     clients: int
     ttl: float
+    notice: str | None = None
+    """Why part of the range is never granted (the kernel's ephemeral or reserved ports), if so."""
 
 
 class StatusReply(Reply, tag="status"):
@@ -268,7 +270,7 @@ def encode(message: Request | Reply) -> bytes:
 def decode_request(line: bytes) -> AnyRequest:
     """Decode one request line (without its newline).
 
-    Raises ``msgspec.ValidationError`` or ``msgspec.DecodeError``; use
+    Raises ``msgspec.ValidationError`` or ``msgspec.DecodeError`` only; use
     :func:`error_for_bad_line` to turn that into an error reply.
     """
     try:
@@ -276,6 +278,8 @@ def decode_request(line: bytes) -> AnyRequest:
     except UnicodeDecodeError as exc:
         # msgspec lets this one through for invalid UTF-8 inside some strings.
         raise msgspec.DecodeError(f"invalid UTF-8: {exc}") from None
+    except RecursionError:
+        raise msgspec.DecodeError("the request is nested too deeply") from None
 
 
 def decode_reply(line: bytes) -> AnyReply:
@@ -290,8 +294,12 @@ def error_for_bad_line(line: bytes, exc: Exception) -> Error:
     """The error reply for a line that did not decode, echoing its id when readable."""
     try:
         request_id = _id_decoder.decode(line).id
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except Exception:
+        # Anything: not JSON, invalid UTF-8, nesting too deep for the decoder
+        # (RecursionError). The reply then carries a null id.
         request_id = None
+    if isinstance(exc, RecursionError):
+        exc = msgspec.DecodeError("the request is nested too deeply")
     text = str(exc)
     code = ErrorCode.BAD_REQUEST
     if isinstance(exc, msgspec.ValidationError) and "Invalid value" in text and "$.op" in text:
