@@ -10,6 +10,8 @@ keeping the two worlds apart.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import random
 import stat
@@ -272,6 +274,55 @@ if given is not None:
                    or b not in owned for b in table.keys)
         assert pa.parse(pa.render(out)).table == out
 
+    def reference_merge(
+        table: pa.Table, now: float, ours: dict[int, tuple[int, float | None]], owned: set[int]
+    ) -> tuple[dict[int, pa.Entry], dict[int, pa.Entry]]:
+        """merge() worked out port by port: slow, obvious, independent of the sweep."""
+        live = {p for b, e in table.keys.items() if b not in owned and e.live(now)
+                for p in range(b, b + e.size)}
+        claimed: dict[int, tuple[int, int]] = {}  # port -> (run index, expires)
+        for i, (base, (count, left)) in enumerate(sorted(ours.items())):
+            if count <= 0 or (left is not None and left <= 0):
+                continue
+            expires = math.ceil(now + (pa.CRATE_RESERVATION if left is None else min(left, 120)))
+            for port in range(base, min(base + count, pa.U16_MAX)):
+                if port not in live and port not in claimed:
+                    claimed[port] = (i, expires)
+        pieces: dict[int, pa.Entry] = {}
+        start = None
+        for port in sorted(claimed):
+            if start is None or claimed.get(port - 1, (None,))[0] != claimed[port][0]:
+                start = port
+                pieces[start] = pa.Entry(0, claimed[port][1])
+            pieces[start] = pa.Entry(pieces[start].size + 1, claimed[port][1])
+        for base, entry in list(pieces.items()):
+            old = table.keys.get(base) if base in owned else None
+            if (old is not None and old.size == entry.size
+                    and entry.expires - 10 <= old.expires <= entry.expires):
+                pieces[base] = old
+        keys = {
+            b: e for b, e in table.keys.items()
+            # an empty entry counts as its base port: one inside our run goes too
+            if b not in owned and not any(p in claimed for p in range(b, b + max(e.size, 1)))
+        }
+        keys.update(pieces)
+        return keys, pieces
+
+    @given(tables, leases, st.sets(st.integers(10000, 10300)), st.floats(0, 200))
+    @settings(max_examples=400, deadline=None)
+    def test_merge_equals_the_port_by_port_reference(
+        table: pa.Table,
+        ours: dict[int, tuple[int, float | None]],
+        owned_guess: set[int],
+        dt: float,
+    ) -> None:
+        owned = owned_guess & set(table.keys)
+        now = NOW + dt - 100
+        m = pa.merge(table, now, ours, owned)
+        keys, published = reference_merge(table, now, ours, owned)
+        assert m.published == published
+        assert m.table.keys == keys
+
 
 # ------------------------------------------------------------------ real files and locks
 
@@ -412,6 +463,136 @@ def test_async_wrapper_runs_choose_on_the_trio_thread(tmp_path: Path) -> None:
     trio.run(main)
     assert threads == [threading.get_ident()]
     assert table_of(d)["keys"]["10000"]["size"] == 3
+
+
+def test_table_replaced_or_edited_in_place_is_read_again(tmp_path: Path) -> None:
+    d = tmp_path / "pa"
+    t = pa.PortallocTable(str(d))
+    assert t.sync({10000: (2, None)}).wrote
+    assert t.sync({10000: (2, None)}).foreign == ()  # our own table, not parsed again
+    base = int(run_crate(d, "alloc", "1").stdout)  # the crate replaces the file (rename)
+    assert t.sync({10000: (2, None)}).foreign == ((base, 1),)
+    # Edited in place (same inode, other size): read again, not taken from memory.
+    doc = table_of(d)
+    doc["keys"]["20000"] = {"size": 7, "expires": int(time.time()) + 100}
+    path = d / "fm-portalloc.json"
+    with open(path, "r+") as f:
+        f.write(json.dumps(doc))
+        f.truncate()
+    assert (20000, 7) in t.sync({10000: (2, None)}).foreign
+
+
+def test_begin_holds_the_crate_lock_until_finish(tmp_path: Path) -> None:
+    d = tmp_path / "pa"
+    t = pa.PortallocTable(str(d))
+    held = t.begin({})
+    assert isinstance(held, pa.Locked)
+    other = pa.PortallocTable(str(d), lock_timeout=0.05)
+    assert other.sync({}).status == "skipped"  # another process's view: the lock is taken
+    r = t.finish(held, {10000: (3, None)})
+    assert r.status == "ok" and r.wrote
+    assert other.sync({}).foreign == ((10000, 3),)
+
+
+# ------------------------------------------------------------------ the share around a grant
+
+
+def _share_world(d: Path) -> tuple[Any, Any, dict[int, tuple[int, float | None]]]:
+    from portlease.broker.allocator import Allocator
+    from portlease.broker.share import PortallocShare
+
+    allocator = Allocator(10000, 10099)
+    leases: dict[int, tuple[int, float | None]] = {}
+    share = PortallocShare(str(d), snapshot=lambda: dict(leases), allocator=lambda: allocator,
+                           log=logging.getLogger("test.share"), lock_timeout=0.2)
+    return share, allocator, leases
+
+
+def _grant(allocator: Any, leases: dict[int, tuple[int, float | None]], count: int) -> int:
+    start = allocator.allocate(count, lambda port: True, 0.0)
+    assert start is not None
+    allocator.hold(start, count)
+    leases[start] = (count, None)
+    return int(start)
+
+
+def test_share_grant_skips_crate_entries_and_publishes_in_the_same_hold(tmp_path: Path) -> None:
+    import trio
+
+    d = tmp_path / "pa"
+    theirs = [int(b) for b in run_crate(d, "--low", "10000", "--high", "10099", "alloc", "3",
+                                        "--repeat", "2").stdout.split()]
+    share, allocator, leases = _share_world(d)
+    threads: list[int] = []
+
+    def grant() -> int:
+        threads.append(threading.get_ident())
+        # The crate's lock is held while we grant: another caller cannot get in.
+        assert pa.PortallocTable(str(d), lock_timeout=0.01).sync({}).status == "skipped"
+        return _grant(allocator, leases, 4)
+
+    async def main() -> list[int]:
+        await share.start()
+        return [await share.around_grant(grant) for _ in range(3)]
+
+    ours = trio.run(main)
+    assert threads == [threading.get_ident()] * 3  # grant() ran on the trio thread
+    their_ports = {p for b in theirs for p in range(b, b + 3)}
+    assert not their_ports & {p for b in ours for p in range(b, b + 4)}
+    keys = table_of(d)["keys"]
+    assert all(keys[str(b)]["size"] == 4 for b in ours)  # published with the grant
+    assert share.foreign == [(b, 3) for b in theirs]
+    # Held once each, however many grants saw them (the holds are a diff, not a rebuild).
+    assert [allocator._holds[b] for b in theirs] == [1, 1]
+
+
+def test_share_grant_failure_releases_the_lock_and_writes_nothing(tmp_path: Path) -> None:
+    import trio
+
+    d = tmp_path / "pa"
+    share, allocator, leases = _share_world(d)
+
+    def grant() -> int:
+        leases[10050] = (1, None)  # half-done work must not reach the table
+        raise RuntimeError("no")
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError):
+            await share.around_grant(grant)
+
+    trio.run(main)
+    assert pa.PortallocTable(str(d), lock_timeout=0.05).sync({}).status == "ok"
+    assert not (d / "fm-portalloc.json").exists()
+
+
+def test_share_ended_lease_leaves_the_table_and_reapply_moves_holds(tmp_path: Path) -> None:
+    import trio
+
+    from portlease.broker.allocator import Allocator
+
+    d = tmp_path / "pa"
+    base = int(run_crate(d, "--low", "10000", "--high", "10099", "alloc", "2").stdout)
+    share, allocator, leases = _share_world(d)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await share.start()
+            nursery.start_soon(share.refresh_forever)
+            start = await share.around_grant(lambda: _grant(allocator, leases, 1))
+            assert str(start) in table_of(d)["keys"]
+            del leases[start]
+            share.lease_ended()
+            with trio.fail_after(5):
+                while str(start) in table_of(d)["keys"]:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert str(base) in table_of(d)["keys"]  # the crate's entry stays
+    assert not allocator.is_free(base)
+    new = Allocator(10000, 10199)
+    share.reapply(new)
+    assert not new.is_free(base) and not new.is_free(base + 1) and new.is_free(base + 2)
 
 
 # ------------------------------------------------------------------ both worlds, many processes
