@@ -550,7 +550,7 @@ def test_share_grant_failure_releases_the_lock_and_writes_nothing(tmp_path: Path
     import trio
 
     d = tmp_path / "pa"
-    share, allocator, leases = _share_world(d)
+    share, _allocator, leases = _share_world(d)
 
     def grant() -> int:
         leases[10050] = (1, None)  # half-done work must not reach the table
