@@ -13,8 +13,11 @@ of starting its own, and the broker's own lock file stops any broker started
 outside this protocol (``portlease serve`` by hand) from stealing the path.
 
 This module is never used for a configured socket (``--socket``,
-``$PORTLEASE_SOCKET``, the system socket): a configured broker that does not
-answer is an error to report, not a reason to start another one.
+``$PORTLEASE_SOCKET``) nor where a system deployment exists (see
+:mod:`portlease.client.paths`): a configured broker that does not answer is an
+error to report, and a system broker that is down must not be replaced by a
+private one. It creates, binds and writes nothing outside the caller's own
+per-user directory.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ import fcntl
 import os
 import signal
 import socket
-import stat
 import sys
 import threading
 import time
 from collections.abc import Generator
 from typing import Final
+
+from . import paths
+from .errors import UnsafeSocket
 
 DEFAULT_IDLE_EXIT: Final = 600.0
 """Seconds an autostarted broker lingers with no connection and no lease."""
@@ -101,13 +106,16 @@ def answers(path: str, timeout: float = 1.0) -> bool:
 def ensure_broker(path: str, *, timeout: float) -> None:
     """Make sure a broker answers on ``path``, starting one if none does.
 
-    Returns once the socket accepts connections. Raises :class:`OSError` when
-    the directory is unsafe, or the broker could not be started within
-    ``timeout`` seconds (the message names the log file to read).
+    ``path`` must be the per-user socket. Returns once the socket accepts
+    connections. Raises :class:`UnsafeSocket` when its directory is not the
+    caller's own, and :class:`OSError` when the broker could not be started
+    within ``timeout`` seconds (the message names the log file to read).
     """
+    if os.path.abspath(path) != os.path.abspath(paths.user_socket()):
+        # Anything but the caller's own per-user socket is someone else's to run.
+        raise OSError(errno.EPERM, f"{path} is not the per-user socket; not starting a broker there")
     deadline = time.monotonic() + timeout
-    directory = os.path.dirname(os.path.abspath(path))
-    _private_dir(directory)
+    _private_dir(path)
     with _spawn_lock(path + ".spawn", deadline):
         # Whoever held the lock before us may have started it already.
         if answers(path):
@@ -115,23 +123,23 @@ def ensure_broker(path: str, *, timeout: float) -> None:
         _spawn_and_wait(path, deadline, timeout)
 
 
-def _private_dir(directory: str) -> None:
-    """Create ``directory`` 0700, or check that an existing one is ours alone.
+def _private_dir(path: str) -> None:
+    """Create the per-user socket's directory 0700, or check that an existing one is ours alone.
 
-    The per-user fallback lives in /tmp, where another user could create the
-    directory first and own whatever socket we would then trust.
+    Never chmods or chowns: a directory that is not already private is
+    refused (the same check every connect makes), so that autostart cannot
+    loosen or take over anything it did not create.
     """
+    directory = os.path.dirname(os.path.abspath(path))
     with contextlib.suppress(FileExistsError):
-        os.makedirs(directory, mode=0o700)
-    st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise OSError(
-            errno.EPERM,
-            f"{directory} is not a directory owned by uid {os.getuid()}; not starting a "
-            "portlease broker there (remove it, or set PORTLEASE_SOCKET)",
+        os.mkdir(directory, mode=0o700)
+    problem = paths.directory_problem(directory)
+    if problem is not None:
+        raise UnsafeSocket(
+            f"not starting a portlease broker at {path}: its directory {directory}: {problem}. "
+            f"Remove {directory} if it is not yours, or set PORTLEASE_SOCKET",
+            paths=(path,),
         )
-    if st.st_mode & 0o077:
-        os.chmod(directory, 0o700)
 
 
 @contextlib.contextmanager

@@ -110,6 +110,16 @@ class BrokerUnavailable(PortleaseError):
         self.paths = paths
 
 
+class UnsafeSocket(BrokerUnavailable):
+    """The socket was refused before anything was sent: someone else could own it.
+
+    Raised when a per-user socket's directory is not the caller's own (another
+    owner, a symlink, writable by group or others), or when the process behind
+    a socket runs as another user (``SO_PEERCRED``). The message names the path
+    and what is wrong with it.
+    """
+
+
 class ConnectionLost(PortleaseError):
     """The connection to the broker closed while a request was in flight."""
 

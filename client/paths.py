@@ -1,20 +1,81 @@
-"""Where the broker's socket is: one rule shared by the broker, the clients and the CLI."""
+"""Which socket to use, whether it is safe, and what to say when nothing answers.
+
+One rule for the broker, both clients and the CLI:
+
+1. ``--socket`` / ``socket=`` (explicit);
+2. ``$PORTLEASE_SOCKET``;
+3. the system socket, wherever a system deployment exists: its directory
+   (``/run/portlease``) or the system config file
+   (``/etc/portlease/config.toml``) is present;
+4. the per-user socket, ``$XDG_RUNTIME_DIR/portlease/portlease.sock``, else
+   ``/tmp/portlease-$UID/portlease.sock``.
+
+Only the per-user socket is ever started on demand (see
+:mod:`portlease.client.autostart`); a system broker that is down is waited for
+and then reported, never replaced by a private one, or two users of one host
+would be handed the same ports.
+
+A per-user path lives in a place another user may have reached first (``/tmp``
+above all), so before every connect the clients check that its directory is
+the caller's own (owner, not a symlink, not writable by group or others), and
+after connecting that the process behind the socket runs as the caller
+(``SO_PEERCRED``). The system socket's listener must be root (socket activation
+makes systemd the listener) or the caller. An explicit socket is trusted as
+configured. Anything else raises :class:`UnsafeSocket` before a byte is sent.
+
+``PORTLEASE_SYSTEM_DIR`` and ``PORTLEASE_SYSTEM_CONFIG`` move the system
+paths; they are test hooks, not configuration.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
-from typing import Final
+import socket as _socket
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Final, Literal
 
+from .errors import BrokerUnavailable, UnsafeSocket
+
+SYSTEM_DIR: Final = "/run/portlease"
 SYSTEM_SOCKET: Final = "/run/portlease/portlease.sock"
 """The socket systemd (``portlease.socket``) and the NixOS module provide."""
+SYSTEM_CONFIG: Final = "/etc/portlease/config.toml"
+SOCKET_NAME: Final = "portlease.sock"
+
+CHECK_SYSTEM: Final = "run `systemctl status portlease.socket` to see why"
+
+Source = Literal["argument", "PORTLEASE_SOCKET", "system", "per-user"]
+
+
+def system_dir() -> str:
+    """The system socket's directory (``$PORTLEASE_SYSTEM_DIR`` in tests)."""
+    return os.environ.get("PORTLEASE_SYSTEM_DIR") or SYSTEM_DIR
+
+
+def system_socket() -> str:
+    """The system socket's path."""
+    return os.path.join(system_dir(), SOCKET_NAME)
+
+
+def system_config() -> str:
+    """The system config file (``$PORTLEASE_SYSTEM_CONFIG`` in tests)."""
+    return os.environ.get("PORTLEASE_SYSTEM_CONFIG") or SYSTEM_CONFIG
+
+
+def system_deployment() -> bool:
+    """Whether this host has a system broker (its directory or its config file exists)."""
+    return os.path.lexists(system_dir()) or os.path.lexists(system_config())
 
 
 def user_socket() -> str:
     """The per-user socket: under ``$XDG_RUNTIME_DIR``, else ``/tmp/portlease-$UID/``."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isabs(runtime):
-        return os.path.join(runtime, "portlease", "portlease.sock")
-    return os.path.join("/tmp", f"portlease-{os.getuid()}", "portlease.sock")
+        return os.path.join(runtime, "portlease", SOCKET_NAME)
+    return os.path.join("/tmp", f"portlease-{os.getuid()}", SOCKET_NAME)
 
 
 def explicit_socket(cli_value: str | None = None) -> str | None:
@@ -25,16 +86,168 @@ def explicit_socket(cli_value: str | None = None) -> str | None:
     return env or None
 
 
-def resolve_socket(cli_value: str | None = None) -> tuple[str, bool]:
-    """Pick the socket path and say whether it was configured explicitly.
+@dataclass(frozen=True, slots=True)
+class SocketChoice:
+    """A socket path and why it was chosen."""
 
-    Order: ``--socket``, ``$PORTLEASE_SOCKET``, the system socket when it
-    exists, else the per-user socket. Only the per-user socket (not configured
-    explicitly) may be started on demand by the client.
+    path: str
+    source: Source
+
+    @property
+    def explicit(self) -> bool:
+        """Configured by the caller: never autostarted, never second-guessed."""
+        return self.source in ("argument", "PORTLEASE_SOCKET")
+
+    @property
+    def per_user(self) -> bool:
+        return self.source == "per-user"
+
+    @property
+    def system(self) -> bool:
+        return self.source == "system"
+
+
+def choose_socket(cli_value: str | None = None) -> SocketChoice:
+    """Pick the socket by the rule in the module docstring."""
+    if cli_value:
+        return SocketChoice(cli_value, "argument")
+    env = os.environ.get("PORTLEASE_SOCKET")
+    if env:
+        return SocketChoice(env, "PORTLEASE_SOCKET")
+    if system_deployment():
+        return SocketChoice(system_socket(), "system")
+    return SocketChoice(user_socket(), "per-user")
+
+
+def resolve_socket(cli_value: str | None = None) -> tuple[str, bool]:
+    """The chosen path, and whether it was configured explicitly."""
+    choice = choose_socket(cli_value)
+    return choice.path, choice.explicit
+
+
+# ---------------------------------------------------------------- safety
+
+
+def directory_problem(directory: str, uid: int | None = None) -> str | None:
+    """What makes ``directory`` unfit to hold a per-user socket, or None if it is fine.
+
+    A missing directory is fine (nothing can answer there; autostart creates it).
     """
-    explicit = explicit_socket(cli_value)
-    if explicit:
-        return explicit, True
-    if os.path.exists(SYSTEM_SOCKET):
-        return SYSTEM_SOCKET, False
-    return user_socket(), False
+    uid = os.getuid() if uid is None else uid
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return f"it is a symlink (to {os.readlink(directory)}), which someone else may control"
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory"
+    if st.st_uid != uid:
+        return f"it belongs to uid {st.st_uid}, not to you (uid {uid})"
+    if st.st_mode & 0o022:
+        return (f"it is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}), "
+                "so someone else may have put the socket there")
+    return None
+
+
+def check_directory(choice: SocketChoice) -> None:
+    """Raise :class:`UnsafeSocket` if a per-user socket's directory is not the caller's own."""
+    if not choice.per_user:
+        return
+    directory = os.path.dirname(choice.path)
+    problem = directory_problem(directory)
+    if problem is not None:
+        raise UnsafeSocket(
+            f"refusing the portlease socket {choice.path}: its directory {directory}: {problem}. "
+            f"Remove {directory} if it is not yours, or set PORTLEASE_SOCKET",
+            paths=(choice.path,),
+        )
+
+
+def peer_uid(sock: _socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process that listens behind a connected Unix socket."""
+    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", raw)
+    return pid, uid
+
+
+def check_peer(sock: _socket.socket, choice: SocketChoice) -> None:
+    """Raise :class:`UnsafeSocket` unless the peer of ``sock`` may serve ``choice``.
+
+    Per-user socket: the peer runs as the caller. System socket: as root (or
+    the caller). An explicit socket is not checked.
+    """
+    if choice.explicit:
+        return
+    me = os.getuid()
+    pid, uid = peer_uid(sock)
+    allowed = {me, 0} if choice.system else {me}
+    if uid in allowed:
+        return
+    whom = "root or you" if choice.system else "you"
+    raise UnsafeSocket(
+        f"refusing the portlease socket {choice.path}: the process behind it (pid {pid}) runs "
+        f"as uid {uid}, not as {whom} (uid {me}); it is not your broker. Nothing was sent to it",
+        paths=(choice.path,),
+    )
+
+
+# ---------------------------------------------------------------- when nothing answers
+
+Action = Literal["autostart", "wait"]
+
+
+def on_connect_error(
+    choice: SocketChoice, exc: OSError, *, autostart_on: bool, autostart_tried: bool
+) -> Action | BrokerUnavailable:
+    """What to do after ``connect`` to ``choice`` failed with ``exc``.
+
+    ``"autostart"``: start the per-user broker; ``"wait"``: try again later
+    (a system broker that is down, or being started); else the error to raise.
+    """
+    if isinstance(exc, PermissionError):
+        return BrokerUnavailable(
+            f"permission denied on the portlease socket {choice.path}: add this user to the "
+            "socket's group (usually `portlease`) and log in again",
+            paths=(choice.path,),
+        )
+    if choice.system:
+        return "wait"
+    if choice.per_user and autostart_on and not autostart_tried:
+        return "autostart"
+    return unavailable(choice, exc, autostart_on=autostart_on)
+
+
+def unavailable(choice: SocketChoice, exc: OSError, *, autostart_on: bool) -> BrokerUnavailable:
+    """The :class:`BrokerUnavailable` for a socket that did not answer with ``exc``."""
+    reason = exc.strerror or str(exc)
+    path = choice.path
+    if choice.system:
+        missing = " (the socket file is missing)" if exc.errno == errno.ENOENT else ""
+        return BrokerUnavailable(
+            f"the system portlease broker is down: nothing answers at {path}{missing} ({reason}); "
+            f"{CHECK_SYSTEM}. Clients never start a private broker where a system one is "
+            "installed", paths=(path,),
+        )
+    if choice.source == "argument":
+        how = ("start one there with `portlease serve --socket PATH`, or pass the socket of a "
+               "running broker")
+    elif choice.source == "PORTLEASE_SOCKET":
+        how = ("it comes from $PORTLEASE_SOCKET: start a broker there with `portlease serve "
+               "--socket PATH`, or point PORTLEASE_SOCKET at a running one")
+    elif not autostart_on:
+        how = ("autostart is off (PORTLEASE_AUTOSTART=0, or autostart=False): start one with "
+               "`portlease serve`, or turn autostart on")
+    else:
+        how = "start one with `portlease serve`"
+    return BrokerUnavailable(f"no portlease broker answers at {path} ({reason}); {how}",
+                             paths=(path,))
+
+
+def autostart_failed(choice: SocketChoice, exc: OSError) -> BrokerUnavailable:
+    """The :class:`BrokerUnavailable` to raise when starting the per-user broker failed."""
+    return BrokerUnavailable(
+        f"no portlease broker answers at {choice.path}, and starting one failed: "
+        f"{exc.strerror or exc}; start one with `portlease serve`",
+        paths=(choice.path,),
+    )

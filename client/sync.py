@@ -1,83 +1,59 @@
 """The blocking client: :func:`lease` and :class:`Connection`.
 
-Imports only the standard library and msgspec (no trio), so a test suite, a
-shell wrapper or any thread can use it cheaply.
+A thin I/O shell over :class:`portlease.client.session.Session`; it imports
+only the standard library and msgspec (no trio, anyio or asyncio), so a test
+suite, a shell wrapper or any thread can use it cheaply.
 
 A lease lives as long as its connection. When the broker itself goes away
-(restart, upgrade, crash), a small daemon thread notices the hang-up,
-reconnects, and reclaims every lease with its token; a lease that cannot be
-reclaimed is reported on stderr, passed to ``on_lost`` and raised from the
-next call (and from :meth:`Lease.check`).
+(restart, upgrade, crash) the leases must be reclaimed within their TTL even if
+the program makes no call meanwhile (a test holding a port for minutes), so
+reclaim cannot only ride on the next call. Instead **one watcher thread per
+process** waits, in one ``epoll`` set, for a hang-up on every open connection
+that holds leases. It is started once, by the first connection that holds an
+attached lease, and never joined: later connections only add their socket to
+the set (one ``epoll_ctl``) and take it out again, so a one-shot
+``with lease(1)`` neither starts nor joins a thread, and a program with a
+hundred connections still has one thread. A thread per connection (the old
+design) cost a start and a join per ``with lease()``, about a third of its
+time. Requests never wake the watcher: it asks for ``EPOLLRDHUP`` only.
+
+Locks are never held across sleeps or connects: a reconnect dials with no lock
+held and installs the new socket under the I/O lock, which only guards one
+write and the reads of its replies. :meth:`Connection.close` takes no lock it
+could wait for and never waits on a thread, so it is safe at interpreter exit
+(:func:`sys.is_finalizing`, daemon threads frozen mid-step) and in a forked
+child (:func:`os.register_at_fork`), where the parent's connection is left
+alone: the child neither closes it for the parent nor sends on it.
+
+A lease that cannot be reclaimed is reported on stderr, passed to ``on_lost``
+and raised from the next call (and from :meth:`Lease.check`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import select
 import socket as _socket
+import sys
 import threading
 import time
+import traceback
+import weakref
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
+from . import paths
 from . import protocol as p
-from .errors import (
-    BrokerUnavailable,
-    ConnectionLost,
-    LeaseError,
-    LeaseLost,
-    NotFound,
-    PortleaseError,
-    error_class,
-)
-from .grant import Lease, LostCallback, report_lost
-from .paths import resolve_socket
+from .errors import BrokerUnavailable, ConnectionLost, LeaseError, UnsafeSocket
+from .grant import Lease, LostCallback
+from .session import RECONNECT_MAX_DELAY, Backoff, Call, Dropped, Session, default_note
 
-R = TypeVar("R", bound=p.Reply)
+__all__ = ["RECONNECT_MAX_DELAY", "Connection", "default_note", "lease"]
 
-RECONNECT_MAX_DELAY = 0.1
-"""Longest pause between attempts to reach a restarting broker. A refused
-connect on a Unix socket costs microseconds, and every pause is time the
-leases spend as orphans, so the clients keep knocking often."""
+T = TypeVar("T")
 
-
-
-def default_note() -> str | None:
-    """What identifies the caller to an operator: runner and job when CI sets them."""
-    parts = []
-    for var in ("RUNNER_NAME", "GITHUB_JOB"):
-        value = os.environ.get(var)
-        if value:
-            parts.append(f"{var.lower()}={value}")
-    return " ".join(parts) or None
-
-
-def unavailable_error(path: str, explicit: bool, exc: OSError) -> BrokerUnavailable:
-    """The :class:`BrokerUnavailable` to raise when connecting to ``path`` failed with ``exc``."""
-    how = (
-        "start one with `portlease serve --socket PATH`, or point PORTLEASE_SOCKET at a running one"
-        if explicit
-        else "start one with `portlease serve`, or enable the system service (portlease.socket)"
-    )
-    reason = exc.strerror or str(exc)
-    if isinstance(exc, PermissionError):
-        return BrokerUnavailable(
-            f"permission denied on the portlease socket {path}: add this user to the socket's "
-            "group (usually `portlease`) and log in again",
-            paths=(path,),
-        )
-    return BrokerUnavailable(f"no portlease broker answers at {path} ({reason}); {how}", paths=(path,))
-
-
-def autostart_failed(path: str, exc: OSError) -> BrokerUnavailable:
-    """The :class:`BrokerUnavailable` to raise when starting the per-user broker failed."""
-    return BrokerUnavailable(
-        f"no portlease broker answers at {path}, and starting one failed: {exc.strerror or exc}; "
-        "start one with `portlease serve`",
-        paths=(path,),
-    )
+_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
 
 class Connection:
@@ -86,7 +62,9 @@ class Connection:
     ``socket``: path of the broker's socket (default: ``$PORTLEASE_SOCKET``, the
     system socket, or the per-user one). ``reclaim``: reconnect and reclaim
     leases when the broker restarts. ``on_lost(lease, exc)`` is called from the
-    reclaim thread when a lease could not be kept.
+    process's watcher thread when a lease could not be kept. ``timeout`` bounds
+    each request and each wait for a broker. A connection may be shared between
+    threads; its requests are serialised.
     """
 
     def __init__(
@@ -99,29 +77,20 @@ class Connection:
         client: str = "portlease-sync",
         autostart: bool | None = None,
     ) -> None:
-        self.path, self._explicit = resolve_socket(socket)
+        self._choice = paths.choose_socket(socket)
+        self.path = self._choice.path
         self.timeout = timeout
         self._reclaim = reclaim
-        self._on_lost = on_lost
-        self._client = client
         self._autostart = autostart
-        self._ids = itertools.count(1)
-        self._io = threading.RLock()
+        self._s = Session(client, on_lost=on_lost, timeout=timeout)
+        self._io = threading.Lock()
         self._sock: _socket.socket | None = None
-        self._rbuf = bytearray()
-        self._leases: dict[str, Lease] = {}
-        self._lost: list[LeaseLost] = []
+        self._hung: _socket.socket | None = None  # hung up, not yet dropped (a call held the lock)
+        self._backoff: Backoff | None = None
+        self._down = "not connected"
+        self._pid = os.getpid()
         self._closed = False
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._watcher: threading.Thread | None = None
-        self.broker_pid: int | None = None
-        with self._io:
-            try:
-                self._connect()
-            except ConnectionLost:
-                # An autostarted broker that reached its idle timeout may close
-                # the socket just as we arrive; the second try starts a new one.
-                self._connect()
+        self._install(self._dial())
 
     # -------------------------------------------------------- context
 
@@ -132,28 +101,39 @@ class Connection:
         self.close()
 
     def close(self) -> None:
-        """Close the connection; every lease bound to it is released by the broker."""
+        """Close the connection; every lease bound to it is released by the broker.
+
+        Never blocks: no lock is waited for and no thread joined.
+        """
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-        with self._io:
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
-            # Closing the socket made the broker release every bound lease.
-            for held in self._leases.values():
-                held.released = True
-            self._leases.clear()
-        if self._watcher is not None and self._watcher is not threading.current_thread():
-            self._watcher.join(timeout=5)
-        for fd in (self._wake_r, self._wake_w):
+        sock, self._sock = self._sock, None
+        if os.getpid() != self._pid:
+            # A forked child shares the parent's socket: shutting it down would
+            # end the parent's leases. Dropping our copy of the fd is all.
+            if sock is not None:
+                sock.close()
+            return
+        if not sys.is_finalizing():
+            _watcher().discard(self)
+        if sock is not None:
+            # shutdown() acts at once for every holder of the socket: the
+            # broker releases the leases now, and a thread blocked in recv()
+            # on it wakes. Whoever holds the I/O lock closes the fd.
             with contextlib.suppress(OSError):
-                os.close(fd)
+                sock.shutdown(_socket.SHUT_RDWR)
+            if self._io.acquire(blocking=False):
+                try:
+                    sock.close()
+                finally:
+                    self._io.release()
+        self._s.close()
 
     def fileno(self) -> int:
-        return self._sock.fileno() if self._sock is not None else -1
+        """The socket's file descriptor, or -1 while not connected."""
+        sock = self._sock
+        return sock.fileno() if sock is not None else -1
 
     # -------------------------------------------------------- operations
 
@@ -166,277 +146,462 @@ class Connection:
         detach: bool = False,
     ) -> Lease:
         """Lease ``count`` consecutive ports, bound to this connection unless ``detach``."""
-        self._raise_lost()
-        reply = self._call(
-            p.Lease(id=0, count=count, ttl=ttl, note=note if note is not None else default_note(),
-                    detach=detach),
-            p.Granted,
-        )
-        lease = Lease(tuple(reply.ports), reply.token, reply.ttl, reply.expires)
+        held = self._run(self._s.lease(count, ttl=ttl, note=note, detach=detach))
         if not detach:
-            self._leases[lease.token] = lease
-            self._ensure_watcher()
-        return lease
+            self._watch()
+        return held
 
     def release(self, lease: Lease | str) -> None:
         """End a lease now (by object or token). Releasing twice is not an error."""
-        token = lease if isinstance(lease, str) else lease.token
-        if isinstance(lease, Lease) and lease.lost is not None:
-            # The broker no longer knows the token. Releasing it is how the
-            # caller acknowledges the loss, so the next lease() won't raise it.
-            with contextlib.suppress(ValueError):
-                self._lost.remove(lease.lost)
-            lease.released = True
-            return
-        held = self._leases.pop(token, None)
-        try:
-            self._call(p.Release(id=0, token=token), p.Released)
-        except NotFound:
-            if held is None and isinstance(lease, str):
-                raise
-        for obj in (held, lease):
-            if isinstance(obj, Lease):
-                obj.released = True
+        call = self._s.release(lease)
+        if call is not None:
+            self._run(call)
 
     def renew(self, lease: Lease | str) -> float | None:
         """Push a detached lease's expiry forward; returns the new expiry."""
-        token = lease if isinstance(lease, str) else lease.token
-        reply = self._call(p.Renew(id=0, token=token), p.Renewed)
-        if isinstance(lease, Lease):
-            lease.expires = reply.expires
-        return reply.expires
+        return self._run(self._s.renew(lease))
 
     def detach(self, lease: Lease | str) -> float:
         """Unbind a lease from this connection: it then lives by its TTL alone."""
-        token = lease if isinstance(lease, str) else lease.token
-        reply = self._call(p.Detach(id=0, token=token), p.Detached)
-        self._leases.pop(token, None)
-        if isinstance(lease, Lease):
-            lease.expires = reply.expires
-        return reply.expires
+        return self._run(self._s.detach(lease))
 
     def reclaim(self, token: str) -> Lease:
         """Bind a detached or orphaned lease to this connection."""
-        reply = self._call(p.Reclaim(id=0, token=token), p.Reclaimed)
-        lease = Lease(tuple(reply.ports), token, 0.0, None)
-        self._leases[token] = lease
-        self._ensure_watcher()
-        return lease
+        held = self._run(self._s.reclaim(token))
+        self._watch()
+        return held
 
-    def status(self) -> p.StatusReply:
-        return self._call(p.Status(id=0), p.StatusReply)
+    def status(self, **query: Any) -> p.StatusReply:
+        """Leases the broker holds and a summary (``uid``, ``after``, ``limit`` as in the protocol)."""
+        return self._run(self._s.status(**query))
 
     def ping(self) -> None:
-        self._call(p.Ping(id=0), p.Pong)
+        """Round trip to the broker (reconnecting first if it restarted)."""
+        self._run(self._s.ping())
 
     @property
     def leases(self) -> list[Lease]:
         """Leases currently bound to this connection."""
-        return list(self._leases.values())
+        return list(self._s.leases.values())
 
-    # -------------------------------------------------------- plumbing
+    @property
+    def broker_pid(self) -> int | None:
+        """Pid of the broker this connection said hello to (says hello first if it has not)."""
+        if self._s.broker_pid is None and not self._closed:
+            self.ping()
+        return self._s.broker_pid
 
-    def _raise_lost(self) -> None:
-        if self._lost:
-            raise self._lost.pop(0)
+    # -------------------------------------------------------- requests
 
-    def _call(self, request: p.Request, expect: type[R]) -> R:
+    def _usable(self) -> None:
         if self._closed:
             raise ConnectionLost("the connection is closed")
-        with self._io:
-            try:
-                reply = self._roundtrip(request)
-            except ConnectionLost:
-                if not self._reclaim:
-                    raise
-                self._recover()
-                reply = self._roundtrip(request)
-        if isinstance(reply, p.Error):
-            raise error_class(reply.code)(reply.message, largest=reply.largest)
-        if not isinstance(reply, expect):
-            raise ConnectionLost(f"unexpected reply {reply!r}")
-        return reply
+        if os.getpid() != self._pid:
+            raise ConnectionLost(
+                f"this connection belongs to process {self._pid}; a forked child must open its own"
+            )
 
-    def _roundtrip(self, request: p.Request) -> p.AnyReply:
-        sock = self._sock
-        if sock is None:
-            raise ConnectionLost("not connected")
-        request.id = next(self._ids)
-        try:
-            sock.sendall(p.encode(request))
-            while True:
-                reply = p.decode_reply(self._read_line(sock))
-                if reply.id == request.id:
-                    return reply
-                if reply.id is None and isinstance(reply, p.Error):
-                    return reply
-        except (OSError, EOFError) as exc:
-            self._drop_socket()
-            raise ConnectionLost(f"connection to the broker lost: {exc}") from None
-
-    def _read_line(self, sock: _socket.socket) -> bytes:
-        while (line := p.take_line(self._rbuf)) is None:
-            data = sock.recv(65536)
-            if not data:
-                raise EOFError("broker closed the connection")
-            self._rbuf += data
-        return line
-
-    def _drop_socket(self) -> None:
-        if self._sock is not None:
-            # shutdown() before close(): it wakes the watcher if it polls this socket.
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(_socket.SHUT_RDWR)
-            self._sock.close()
-            self._sock = None
-        self._rbuf.clear()
-
-    def _open_socket(self) -> _socket.socket:
-        deadline = time.monotonic() + self.timeout
-        delay = 0.001
+    def _run(self, call: Call[T]) -> T:
+        retried = False
         while True:
-            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect(self.path)
-                return sock
-            except BlockingIOError:
-                # EAGAIN: the broker's listen backlog is full (a burst of clients, or
-                # a socket-activated broker still starting). A socket with a timeout
-                # gets this at once where a blocking one would wait; so wait.
-                sock.close()
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
-            except OSError:
-                sock.close()
-                raise
-
-    def _connect(self) -> None:
-        """Connect and say hello (caller holds the I/O lock)."""
-        try:
-            sock = self._open_socket()
-        except OSError as exc:
-            sock = self._maybe_autostart(exc)
-        self._sock = sock
-        self._rbuf.clear()
-        hello = self._roundtrip(p.Hello(id=0, version=p.PROTOCOL_VERSION, client=self._client))
-        if isinstance(hello, p.Error):
-            self._drop_socket()
-            raise error_class(hello.code)(hello.message)
-        if isinstance(hello, p.Welcome):
-            self.broker_pid = hello.pid
-
-    def _maybe_autostart(self, exc: OSError) -> _socket.socket:
-        from . import autostart
-
-        if self._explicit or not autostart.enabled(self._autostart):
-            raise unavailable_error(self.path, self._explicit, exc) from None
-        try:
-            autostart.ensure_broker(self.path, timeout=self.timeout)
-        except OSError as start_exc:
-            raise autostart_failed(self.path, start_exc) from None
-        try:
-            return self._open_socket()
-        except OSError as exc2:
-            raise unavailable_error(self.path, self._explicit, exc2) from None
-
-    # -------------------------------------------------------- reclaim
-
-    def _ensure_watcher(self) -> None:
-        if self._reclaim and self._watcher is None:
-            with self._io:  # threads sharing the connection start one watcher
-                if self._watcher is None:
-                    self._watcher = threading.Thread(
-                        target=self._watch, name="portlease-reclaim", daemon=True
-                    )
-                    self._watcher.start()
-
-    def _watch(self) -> None:
-        """Wait for the broker to hang up, then reconnect and reclaim.
-
-        The socket is polled for POLLRDHUP only, not POLLIN: replies to calls
-        must not wake this thread (that cost every round trip a thread switch).
-        ``_drop_socket`` shuts a socket down before closing it, which wakes a
-        poll that still waits on it, so the thread never sleeps on a dead socket.
-        """
-        hangup = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
-        while not self._closed:
+            self._usable()
             sock = self._sock
             if sock is None:
-                # Lost and not yet recovered (the broker is still away): retry.
-                with self._io:
-                    if self._closed:
-                        return
-                    if self._sock is None and self._leases:
-                        self._recover_quietly()
-                if self._sock is None:
-                    select.select([self._wake_r], [], [], 0.1)
+                if not (self._reclaim or retried):
+                    raise ConnectionLost(self._down)
+                self._reconnect_blocking()
                 continue
-            poller = select.poll()
-            poller.register(self._wake_r, select.POLLIN)
+            fresh = self._s.hello_due
             try:
-                fd = sock.fileno()
-                if fd < 0:
-                    continue
-                poller.register(fd, select.POLLRDHUP)
-                events = poller.poll()
-            except (OSError, ValueError):
-                events = []
-            if self._closed:
-                return
-            with self._io:
-                if self._closed:
-                    return
-                if self._sock is not sock:
-                    continue  # a call found the loss first and reconnected
-                if not any(f == fd and ev & hangup for f, ev in events):
-                    continue
-                self._drop_socket()
-                if self._leases:
-                    self._recover_quietly()
+                return self._exchange(sock, call)
+            except Dropped as exc:
+                # Once: an autostarted broker at its idle exit may close just as
+                # we arrive, and a restarting broker drops what was in flight.
+                if retried or self._closed or not (self._reclaim or fresh):
+                    raise ConnectionLost(str(exc)) from None
+                retried = True
+                call.error = None
 
-    def _recover_quietly(self) -> None:
-        """Recover from the watcher thread: failures are reported per lease, not raised."""
-        # Every lease was already reported lost; the next call raises.
-        with contextlib.suppress(PortleaseError):
-            self._recover()
+    def _exchange(self, sock: _socket.socket, call: Call[T]) -> T:
+        with self._io:
+            if self._sock is not sock:
+                raise Dropped("the connection was replaced")
+            try:
+                sock.sendall(self._s.send(call))
+                while not call.done:
+                    event = self._s.next_event()
+                    if event is None:
+                        data = sock.recv(65536)
+                        if not data:
+                            raise EOFError("the broker closed the connection")
+                        self._s.feed(data)
+                self._backoff = None
+            except TimeoutError:
+                self._drop_locked(sock, f"no answer within {self.timeout:g} s", retry=False)
+                raise ConnectionLost(
+                    f"the broker at {self.path} did not answer within {self.timeout:g} s"
+                ) from None
+            except LeaseError:
+                # hello refused (version): this socket cannot be used.
+                self._drop_locked(sock, "the broker refused hello", retry=False)
+                raise
+            except (OSError, EOFError, ConnectionLost) as exc:
+                self._drop_locked(sock, str(exc) or type(exc).__name__, retry=True)
+            finally:
+                if self._closed and self._sock is None:
+                    sock.close()  # close() found us mid-call and left the fd to us
+        return call.result()
 
-    def _recover(self) -> None:
-        """Reconnect and reclaim every held lease (caller holds the I/O lock)."""
-        self._drop_socket()
-        leases = list(self._leases.values())
-        # Keep trying for as long as the broker keeps orphans: the TTL backstop.
-        deadline = time.monotonic() + max([lease.ttl for lease in leases] + [self.timeout])
-        delay = 0.02
+    # -------------------------------------------------------- sockets
+
+    def _dial(self, wait: float | None = None) -> _socket.socket:
+        """Connect to the chosen socket, checked before and after; may wait or autostart.
+
+        ``wait``: how long a system broker that is down is waited for (default
+        the timeout; 0 for one attempt).
+        """
+        choice = self._choice
+        deadline = time.monotonic() + (self.timeout if wait is None else wait)
+        autostart_on = _autostart_enabled(self._autostart)
+        tried = False
+        delay = 0.005
         while True:
-            if self._closed:
-                return
+            paths.check_directory(choice)
             try:
-                self._connect()
-                break
-            except (BrokerUnavailable, ConnectionLost, OSError) as exc:
-                if time.monotonic() >= deadline:
-                    for lease in leases:
-                        self._lose(lease, f"broker unreachable until the TTL lapsed: {exc}")
+                sock = _connect(choice.path, deadline)
+            except OSError as exc:
+                action = paths.on_connect_error(choice, exc, autostart_on=autostart_on,
+                                                autostart_tried=tried)
+                if action == "autostart":
+                    tried = True
+                    self._autostart_broker()
+                    continue
+                if action == "wait" and time.monotonic() + delay < deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                    continue
+                if action == "wait":
+                    action = paths.unavailable(choice, exc, autostart_on=autostart_on)
+                raise action from None
+            try:
+                paths.check_peer(sock, choice)
+            except BaseException:
+                sock.close()
+                raise
+            sock.settimeout(self.timeout)
+            return sock
+
+    def _autostart_broker(self) -> None:
+        from . import autostart
+
+        try:
+            autostart.ensure_broker(self.path, timeout=self.timeout)
+        except OSError as exc:
+            raise paths.autostart_failed(self._choice, exc) from None
+
+    def _install(self, sock: _socket.socket) -> bool:
+        """Make ``sock`` the connection's socket, unless another thread got there first."""
+        with self._io:
+            if self._closed or self._sock is not None:
+                sock.close()
+                return False
+            self._sock = sock
+            self._hung = None
+            self._s.new_socket()
+        if self._s.leases and self._reclaim:
+            _watcher().watch(self, sock)
+        return True
+
+    def _drop_locked(self, sock: _socket.socket, why: str, *, retry: bool) -> None:
+        """Forget ``sock`` (caller holds the I/O lock); calls in flight fail."""
+        if self._sock is not sock:
+            return
+        self._sock = None
+        self._down = f"connection to the broker lost: {why}"
+        _watcher().forget(sock)
+        self._s.connection_lost(why, retry=retry)
+        with contextlib.suppress(OSError):
+            sock.shutdown(_socket.SHUT_RDWR)
+        sock.close()
+        if self._s.leases and self._reclaim and not self._closed:
+            # Kept across drops until a hello is answered, so that a broker that
+            # accepts and hangs up forever still meets the deadline.
+            self._backoff = self._backoff or self._s.reconnect_backoff(time.monotonic())
+            _watcher().schedule(self, time.monotonic())
+
+    def _reconnect_blocking(self) -> None:
+        """Reach the broker again from a caller's thread, sleeping between tries (no lock held)."""
+        backoff = self._backoff or self._s.reconnect_backoff(time.monotonic())
+        while self._sock is None:
+            self._usable()
+            try:
+                sock = self._dial()
+            except UnsafeSocket as exc:
+                self._s.give_up(str(exc))
+                raise
+            except (BrokerUnavailable, OSError) as exc:
+                delay = backoff.next_delay(time.monotonic())
+                if delay is None:
+                    self._s.give_up(str(exc))
                     raise ConnectionLost(f"broker unreachable: {exc}") from None
                 time.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX_DELAY)
-        for lease in leases:
+                continue
+            self._install(sock)
+
+    # -------------------------------------------------------- reclaim (watcher thread)
+
+    def _watch(self) -> None:
+        sock = self._sock
+        if self._reclaim and sock is not None and self._s.leases:
+            _watcher().watch(self, sock)
+
+    def _hangup(self, sock: _socket.socket) -> None:
+        """The watcher saw ``sock`` hang up."""
+        if self._io.acquire(blocking=False):
             try:
-                self._call_reclaim(lease)
-            except LeaseError as exc:
-                self._lose(lease, f"reclaim refused: {exc}")
+                self._drop_locked(sock, "the broker hung up", retry=True)
+            finally:
+                self._io.release()
+        elif self._sock is sock:
+            # A call holds the lock and will see the end itself; look again soon.
+            self._hung = sock
+            _watcher().schedule(self, time.monotonic() + 0.01)
 
-    def _call_reclaim(self, lease: Lease) -> None:
-        reply = self._roundtrip(p.Reclaim(id=0, token=lease.token))
-        if isinstance(reply, p.Error):
-            raise error_class(reply.code)(reply.message)
+    def _recover_step(self, now: float) -> float | None:
+        """One reclaim attempt from the watcher; returns when to try again, or None when done.
 
-    def _lose(self, lease: Lease, why: str) -> None:
-        self._leases.pop(lease.token, None)
-        self._lost.append(report_lost(lease, why, self._on_lost))
+        Never sleeps: the watcher serves every connection of the process.
+        """
+        if self._closed or os.getpid() != self._pid or not self._s.leases or not self._reclaim:
+            return None
+        sock = self._sock
+        if sock is not None and sock is self._hung:
+            self._hangup(sock)
+            return None
+        if sock is not None and self._s.welcomed:
+            return None  # a call got there first
+        backoff = self._backoff = self._backoff or self._s.reconnect_backoff(now)
+        if sock is None:
+            try:
+                new = self._dial(wait=0)
+            except UnsafeSocket as exc:
+                self._s.give_up(str(exc))
+                return None
+            except (BrokerUnavailable, OSError) as exc:
+                delay = backoff.next_delay(now)
+                if delay is None:
+                    self._s.give_up(str(exc))
+                    return None
+                return now + delay
+            self._install(new)
+            sock = self._sock
+            if sock is None:
+                return None
+        # Say hello: the same write carries a reclaim for every lease.
+        try:
+            self._exchange(sock, self._s.ping())
+        except (ConnectionLost, LeaseError) as exc:
+            if self._closed or not self._s.leases:
+                return None
+            delay = backoff.next_delay(time.monotonic())
+            if delay is None:
+                self._s.give_up(str(exc))
+                return None
+            return time.monotonic() + delay
+        return None
+
+
+def _autostart_enabled(flag: bool | None) -> bool:
+    if flag is not None:
+        return flag
+    return os.environ.get("PORTLEASE_AUTOSTART", "1").strip().lower() not in (
+        "0", "false", "no", "off",
+    )
+
+
+def _connect(path: str, deadline: float) -> _socket.socket:
+    delay = 0.001
+    while True:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+        sock.settimeout(max(deadline - time.monotonic(), 1.0))  # set to the call timeout after
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            # EAGAIN: the broker's listen backlog is full (a burst of clients, or
+            # a socket-activated broker still starting). A socket with a timeout
+            # gets this at once where a blocking one would wait; so wait.
+            sock.close()
+            if time.monotonic() + delay >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+# ---------------------------------------------------------------- the watcher
+
+
+class _Watcher:
+    """The process's one reclaim thread: an epoll set of every watched connection's socket.
+
+    Its lock guards the maps only, never I/O, so ``watch``/``forget``/
+    ``discard`` return at once from any thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ep = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep.register(self._wake, select.EPOLLIN)
+        self._by_fd: dict[int, tuple[weakref.ref[Connection], _socket.socket]] = {}
+        self._due: weakref.WeakKeyDictionary[Connection, float] = weakref.WeakKeyDictionary()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, conn: Connection, sock: _socket.socket) -> None:
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        with self._lock:
+            known = self._by_fd.get(fd)
+            if known is not None and known[1] is sock:
+                return
+            if known is not None:
+                with contextlib.suppress(OSError):
+                    self._ep.unregister(fd)
+            try:
+                self._ep.register(fd, select.EPOLLRDHUP)
+            except OSError:
+                return
+            self._by_fd[fd] = (weakref.ref(conn), sock)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="portlease-reclaim",
+                                                daemon=True)
+                self._thread.start()
+
+    def forget(self, sock: _socket.socket) -> None:
+        """Stop watching ``sock`` (before it is closed: its fd number may be reused)."""
+        fd = sock.fileno()
+        if fd < 0 or not self._acquire():
+            return
+        try:
+            known = self._by_fd.get(fd)
+            if known is not None and known[1] is sock:
+                del self._by_fd[fd]
+                with contextlib.suppress(OSError, ValueError):
+                    self._ep.unregister(fd)
+        finally:
+            self._lock.release()
+
+    def schedule(self, conn: Connection, at: float) -> None:
+        with self._lock:
+            self._due[conn] = at
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="portlease-reclaim",
+                                                daemon=True)
+                self._thread.start()
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self._wake, 1)
+
+    def discard(self, conn: Connection) -> None:
+        if not self._acquire():
+            return  # the thread skips closed connections by itself
+        try:
+            self._due.pop(conn, None)
+            for fd, (ref, _sock) in list(self._by_fd.items()):
+                if ref() is conn:
+                    del self._by_fd[fd]
+                    with contextlib.suppress(OSError, ValueError):
+                        self._ep.unregister(fd)
+        finally:
+            self._lock.release()
+
+    def _acquire(self) -> bool:
+        # Bounded: at interpreter exit a frozen daemon thread may hold the lock
+        # forever; then the bookkeeping is simply skipped.
+        return self._lock.acquire(timeout=0.5)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._step()
+            except Exception:
+                # A bug here must not end reclaim for every connection.
+                print("portlease: the reclaim thread hit a bug:", file=sys.stderr)
+                traceback.print_exc()
+                time.sleep(0.1)
+
+    def _step(self) -> None:
+        with self._lock:
+            due = list(self._due.values())
+        timeout = max(0.0, min(due) - time.monotonic()) if due else -1
+        events = self._ep.poll(timeout)
+        for fd, mask in events:
+            if fd == self._wake:
+                with contextlib.suppress(OSError):
+                    os.eventfd_read(self._wake)
+                continue
+            with self._lock:
+                known = self._by_fd.pop(fd, None)
+                with contextlib.suppress(OSError, ValueError):
+                    self._ep.unregister(fd)
+            if known is None or not mask & _HANGUP:
+                continue
+            conn = known[0]()
+            if conn is not None:
+                conn._hangup(known[1])
+        now = time.monotonic()
+        with self._lock:
+            ready = [conn for conn, at in self._due.items() if at <= now]
+            for conn in ready:
+                del self._due[conn]
+        for conn in ready:
+            try:
+                again = conn._recover_step(now)
+            except Exception:
+                print("portlease: reclaim failed:", file=sys.stderr)
+                traceback.print_exc()
+                again = None
+            if again is not None:
+                self.schedule(conn, again)
+
+    def close(self) -> None:
+        """Drop the inherited epoll set in a forked child (no thread runs there)."""
+        with contextlib.suppress(OSError):
+            self._ep.close()
+        with contextlib.suppress(OSError):
+            os.close(self._wake)
+
+
+_the_watcher: _Watcher | None = None
+_the_watcher_lock = threading.Lock()
+
+
+def _watcher() -> _Watcher:
+    global _the_watcher
+    w = _the_watcher
+    if w is None:
+        with _the_watcher_lock:
+            if _the_watcher is None:
+                _the_watcher = _Watcher()
+            w = _the_watcher
+    return w
+
+
+def _after_fork_in_child() -> None:
+    # The watcher thread did not survive the fork, and its locks may be held by
+    # threads that no longer exist: the child starts from nothing.
+    global _the_watcher, _the_watcher_lock
+    old, _the_watcher = _the_watcher, None
+    _the_watcher_lock = threading.Lock()
+    if old is not None:
+        old.close()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @contextlib.contextmanager
