@@ -23,11 +23,25 @@ let
   portallocDir = cfg.settings.portalloc_dir;
   sharing = portallocDir != null;
 
+  textfile = cfg.metrics.textfile;
+  nodeExporter = cfg.metrics.nodeExporter;
+  textfileFlag = "--collector.textfile.directory=";
+  exporterFlags = config.services.prometheus.exporters.node.extraFlags or [ ];
+
+  # A stable directory on every runner's PATH, in place of the package's store
+  # path: a store path there would change the runner units on every portlease
+  # upgrade, and NixOS would restart them, killing their jobs.
+  systemProfile = "/run/current-system/sw";
+
   # The sandbox of systemd/portlease.service, key for key. Why each line is
   # there (and why PrivateUsers, ProtectProc and ProcSubset are not) is said in
   # that file and in docs/systemd.md.
   hardening = {
     DynamicUser = true;
+    # Named apart from the socket's static group: with DynamicUser and no
+    # User=, systemd names the user after the unit, `portlease`, which clashes
+    # with the group (217/USER).
+    User = "portlease-broker";
     SupplementaryGroups = [ cfg.group ];
     UMask = "0007";
     ProtectSystem = "strict";
@@ -67,10 +81,20 @@ let
     KeyringMode = "private";
   };
 
-  documentation = [ "https://github.com/portlease/portlease/blob/main/docs/systemd.md" ];
+  # The page online, not a file of the package: a store path here would
+  # change both units on every upgrade.
+  documentation = [ "https://github.com/portlease/portlease/blob/main/docs/nixos.md" ];
 
   runnerUnit = name: "github-runner-${name}";
-  declaredRunners = config.services.github-runners or { };
+  # A runner unit exists when something besides this module gives it a
+  # command: nixpkgs' services.github-runners.NAME (enabled), or a unit of
+  # that name defined by hand (as the VM test's stand-ins are).
+  runnerRuns =
+    name:
+    let
+      unit = config.systemd.services.${runnerUnit name} or { };
+    in
+    (unit.serviceConfig or { }) ? ExecStart || (unit.script or "") != "";
 in
 {
   options.services.portlease = {
@@ -134,6 +158,39 @@ in
       '';
     };
 
+    metrics = {
+      textfile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/var/lib/prometheus-node-exporter-text-files/portlease.prom";
+        description = ''
+          File the broker rewrites (atomically) every few seconds with its
+          metrics in OpenMetrics text, for node_exporter's textfile collector
+          (config key `metrics_textfile`). The broker gets write access to
+          the file's directory. null: no file; `portlease metrics` still
+          prints them.
+        '';
+      };
+      nodeExporter = {
+        enable = lib.mkEnableOption ''
+          the metrics file in node_exporter's textfile collector directory:
+          {option}`services.portlease.metrics.textfile` defaults to
+          `DIRECTORY/portlease.prom`, the directory is created
+          (`0775 root:GROUP`) and {option}`services.prometheus.exporters.node.extraFlags`
+          gets `--collector.textfile.directory=DIRECTORY`
+        '';
+        directory = mkOption {
+          type = types.str;
+          default = "/var/lib/prometheus-node-exporter-text-files";
+          description = ''
+            node_exporter's textfile collector directory. If you already pass
+            `--collector.textfile.directory` yourself, set this to the same
+            directory and remove your flag (an assertion refuses two).
+          '';
+        };
+      };
+    };
+
     settings = mkOption {
       default = { };
       description = ''
@@ -189,6 +246,23 @@ in
               {option}`services.portlease.githubRunners`.
             '';
           };
+          exclude = mkOption {
+            type = types.listOf (types.either types.port (types.strMatching "[0-9]+-[0-9]+"));
+            default = [ ];
+            example = [
+              8080
+              "20000-20099"
+            ];
+            description = ''
+              Ports (numbers, or `"LO-HI"` ranges) the broker never grants, on
+              top of the ports browsers refuse (always excluded).
+            '';
+          };
+          max_connections_per_uid = mkOption {
+            type = types.ints.positive;
+            default = 1024;
+            description = "Most connections open at once from the clients of one uid; more are refused (`quota`).";
+          };
           log_level = mkOption {
             type = types.enum [
               "debug"
@@ -220,11 +294,29 @@ in
             assertion = !sharing || lib.hasPrefix "/" portallocDir;
             message = "services.portlease.settings.portalloc_dir must be an absolute path.";
           }
+          {
+            assertion = textfile == null || lib.hasPrefix "/" textfile;
+            message = "services.portlease.metrics.textfile must be an absolute path.";
+          }
+          {
+            assertion = lib.length (lib.filter (lib.hasPrefix textfileFlag) exporterFlags) <= 1;
+            message = ''
+              services.prometheus.exporters.node.extraFlags has more than one
+              ${textfileFlag}: with services.portlease.metrics.nodeExporter.enable,
+              set services.portlease.metrics.nodeExporter.directory instead of your own flag.
+            '';
+          }
         ];
 
-        warnings = map (name: "services.portlease.githubRunners names `${name}`, which is not in services.github-runners.") (
-          lib.filter (name: !(declaredRunners ? ${name})) cfg.githubRunners
-        );
+        warnings =
+          map (
+            name:
+            "services.portlease.githubRunners names `${name}`, but no unit github-runner-${name} runs anything: enable services.github-runners.${name}, or remove the name."
+          ) (lib.filter (name: !(runnerRuns name)) cfg.githubRunners)
+          ++ lib.optional (nodeExporter.enable && !(config.services.prometheus.exporters.node.enable or false))
+            "services.portlease.metrics.nodeExporter.enable is set, but services.prometheus.exporters.node.enable is not: nothing reads ${nodeExporter.directory}.";
+
+        services.portlease.settings.metrics_textfile = lib.mkIf (textfile != null) textfile;
 
         users.groups.${cfg.group}.members = cfg.allowedUsers;
 
@@ -255,6 +347,11 @@ in
           inherit documentation;
           requires = [ "portlease.socket" ];
           after = [ "portlease.socket" ];
+          # X-StopIfChanged=false: when the unit changes (a new package),
+          # switch-to-configuration restarts the service in place. Otherwise it
+          # stops portlease.socket with it, and RemoveOnStop= deletes the
+          # socket file until the socket starts again.
+          stopIfChanged = false;
           # A settings change re-reads the file (SIGHUP) instead of restarting.
           reloadTriggers = [ configFile ];
           serviceConfig = hardening // {
@@ -269,22 +366,27 @@ in
             StateDirectory = "portlease";
             StateDirectoryMode = "0700";
             LimitNOFILE = 524288;
-            ReadWritePaths = lib.optional sharing "-${portallocDir}";
+            ReadWritePaths =
+              lib.optional sharing "-${portallocDir}"
+              # The file is replaced by a rename, so its directory must be writable.
+              ++ lib.optional (textfile != null) "-${dirOf textfile}";
           };
         };
       }
 
       {
-        # Joined directly on the units rather than through serviceOverrides,
-        # which is a shallow attrset: a definition there would clash with the
-        # operator's own overrides.
+        # Set directly on the units, not through serviceOverrides: that option
+        # is types.attrs, merged shallowly, so a key set there by this module
+        # and the same key in the operator's serviceOverrides would silently
+        # lose one of the two values.
         systemd.services = lib.listToAttrs (
           map (
             name:
             lib.nameValuePair (runnerUnit name) {
               wants = [ "portlease.socket" ];
               after = [ "portlease.socket" ];
-              path = [ cfg.package ];
+              # After the runner's own tools, so the system profile shadows none of them.
+              path = lib.mkAfter [ systemProfile ];
               environment = {
                 PORTLEASE_SOCKET = cfg.socketPath;
               }
@@ -293,15 +395,25 @@ in
                 SupplementaryGroups = [ cfg.group ];
               }
               // lib.optionalAttrs sharing {
-                ReadWritePaths = [ portallocDir ];
+                # `-`: a missing directory must not keep the runner from starting.
+                ReadWritePaths = [ "-${portallocDir}" ];
                 # The crate rewrites its JSON file; the next runner (another
-                # dynamic uid) must be able to read and replace it.
-                UMask = "0007";
+                # dynamic uid) must be able to read and replace it. Above
+                # nixpkgs' mkDefault "0066", below a plain
+                # serviceOverrides.UMask of the operator's, which wins.
+                UMask = lib.mkOverride 900 "0007";
               };
             }
           ) cfg.githubRunners
         );
       }
+
+      (lib.mkIf nodeExporter.enable {
+        services.portlease.metrics.textfile = lib.mkDefault "${nodeExporter.directory}/portlease.prom";
+        services.prometheus.exporters.node.extraFlags = [ "${textfileFlag}${nodeExporter.directory}" ];
+        # Others may read: node_exporter runs as its own user.
+        systemd.tmpfiles.rules = [ "d ${nodeExporter.directory} 0775 root ${cfg.group} -" ];
+      })
 
       (lib.mkIf sharing {
         systemd.tmpfiles.rules = [ "d ${portallocDir} 2770 root ${cfg.group} -" ];

@@ -11,7 +11,9 @@ uses, and the module's documented defaults must be the reader's defaults).
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import sys
 import tempfile
 import tomllib
@@ -35,10 +37,21 @@ GITHUB_RUNNER_OPTIONS = {
     "package", "ephemeral", "user", "group", "workDir", "nodeRuntimes",
 }
 
+# What nixpkgs' github-runner units run with; the module must leave it so.
+RUNNER_SANDBOX = {
+    "DynamicUser": True, "PrivateUsers": True, "PrivateTmp": True, "PrivateDevices": True,
+    "PrivateMounts": True, "ProtectSystem": "strict", "ProtectHome": True,
+    "ProtectProc": "invisible", "NoNewPrivileges": True,
+}
+SYSTEM_PROFILE = "/run/current-system/sw"
+
 # Keys whose values are space-separated lists: one line or several mean the same.
 TOKEN_KEYS = {"RestrictAddressFamilies", "ReadWritePaths", "SupplementaryGroups", "ListenStream"}
-# Keys that name store paths in the module and FHS paths in the unit file.
-PATH_KEYS = {"ExecStart", "ExecReload"}
+# Keys that name store paths in the module and FHS paths in the unit file, and
+# Documentation=: the unit file names the installed doc, the module the NixOS
+# page online (a store path there would change the units on every upgrade).
+PATH_KEYS = {"ExecStart", "ExecReload", "Documentation"}
+DOCUMENTATION = ["https://github.com/portlease/portlease/blob/main/docs/nixos.md"]
 
 failures: list[str] = []
 
@@ -129,6 +142,11 @@ def check_units_agree(out: dict[str, Any]) -> None:
         f"ExecReload differs: {reload_cmd}",
     )
 
+    for unit in (service, full["socket"]):
+        check(unit["documentation"] == DOCUMENTATION, f"Documentation= {unit['documentation']}")
+        check(len(service_file["Unit"].get("Documentation", [])) == 1,
+              "the unit file has no Documentation=")
+
     socket = full["socket"]
     socket_config = {k: v for k, v in socket["socketConfig"].items() if k != "ExecStartPost"}
     compare_section(
@@ -162,6 +180,10 @@ def check_common(name: str, s: dict[str, Any]) -> None:
     check(svc["Restart"] == "on-failure", f"{name}: Restart")
     check(bool(svc.get("WatchdogSec")), f"{name}: no WatchdogSec")
     check(svc["DynamicUser"] is True, f"{name}: DynamicUser")
+    # Not `portlease`: that is the socket's static group (217/USER).
+    check(svc.get("User") == "portlease-broker", f"{name}: User {svc.get('User')}")
+    check(service.get("stopIfChanged") is False,
+          f"{name}: stopIfChanged is not false: a changed service would stop the socket")
     check(svc["CapabilityBoundingSet"] == "", f"{name}: CapabilityBoundingSet not empty")
     check(
         svc["RestrictAddressFamilies"] == ["AF_UNIX", "AF_INET", "AF_INET6"],
@@ -176,6 +198,8 @@ def check_common(name: str, s: dict[str, Any]) -> None:
         check(key not in svc, f"{name}: {key} would break the broker")
     check(svc["ExecStart"].endswith(f" serve --config {CONFIG_PATH}"), f"{name}: ExecStart")
     check(s["configFile"] in service["reloadTriggers"], f"{name}: config change does not reload")
+    check("/nix/store/" not in json.dumps(socket) or bool(sc.get("ExecStartPost")),
+          f"{name}: the socket unit names a store path, so upgrades change it: {socket}")
     check(service["requires"] == ["portlease.socket"], f"{name}: service does not require socket")
     check("portlease" in s["groups"], f"{name}: users.groups.portlease missing")
     check(all(a["assertion"] for a in s["assertions"]), f"{name}: an assertion fails")
@@ -195,11 +219,20 @@ def check_runners(out: dict[str, Any]) -> None:
         check(env.get("PORTLEASE_SOCKET") == SOCKET_PATH, f"{name}: PORTLEASE_SOCKET {env}")
         check(env.get("FM_PORTALLOC_DATA_DIR") == portalloc, f"{name}: FM_PORTALLOC_DATA_DIR")
         check(sc.get("SupplementaryGroups") == ["portlease"], f"{name}: SupplementaryGroups {sc}")
-        check(sc.get("ReadWritePaths") == [portalloc], f"{name}: portalloc dir not writable")
-        check(sc.get("UMask") == "0007", f"{name}: UMask for the share")
-        check(full["packageOutPath"] in unit["path"], f"{name}: portlease not on PATH")
-        for key in ("PrivateUsers", "DynamicUser", "ProtectSystem", "PrivateTmp"):
-            check(key not in sc, f"{name}: the module must leave the runner's {key} alone")
+        check(sc.get("ReadWritePaths") == [f"-{portalloc}"],
+              f"{name}: ReadWritePaths {sc.get('ReadWritePaths')}, want -{portalloc}")
+        check(sc.get("UMask") == "0007", f"{name}: UMask for the share {sc.get('UMask')}")
+        # A stable directory on PATH: the store path would restart the runner
+        # (and kill its job) on every portlease upgrade.
+        check(unit["path"][-1:] == [SYSTEM_PROFILE], f"{name}: PATH ends {unit['path'][-1:]}")
+        check(full["packageOutPath"] not in json.dumps(unit),
+              f"{name}: the unit names the portlease store path: {unit}")
+        check(full["packageOutPath"] in [p["outPath"] if isinstance(p, dict) else p
+                                         for p in full["systemPackages"]],
+              "the package is not in environment.systemPackages (/run/current-system/sw/bin)")
+        # The runner module's sandbox (nix/tests/github-runner-module.nix) stays as it set it.
+        for key, value in RUNNER_SANDBOX.items():
+            check(sc.get(key) == value, f"{name}: the runner's {key} is {sc.get(key)!r}, not {value!r}")
     names = set()
     for name, runner in declared.items():
         unknown = set(runner) - GITHUB_RUNNER_OPTIONS
@@ -236,22 +269,89 @@ def check_access_and_failures(out: dict[str, Any]) -> None:
     check(out["forcedType"] == "simple", "mkForce does not win")
 
 
+def check_overrides(out: dict[str, Any]) -> None:
+    umask = out["umaskOverride"]
+    check(umask == {"github-runner-a": "0077", "github-runner-b": "0007", "github-runner-c": "0007"},
+          f"the operator's serviceOverrides.UMask does not win over the module's: {umask}")
+    shallow = out["shallowOverrides"]
+    check("/first" not in shallow["ReadWritePaths"] and "/second" in shallow["ReadWritePaths"]
+          and shallow.get("Nice") == 5,
+          f"serviceOverrides is not the shallow merge docs/nixos.md describes: {shallow}")
+    check(f"-{out['full']['settings']['portalloc_dir']}" in shallow["ReadWritePaths"],
+          "the operator's serviceOverrides.ReadWritePaths dropped the module's")
+    check(all(v == {} for v in out["moduleOverrides"].values()),
+          f"the module writes into serviceOverrides: {out['moduleOverrides']}")
+
+
+def check_vm(out: dict[str, Any]) -> None:
+    vm = out["vm"]
+    machine = vm["machine"]
+    check(machine["warnings"] == [], f"the VM node warns: {machine['warnings']}")
+    check(all(a["assertion"] for a in machine["assertions"]), "an assertion fails on the VM node")
+    check(sorted(machine["runners"]) == [f"github-runner-{n}" for n in "abc"],
+          f"VM runners: {sorted(machine['runners'])}")
+    for name, unit in machine["runners"].items():
+        sc = unit["serviceConfig"]
+        for key, value in RUNNER_SANDBOX.items():
+            check(sc.get(key) == value, f"VM {name}: stand-in {key} is {sc.get(key)!r}, not {value!r}")
+        for key in ("SystemCallFilter", "InaccessiblePaths"):
+            check(bool(sc.get(key)), f"VM {name}: the stand-in lacks the runner's {key}")
+        check(sc.get("UMask") == "0007", f"VM {name}: UMask {sc.get('UMask')}")
+        check(vm["packageOutPath"] not in json.dumps(unit), f"VM {name}: names the store path")
+    check(machine["settings"].get("metrics_textfile", "").endswith("/portlease.prom"),
+          f"VM: metrics_textfile {machine['settings'].get('metrics_textfile')}")
+    check("machine.succeed(" in vm["testScript"], "the VM test script did not come through")
+
+
+def check_metrics(out: dict[str, Any]) -> None:
+    metrics = out["metrics"]
+    plain = metrics["textfile"]
+    check(plain["settings"].get("metrics_textfile") == "/var/lib/metrics/portlease.prom",
+          f"metrics.textfile renders {plain['settings'].get('metrics_textfile')}")
+    check("-/var/lib/metrics" in plain["service"]["serviceConfig"]["ReadWritePaths"],
+          "the broker cannot write the metrics file's directory")
+    check("metrics_textfile" not in out["minimal"]["settings"], "metrics_textfile rendered unset")
+    node = metrics["nodeExporter"]
+    directory = "/var/lib/prometheus-node-exporter-text-files"
+    check(node["settings"].get("metrics_textfile") == f"{directory}/portlease.prom",
+          f"nodeExporter: metrics_textfile {node['settings'].get('metrics_textfile')}")
+    check(node["exporterFlags"] == [f"--collector.textfile.directory={directory}"],
+          f"nodeExporter: node_exporter flags {node['exporterFlags']}")
+    check(node["tmpfiles"] == [f"d {directory} 0775 root portlease -"],
+          f"nodeExporter: directory {node['tmpfiles']}")
+    check(f"-{directory}" in node["service"]["serviceConfig"]["ReadWritePaths"],
+          "nodeExporter: directory not writable by the broker")
+    check(node["warnings"] == [] and all(a["assertion"] for a in node["assertions"]),
+          f"nodeExporter: {node['warnings']}")
+    check(any("exporters.node.enable" in w for w in metrics["nodeExporterOff"]["warnings"]),
+          "no warning when node_exporter is off")
+    check(any(not a["assertion"] and "--collector.textfile.directory" in a["message"]
+              for a in metrics["twoFlags"]["assertions"]),
+          "two textfile directories for node_exporter are not refused")
+    try:
+        load_rendered(node["settings"])
+    except ConfigError as exc:
+        failures.append(f"portlease serve --config refuses the metrics settings: {exc}")
+
+
 # ---------------------------------------------------------------- rendered config
 
 
+def toml_value(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(key, item) for item in value) + "]"
+    raise TypeError(f"settings.{key}: {value!r} is not flat")
+
+
 def to_toml(settings: dict[str, Any]) -> str:
-    """Flat TOML, as pkgs.formats.toml writes the module's flat settings."""
-    lines = []
-    for key, value in settings.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float):
-            text = repr(value)
-        elif isinstance(value, str):
-            text = json.dumps(value)  # a JSON string is a TOML basic string
-        else:
-            raise TypeError(f"settings.{key}: {value!r} is not flat")
-        lines.append(f"{key} = {text}")
+    """Flat TOML (scalars and arrays), as pkgs.formats.toml writes the module's settings."""
+    lines = [f"{key} = {toml_value(key, value)}" for key, value in settings.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -290,11 +390,21 @@ def check_settings(out: dict[str, Any]) -> None:
 def check_package(out: dict[str, Any]) -> None:
     package = out["package"]
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    check(package["version"] == pyproject["version"], "package.nix version != pyproject.toml")
-    wanted = {dep.split(">")[0].split("=")[0].split("<")[0].strip()
-              for dep in pyproject["dependencies"]}
+    version = pyproject.get("version") or project_version()
+    check(package["version"] == version, f"package.nix version {package['version']} != {version}")
+    extras = pyproject.get("optional-dependencies", {})
+    # The package is the broker and every client: the plain dependencies and
+    # the broker and async extras.
+    wanted = requirement_names(pyproject["dependencies"], extras, ["broker", "async"])
     got = {name.removeprefix("python3-") for name in package["dependencies"]}
     check(got == wanted, f"package.nix dependencies {got} != pyproject.toml {wanted}")
+    test_deps = requirement_names([], extras, ["test"]) - wanted
+    checks = {name.removeprefix("python3-") for name in package["nativeCheckInputs"]}
+    checks = {"pytest" if name == "pytestCheckHook" else name for name in checks}
+    check(test_deps <= checks,
+          f"package.nix nativeCheckInputs lack the test extra's {sorted(test_deps - checks)}")
+    check("tests/system" in package["disabledTestPaths"],
+          "the check phase runs tests/system (root, systemd, nix, network)")
     for path in ("systemd/portlease.socket", "systemd/portlease.service",
                  "systemd/portlease-sysusers.conf", "systemd/portlease.conf",
                  "systemd/config.toml"):
@@ -305,6 +415,31 @@ def check_package(out: dict[str, Any]) -> None:
     check(package["mainProgram"] == "portlease", "meta.mainProgram")
 
 
+def project_version() -> str:
+    """The version setuptools reads ([tool.setuptools.dynamic] attr portlease.__version__)."""
+    text = (ROOT / "client" / "_pkg" / "__init__.py").read_text()
+    for line in text.splitlines():
+        if line.startswith("__version__"):
+            return str(ast.literal_eval(line.partition("=")[2].strip()))
+    raise SystemExit("no __version__ in client/_pkg/__init__.py")
+
+
+def requirement_names(deps: list[str], extras: dict[str, list[str]], names: list[str]) -> set[str]:
+    """Distribution names in ``deps`` and in the named extras, self-references followed."""
+    found: set[str] = set()
+    pending = list(deps) + [dep for name in names for dep in extras.get(name, [])]
+    while pending:
+        dep = pending.pop()
+        name = re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0].strip()
+        if name == "portlease":
+            inner = re.search(r"\[(.*)\]", dep)
+            for extra in (inner.group(1).split(",") if inner else []):
+                pending.extend(extras.get(extra.strip(), []))
+            continue
+        found.add(name)
+    return found
+
+
 def main() -> int:
     out = json.loads(Path(sys.argv[1]).read_text())
     for name in ("minimal", "full", "access"):
@@ -313,6 +448,9 @@ def main() -> int:
     check(out["minimal"]["tmpfiles"] == [], "portalloc share created though not configured")
     check_runners(out)
     check_access_and_failures(out)
+    check_overrides(out)
+    check_vm(out)
+    check_metrics(out)
     check_settings(out)
     check_units_agree(out)
     check_package(out)

@@ -11,6 +11,14 @@ let
       type = lib.types.str;
       default = "ci-host";
     };
+    # nixpkgs' node exporter options that module.nix reads and sets.
+    options.services.prometheus.exporters.node = {
+      enable = lib.mkEnableOption "node_exporter";
+      extraFlags = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+      };
+    };
   };
 
   eval = modules: (stub.evalModules { modules = [ base ] ++ modules; }).config;
@@ -40,10 +48,29 @@ let
   enabled = {
     services.portlease.enable = true;
   };
+  runnerModule = ./github-runner-module.nix;
 
-  full = eval [ ../github-runner.nix ];
+  full = eval [
+    runnerModule
+    ../github-runner.nix
+  ];
   package = stub.pkgs.callPackage ../package.nix { };
   options = (stub.evalModules { modules = [ base module ]; }).options;
+
+  runnersOf = config: lib.filterAttrs (name: _: lib.hasPrefix "github-runner-" name) config.systemd.services;
+  umaskOf = config: lib.mapAttrs (_: unit: unit.serviceConfig.UMask or null) (runnersOf config);
+
+  # The VM test's arguments, through the stub's runNixOSTest (which returns them).
+  vmTest = import ./vm.nix { inherit (stub) pkgs; };
+  vmNode = eval [ vmTest.nodes.machine ];
+
+  metricsEval = extra: eval ([ module enabled ] ++ extra);
+  metricsSummary =
+    config:
+    summary config
+    // {
+      exporterFlags = config.services.prometheus.exporters.node.extraFlags;
+    };
 in
 {
   minimal = summary (eval [
@@ -72,6 +99,58 @@ in
     enabled
     { services.portlease.githubRunners = [ "z" ]; }
   ])).warnings;
+
+  # The operator's own serviceOverrides.UMask on runner a (plain priority)
+  # against the module's: the operator's wins, and nothing conflicts.
+  umaskOverride = umaskOf (eval [
+    runnerModule
+    ../github-runner.nix
+    { services.github-runners.a.serviceOverrides.UMask = "0077"; }
+  ]);
+
+  # Two modules' serviceOverrides for one runner: types.attrs keeps one value
+  # per key, the later definition's (nixpkgs' merge: a shallow //).
+  shallowOverrides =
+    (eval [
+      runnerModule
+      ../github-runner.nix
+      { services.github-runners.a.serviceOverrides.ReadWritePaths = [ "/first" ]; }
+      {
+        services.github-runners.a.serviceOverrides = {
+          ReadWritePaths = [ "/second" ];
+          Nice = 5;
+        };
+      }
+    ]).systemd.services.github-runner-a.serviceConfig;
+
+  # The module writes nothing into serviceOverrides, so it cannot drop the operator's keys.
+  moduleOverrides = lib.mapAttrs (_: runner: runner.serviceOverrides) full.services.github-runners;
+
+  vm = {
+    inherit (vmTest) testScript;
+    machine = summary vmNode;
+    packageOutPath = vmNode.services.portlease.package.outPath;
+  };
+
+  metrics = {
+    textfile = metricsSummary (metricsEval [
+      { services.portlease.metrics.textfile = "/var/lib/metrics/portlease.prom"; }
+    ]);
+    nodeExporter = metricsSummary (metricsEval [
+      {
+        services.portlease.metrics.nodeExporter.enable = true;
+        services.prometheus.exporters.node.enable = true;
+      }
+    ]);
+    nodeExporterOff = metricsSummary (metricsEval [ { services.portlease.metrics.nodeExporter.enable = true; } ]);
+    twoFlags = metricsSummary (metricsEval [
+      {
+        services.portlease.metrics.nodeExporter.enable = true;
+        services.prometheus.exporters.node.enable = true;
+        services.prometheus.exporters.node.extraFlags = [ "--collector.textfile.directory=/srv/prom" ];
+      }
+    ]);
+  };
 
   socketInTmp = (summary (eval [
     module
@@ -138,6 +217,9 @@ in
       ;
     mainProgram = package.meta.mainProgram;
     dependencies = map (d: d.name) package.dependencies;
+    nativeCheckInputs = map (d: d.name) package.nativeCheckInputs;
+    disabledTestPaths = package.disabledTestPaths or [ ];
+    pytestFlagsArray = package.pytestFlagsArray or [ ];
     srcFiles = package.src.files;
   };
 }

@@ -47,6 +47,7 @@ let
       )
     );
   genAttrs = names: f: listToAttrs (map (n: nameValuePair n (f n)) names);
+  mapAttrs' = f: set: listToAttrs (map (name: f name set.${name}) (attrNames set));
   optional = cond: x: if cond then [ x ] else [ ];
   optionals = cond: xs: if cond then xs else [ ];
   optionalAttrs = cond: set: if cond then set else { };
@@ -97,7 +98,9 @@ let
     };
     path = mkOptionType "path" (v: isPath v || (isString v && hasPrefix "/" v)) { };
     package = mkOptionType "package" (v: isAttrs v && v ? outPath) { };
-    attrs = mkOptionType "attrs" isAttrs { mergesAsAttrs = true; };
+    # Shallow, as in nixpkgs: a later definition's key replaces an earlier
+    # one's whole value (github-runner's serviceOverrides has this type).
+    attrs = mkOptionType "attrs" isAttrs { shallowAttrs = true; };
     anything = mkOptionType "anything" (_: true) { mergesAsAttrs = true; };
     nullOr = t: mkOptionType "nullOr ${t.name}" (v: v == null || t.check v) { };
     listOf = t: mkOptionType "listOf ${t.name}" (v: isList v && all t.check v) { mergesAsList = true; };
@@ -108,7 +111,9 @@ let
     attrsOf =
       t: mkOptionType "attrsOf ${t.name}" (v: isAttrs v && all t.check (attrValues v)) {
         mergesAsAttrs = true;
+        elemType = t;
       };
+    strMatching = pattern: mkOptionType "strMatching ${pattern}" (v: isString v && builtins.match pattern v != null) { };
     enum = values: mkOptionType "one of ${builtins.toJSON values}" (v: elem v values) { };
     either = a: b: mkOptionType "${a.name} or ${b.name}" (v: a.check v || b.check v) { };
     oneOf = ts: mkOptionType "oneOf" (v: any (t: t.check v) ts) { };
@@ -137,6 +142,7 @@ let
       nameValuePair
       filterAttrs
       mapAttrs
+      mapAttrs'
       genAttrs
       optional
       optionals
@@ -147,6 +153,7 @@ let
       ;
     inherit (builtins)
       filter
+      length
       elem
       attrNames
       attrValues
@@ -195,14 +202,17 @@ let
   # Dependencies a package asks for by name get a stand-in derivation each.
   stubScope = name: drv name;
 
+  buildPythonApplication =
+    attrs:
+    attrs
+    // drv "${attrs.pname}-${attrs.version}"
+    // {
+      meta = attrs.meta or { };
+      overridePythonAttrs = f: buildPythonApplication (attrs // f attrs);
+    };
+
   python3Packages = {
-    buildPythonApplication =
-      attrs:
-      attrs
-      // drv "${attrs.pname}-${attrs.version}"
-      // {
-        meta = attrs.meta or { };
-      };
+    inherit buildPythonApplication;
   }
   // genAttrs [
     "setuptools"
@@ -212,6 +222,8 @@ let
     "pytestCheckHook"
     "pytest-xdist"
     "hypothesis"
+    "anyio"
+    "build"
   ] (name: drv "python3-${name}");
 
   pkgs = {
@@ -220,6 +232,11 @@ let
     acl = drv "acl";
     bash = drv "bash";
     systemd = drv "systemd";
+    curl = drv "curl";
+    github-runner = drv "github-runner";
+    writeShellScript = name: text: drv name // { inherit text; };
+    # The VM test's arguments, unbuilt: eval.nix reads its node and its script.
+    testers.runNixOSTest = test: test;
     formats.toml =
       { }:
       {
@@ -355,8 +372,29 @@ let
           priority = 1500;
           value = opt.default;
         };
+      elemType = type.elemType or { };
+      # Names defined under an attrsOf, leaving out those only a false mkIf defines.
+      liveNames =
+        defs': filter (name: concatMap (discharge 100) (map (pushDown name) defs') != [ ]) (unique (concatMap defNames defs'));
       value =
-        if type.submodule or false then
+        if elemType.submodule or false then
+          let
+            defs' = map carry (filter (d: isAttrs d.value) withDefault);
+          in
+          listToAttrs (
+            map (
+              name:
+              nameValuePair name (
+                evalTree (path ++ [ name ]) elemType.options elemType.freeformType true (map (pushDown name) defs')
+              )
+            ) (liveNames defs')
+          )
+        else if type.shallowAttrs or false then
+          let
+            top = minPriority withDefault;
+          in
+          foldl' (acc: d: acc // d.value) { } (filter (d: d.priority == top) withDefault)
+        else if type.submodule or false then
           evalTree path type.options type.freeformType true (
             map carry (filter (d: isAttrs d.value) withDefault)
           )

@@ -28,28 +28,52 @@ let
       ${pkgs.bash}/bin/sh -c 'echo "LEASED $BASE"; exec sleep infinity'
   '';
 
+  # The sandbox nixpkgs' github-runner module gives its units (service.nix,
+  # at the same priorities), so the module's additions meet what they meet on
+  # a real runner.
   runnerLike = name: {
     description = "stand-in for github-runner-${name}";
     environment.RUNNER = name;
     serviceConfig = {
       ExecStart = job;
-      # The sandbox of nixpkgs' github-runner units, as it affects portlease.
-      DynamicUser = true;
-      PrivateUsers = true;
-      ProtectSystem = "strict";
-      ProtectHome = true;
-      PrivateTmp = true;
-      ProtectProc = "invisible";
-      NoNewPrivileges = true;
+      DynamicUser = lib.mkDefault true;
+      PrivateUsers = lib.mkDefault true;
+      PrivateTmp = lib.mkDefault true;
+      PrivateDevices = lib.mkDefault true;
+      PrivateMounts = lib.mkDefault true;
+      ProtectSystem = lib.mkDefault "strict";
+      ProtectHome = lib.mkDefault true;
+      ProtectProc = lib.mkDefault "invisible";
+      NoNewPrivileges = lib.mkDefault true;
+      UMask = lib.mkDefault "0066";
+      SystemCallFilter = [
+        "~@clock"
+        "~@cpu-emulation"
+        "~@module"
+        "~@mount"
+        "~@obsolete"
+        "~@raw-io"
+        "~@reboot"
+        "~capset"
+        "~setdomainname"
+        "~sethostname"
+      ];
       RestrictAddressFamilies = [
         "AF_INET"
         "AF_INET6"
         "AF_UNIX"
         "AF_NETLINK"
       ];
-      UMask = lib.mkDefault "0066";
+      InaccessiblePaths = [ "-/run/secrets/github-runner-${name}-token" ];
     };
   };
+
+  package = pkgs.callPackage ../package.nix { };
+  # The same package with one more file: a new store path, as an upgrade gives.
+  upgraded = package.overridePythonAttrs (old: {
+    postInstall = old.postInstall + "\necho upgraded > $out/share/doc/portlease/UPGRADED\n";
+  });
+  textfile = "/var/lib/prometheus-node-exporter-text-files/portlease.prom";
 in
 pkgs.testers.runNixOSTest {
   name = "portlease";
@@ -59,7 +83,9 @@ pkgs.testers.runNixOSTest {
 
     services.portlease = {
       enable = true;
+      inherit package;
       githubRunners = runners;
+      metrics.nodeExporter.enable = true;
       allowedUsers = [ "insider" ];
       settings = {
         port_min = 20000;
@@ -75,20 +101,30 @@ pkgs.testers.runNixOSTest {
       map (name: lib.nameValuePair "github-runner-${name}" (runnerLike name)) runners
     );
 
+    services.prometheus.exporters.node.enable = true;
+    environment.systemPackages = [ pkgs.curl ];
+
     users.users.insider.isNormalUser = true;
     users.users.outsider.isNormalUser = true;
+
+    specialisation.upgraded.configuration.services.portlease.package = lib.mkForce upgraded;
   };
 
+  # nixpkgs type-checks this with mypy; check.sh runs `mypy --strict` on it
+  # against nix/tests/driver_stub (check_vm_script.py).
   testScript = ''
     import json
     import re
     import time
+    from typing import Any, Callable
 
-    def leases():
+    Leases = dict[str, dict[str, Any]]
+
+    def leases() -> Leases:
         status = json.loads(machine.succeed("portlease status --json"))
         return {lease.get("note"): lease for lease in status["leases"]}
 
-    def wait_for(predicate, what, timeout=30.0):
+    def wait_for(predicate: Callable[[Leases], bool], what: str, timeout: float = 30.0) -> Leases:
         deadline = time.monotonic() + timeout
         while True:
             current = leases()
@@ -97,12 +133,25 @@ pkgs.testers.runNixOSTest {
             assert time.monotonic() < deadline, f"{what}: {current}"
             time.sleep(0.2)
 
+    def show(unit: str, prop: str) -> str:
+        return machine.succeed(f"systemctl show -p {prop} --value {unit}").strip()
+
     machine.wait_for_unit("sockets.target")
 
     with subtest("the socket is root:portlease 0660 under /run, the broker not started yet"):
         machine.succeed("test \"$(stat -c '%a %U %G' /run/portlease/portlease.sock)\" = '660 root portlease'")
         machine.fail("systemctl is-active portlease.service")
         machine.succeed("test \"$(stat -c '%a %G' ${portallocDir})\" = '2770 portlease'")
+
+    with subtest("the broker's unit: its own dynamic user, restarted in place on a change"):
+        machine.succeed("grep -x User=portlease-broker /etc/systemd/system/portlease.service")
+        machine.succeed("grep -x X-StopIfChanged=false /etc/systemd/system/portlease.service")
+
+    with subtest("no runner unit names the portlease store path"):
+        for name in "abc":
+            unit = machine.succeed(f"systemctl cat github-runner-{name}")
+            assert "${package}" not in unit, unit
+            assert "/run/current-system/sw/bin" in show(f"github-runner-{name}", "Environment")
 
     with subtest("three sandboxed runners lease concurrently and get disjoint ports"):
         machine.succeed("systemctl start github-runner-a github-runner-b github-runner-c")
@@ -114,7 +163,8 @@ pkgs.testers.runNixOSTest {
         assert len({lease["uid"] for lease in held.values()}) == 3, held
         for name in "abc":
             machine.succeed(f"test -e ${portallocDir}/probe-{name}")
-            machine.succeed(f"systemctl show -p PrivateUsers github-runner-{name} | grep -x PrivateUsers=yes")
+            assert show(f"github-runner-{name}", "PrivateUsers") == "yes"
+            assert show(f"github-runner-{name}", "UMask") == "0007"
 
     with subtest("killing a runner frees its ports at once"):
         machine.succeed("systemctl kill -s KILL github-runner-a")
@@ -139,12 +189,34 @@ pkgs.testers.runNixOSTest {
         )
         assert {name: set(lease["ports"]) for name, lease in after.items()} == before
 
+    with subtest("node_exporter serves the broker's metrics file"):
+        machine.wait_for_file("${textfile}")
+        machine.wait_until_succeeds("curl -sf http://127.0.0.1:9100/metrics | grep -q '^portlease_'")
+
+    with subtest("a package upgrade restarts the broker only: the socket and the runners stay"):
+        before = {name: set(lease["ports"]) for name, lease in leases().items()}
+        socket_since = show("portlease.socket", "ActiveEnterTimestampMonotonic")
+        broker_pid = show("portlease.service", "MainPID")
+        runs = {name: show(f"github-runner-{name}", "InvocationID") for name in "bc"}
+        machine.succeed("/run/current-system/specialisation/upgraded/bin/switch-to-configuration test")
+        machine.succeed("test -e /run/current-system/sw/share/doc/portlease/UPGRADED")
+        assert show("portlease.socket", "ActiveEnterTimestampMonotonic") == socket_since
+        assert {name: show(f"github-runner-{name}", "InvocationID") for name in "bc"} == runs
+        after = wait_for(
+            lambda l: set(l) == set(before)
+            and all(lease.get("state") == "attached" for lease in l.values()),
+            "leases reclaimed after the upgrade",
+        )
+        assert {name: set(lease["ports"]) for name, lease in after.items()} == before
+        assert show("portlease.service", "MainPID") != broker_pid
+
     with subtest("the journal shows the broker"):
         machine.succeed("journalctl -u portlease.service | grep -q serving")
 
     with subtest("exposure stays at the figure in systemd/EXPOSURE"):
         out = machine.succeed("systemd-analyze security --no-pager portlease.service")
-        score = float(re.search(r"Overall exposure level for portlease\.service: ([0-9.]+)", out).group(1))
-        assert score <= ${exposure}, out
+        found = re.search(r"Overall exposure level for portlease\.service: ([0-9.]+)", out)
+        assert found is not None, out
+        assert float(found.group(1)) <= ${exposure}, out
   '';
 }
