@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -35,6 +37,43 @@ def wait_for_socket(
         finally:
             s.close()
     raise TimeoutError(f"no broker answered at {path}")
+
+
+class ReadinessListener:
+    """Plays the service manager's ``NOTIFY_SOCKET`` so a test can wait for ``READY=1``.
+
+    A connectable socket is not a ready broker: the broker listens before its
+    first fedimint-portalloc sync (and before restored leases are published),
+    and a test that acts in between races it. ``READY=1`` is sent only once the
+    broker serves. The socket is abstract (``@name``): no path length limit,
+    nothing to clean up, reachable by a broker of any uid.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        name = f"portlease-test-ready-{os.getpid()}-{secrets.token_hex(8)}"
+        self.sock.bind("\0" + name)
+        self.address = "@" + name
+
+    def wait(self, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+        """Return on ``READY=1``; raise if the broker exits first or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"broker exited with {proc.returncode}: {read_log(proc)}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"the broker sent no READY=1 within {timeout} s: {read_log(proc)}")
+            # Short slices so that a broker that dies is noticed at once.
+            readable, _, _ = select.select([self.sock], [], [], min(remaining, 0.05))
+            if readable and b"READY=1" in self.sock.recv(65536).split(b"\n"):
+                return
+
+    def close(self) -> None:
+        # Later STATUS= datagrams then fail at once (ECONNREFUSED), which the
+        # broker logs at debug level; an open socket nobody reads would fill up
+        # and block the broker's sends for their timeout.
+        self.sock.close()
 
 
 def read_log(proc: subprocess.Popen[bytes]) -> str:
@@ -68,12 +107,24 @@ class BrokerProc:
                 "--state", self.state, "--range", self.range, "--log-level", "debug", *self.args]
 
     def start(self, wait: bool = True) -> BrokerProc:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        self.proc.log_path = str(self.log)  # type: ignore[attr-defined]
-        if wait:
-            wait_for_socket(self.socket, proc=self.proc)
+        """Start the broker; with ``wait``, return once it has sent ``READY=1``."""
+        # Never the environment's own NOTIFY_SOCKET: a suite run under systemd
+        # must not have its brokers report to the real service manager.
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        ready = ReadinessListener() if wait else None
+        if ready is not None:
+            env["NOTIFY_SOCKET"] = ready.address
+        try:
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, env=env)
+            self.proc.log_path = str(self.log)  # type: ignore[attr-defined]
+            if ready is not None:
+                ready.wait(self.proc)
+        finally:
+            if ready is not None:
+                ready.close()
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
