@@ -11,6 +11,7 @@ from typing import Annotated
 
 import msgspec
 
+from . import kernel
 from .errors import ConfigError
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
@@ -44,8 +45,15 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     idle_exit: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     """Exit after this many seconds with no connection and no lease; 0 = never."""
     log_level: str = "info"
+    exclude: list[int | str] = []
+    """The operator's ports never to grant: ports and ``"LO-HI"`` ranges, on top of the
+    kernel's ephemeral and reserved ports and the ports browsers refuse."""
+    metrics_textfile: str | None = None
+    """Write the metrics (classic Prometheus text format) to this file, atomically, for
+    node_exporter's textfile collector."""
 
     def __post_init__(self) -> None:
+        kernel.parse_exclude(self.exclude)  # a bad entry is an error at load, with its value
         if self.port_min > self.port_max:
             raise ValueError(f"port_min {self.port_min} is above port_max {self.port_max}")
         try:
