@@ -1,9 +1,10 @@
-"""portlease clients: lease ports from the broker, sync or with trio.
+"""portlease clients: lease ports from the broker, blocking or async.
 
 The sync API (:func:`lease`, :class:`Connection`) imports only msgspec. The
-trio API (:func:`open_lease`, :func:`connect`) imports trio. Every name here
-is loaded on first use, so ``import portlease.client`` costs nothing and never
-pulls trio in.
+async API (:func:`open_lease`, :func:`connect`, :class:`AsyncConnection`) runs
+under asyncio and trio alike and imports anyio. Every name here is loaded on
+first use, so ``import portlease.client`` costs nothing and never pulls anyio,
+trio or asyncio in. ``TrioConnection`` is the old name of ``AsyncConnection``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .aio import AsyncConnection, connect, open_lease
     from .errors import (
         BadRequest,
         BrokerUnavailable,
@@ -25,13 +27,16 @@ if TYPE_CHECKING:
         PortleaseError,
         QuotaExceeded,
         TooLarge,
+        UnsafeSocket,
     )
     from .grant import Lease
     from .protocol import ErrorCode
     from .sync import Connection, lease
-    from .trio_client import TrioConnection, connect, open_lease
+
+    TrioConnection = AsyncConnection
 
 __all__ = [
+    "AsyncConnection",
     "BadRequest",
     "BrokerUnavailable",
     "Busy",
@@ -48,6 +53,7 @@ __all__ = [
     "QuotaExceeded",
     "TooLarge",
     "TrioConnection",
+    "UnsafeSocket",
     "connect",
     "lease",
     "open_lease",
@@ -61,16 +67,18 @@ _HOME = {
     "ErrorCode": "protocol",
     "Connection": "sync",
     "lease": "sync",
-    "TrioConnection": "trio_client",
-    "connect": "trio_client",
-    "open_lease": "trio_client",
+    "AsyncConnection": "aio",
+    "connect": "aio",
+    "open_lease": "aio",
+    "TrioConnection": "aio",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name not in __all__:
         raise AttributeError(f"module 'portlease.client' has no attribute {name!r}")
-    value = getattr(import_module(f".{_HOME.get(name, 'errors')}", __name__), name)
+    module = import_module(f".{_HOME.get(name, 'errors')}", __name__)
+    value = getattr(module, "AsyncConnection" if name == "TrioConnection" else name)
     globals()[name] = value  # later lookups skip this hook
     return value
 

@@ -311,6 +311,11 @@ class Session:
             return
         self._undos.append(Call(undo, _ignore, p.Reply, abandoned=True))
 
+    @property
+    def has_data_to_send(self) -> bool:
+        """Whether :meth:`data_to_send` has something."""
+        return bool(self._undos)
+
     def data_to_send(self) -> bytes:
         """Requests the session itself wants sent (undoing abandoned grants); may be empty."""
         undos = self._undos

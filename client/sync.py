@@ -412,11 +412,9 @@ class Connection:
 
 
 def _autostart_enabled(flag: bool | None) -> bool:
-    if flag is not None:
-        return flag
-    return os.environ.get("PORTLEASE_AUTOSTART", "1").strip().lower() not in (
-        "0", "false", "no", "off",
-    )
+    from .autostart import enabled
+
+    return enabled(flag)
 
 
 def _connect(path: str, deadline: float) -> _socket.socket:
