@@ -2,14 +2,19 @@
 
 Only ``serve`` imports trio (lazily): ``portlease lease -- CMD`` starts in a
 few tens of milliseconds because it loads nothing but the sync client.
+
+Arguments are checked here, against the protocol's own bounds, before anything
+is sent: a person who typed ``-n 70000`` gets a sentence and exit status 2, not
+a broker's validation message and 69.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -27,32 +32,80 @@ from portlease.client.errors import (
 from portlease.client.sync import Connection, default_note
 
 from .errors import ConfigError, StartupError
+from .status_view import render_squatters, render_status
 
 if TYPE_CHECKING:
     from .config import Config
 
+__all__ = ["build_parser", "main", "render_status"]
+
 EXIT_USAGE = 2
 EXIT_BROKER = 69  # EX_UNAVAILABLE: no broker, or it refused
+EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127
 
+EXIT_CODES = f"""\
+exit status:
+  0      success; with `lease -- CMD`: CMD's own status
+  1      an error the message explains (a leased port could not be bound,
+         `wait` timed out, the broker could not start)
+  2      bad arguments or configuration
+  69     no broker answers, or the broker refused (no free ports, quota)
+  {EXIT_CANNOT_RUN}    `lease -- CMD`: CMD exists but cannot be run (not executable)
+  {EXIT_NOT_FOUND}    `lease -- CMD`: CMD was not found
+  128+N  `lease -- CMD`: CMD was killed by signal N
 
-def _socket_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--socket", metavar="PATH",
-        help="broker socket (default: $PORTLEASE_SOCKET, /run/portlease/portlease.sock if it "
-        "exists, else $XDG_RUNTIME_DIR/portlease/portlease.sock)",
-    )
+socket: --socket, else $PORTLEASE_SOCKET, else /run/portlease/portlease.sock when it
+exists (the system service), else the per-user socket
+$XDG_RUNTIME_DIR/portlease/portlease.sock, or /tmp/portlease-$UID/portlease.sock
+when XDG_RUNTIME_DIR is unset.
+"""
+
+_SOCKET_HELP = (
+    "broker socket (default: $PORTLEASE_SOCKET, else /run/portlease/portlease.sock if it "
+    "exists, else $XDG_RUNTIME_DIR/portlease/portlease.sock, or /tmp/portlease-$UID/"
+    "portlease.sock without XDG_RUNTIME_DIR)"
+)
+_SERVE_SOCKET_HELP = (
+    "socket to listen on (default: $PORTLEASE_SOCKET, else the per-user socket "
+    "$XDG_RUNTIME_DIR/portlease/portlease.sock, or /tmp/portlease-$UID/portlease.sock "
+    "without XDG_RUNTIME_DIR; /run/portlease/portlease.sock is used only when given here "
+    "or by the system service)"
+)
+_SHELL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _socket_arg(parser: argparse.ArgumentParser, text: str = _SOCKET_HELP) -> None:
+    parser.add_argument("--socket", metavar="PATH", help=text)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("portlease")
+    except PackageNotFoundError:  # run from a tree that was never installed
+        return "unknown"
+
+
+def _sub(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str,
+         usage: str | None = None) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                          epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                          usage=usage)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="portlease",
         description="Lease TCP/UDP ports from a shared broker, released when the holder exits.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"portlease {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the broker in the foreground")
-    _socket_arg(serve)
+    serve = _sub(sub, "serve", "run the broker in the foreground")
+    _socket_arg(serve, _SERVE_SOCKET_HELP)
     serve.add_argument("--config", metavar="FILE.toml", help="TOML config file (SIGHUP re-reads it)")
     serve.add_argument("--range", metavar="LO-HI", help="ports to grant (default 10000-32000)")
     serve.add_argument("--ttl", type=float, metavar="SECONDS",
@@ -65,38 +118,87 @@ def build_parser() -> argparse.ArgumentParser:
                        help="exit after this long with no client and no lease (default: never)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
-    lease = sub.add_parser(
-        "lease", help="lease ports, run CMD with them, release them when CMD ends",
-        usage="portlease lease [-n COUNT] [--env NAME=OFFSET]... [--note TEXT] -- CMD [ARG]...\n"
-        "       portlease lease [-n COUNT] --detach [--ttl SECONDS] [--json]",
+    lease = _sub(
+        sub, "lease", "lease ports, run CMD with them, release them when CMD ends",
+        usage="portlease lease [-n COUNT] [--env NAME=OFFSET]... [--listen OFFSET[/udp][=NAME]]...\n"
+        "                       [--hold OFFSET]... [--note TEXT] -- CMD [ARG]...\n"
+        "       portlease lease [-n COUNT] --detach [--ttl SECONDS] [--json | --export]",
     )
     _socket_arg(lease)
-    lease.add_argument("-n", "--count", type=int, default=1, help="consecutive ports (default 1)")
+    lease.add_argument("-n", "--count", type=int, default=1,
+                       help=f"consecutive ports, 1 to {_COUNT_MAX} (default 1)")
     lease.add_argument("--env", action="append", default=[], metavar="NAME=OFFSET",
-                       help="set NAME to the port at OFFSET (0 = first) in CMD's environment")
+                       help="set NAME to the port at OFFSET (0 = first) in CMD's environment "
+                       "(or in --export's output)")
     lease.add_argument("--note", help="shown by `portlease status` (default: the command line)")
+    lease.add_argument("--listen", action="append", default=[], metavar="OFFSET[/udp][=NAME]",
+                       help="bind the port at OFFSET (TCP listening, or UDP) and pass it to CMD "
+                       "as fd 3, 4, … with LISTEN_FDS, LISTEN_FDNAMES (NAME, default portN) "
+                       "and LISTEN_PID, as systemd socket activation does")
+    lease.add_argument("--listen-host", metavar="ADDR",
+                       help="address for --listen (default: every IPv4 and IPv6 address)")
+    lease.add_argument("--hold", action="append", default=[], metavar="OFFSET",
+                       help="keep the TCP port at OFFSET bound (not listening) until a process "
+                       "of CMD listens on it: binds without SO_REUSEADDR fail meanwhile")
+    lease.add_argument("--hold-timeout", type=float, metavar="SECONDS", default=60.0,
+                       help="give up holding after this long (default 60)")
     lease.add_argument("--detach", action="store_true",
                        help="print the ports and token and exit; the lease lives by its TTL")
-    lease.add_argument("--ttl", type=float, metavar="SECONDS", help="TTL of a detached lease")
+    lease.add_argument("--ttl", type=float, metavar="SECONDS",
+                       help=f"TTL of a detached lease, {p.MIN_TTL:g} to {p.MAX_TTL:g} "
+                       "(default: the broker's)")
     lease.add_argument("--json", action="store_true", help="with --detach: print JSON")
+    lease.add_argument("--export", action="store_true",
+                       help="with --detach: print shell `export` lines for "
+                       "eval \"$(portlease lease --detach --export)\" (PORTLEASE_PORTS, "
+                       "PORTLEASE_PORT, PORTLEASE_TOKEN); end it with "
+                       "portlease release \"$PORTLEASE_TOKEN\"")
     lease.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG]...")
 
-    for name, text in (("renew", "push a detached lease's expiry forward"),
-                       ("release", "end a lease now")):
-        cmd = sub.add_parser(name, help=text)
+    for name, text in (("renew", "push a detached lease's expiry forward by its TTL"),
+                       ("release", "end a lease now; its ports can be granted again")):
+        cmd = _sub(sub, name, text)
         _socket_arg(cmd)
-        cmd.add_argument("token")
+        cmd.add_argument("token", metavar="TOKEN",
+                         help="the lease's token, as `lease --detach` printed it "
+                         "(e.g. \"$PORTLEASE_TOKEN\")")
 
-    status = sub.add_parser("status", help="show every lease and the free ports")
+    status = _sub(sub, "status", "show every lease and the free ports")
     _socket_arg(status)
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--json", action="store_true",
+                        help="machine-readable output (with --watch: one JSON object per line)")
     status.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS",
                         help="refresh in place every SECONDS (default 2)")
+    status.add_argument("--squatters", action="store_true",
+                        help="list sockets bound to ports in the range that no lease covers, "
+                        "with pid and command where /proc shows them")
+
+    wait = _sub(sub, "wait", "wait until each PORT has a listener")
+    wait.add_argument("ports", metavar="PORT", nargs="+", type=int, help="TCP port to wait for")
+    wait.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                      help="give up after this long, exit 1 (default 30)")
+    wait.add_argument("--pid", type=int, metavar="PID",
+                      help="count only listeners of PID or its descendants")
     return parser
+
+
+_COUNT_MAX = 65535
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BrokenPipeError:
+        # `portlease status | head`: the reader is gone, nothing left to say. Point
+        # stdout at /dev/null so the interpreter's final flush stays quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
@@ -106,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token_op(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "wait":
+            return _wait(args)
     except BrokerUnavailable as exc:
         print(f"portlease: {exc}", file=sys.stderr)
         return EXIT_BROKER
@@ -167,12 +271,31 @@ def _serve_config(args: argparse.Namespace) -> Config:
 # ---------------------------------------------------------------- lease
 
 
+def _check_count(count: int) -> None:
+    if not 1 <= count <= _COUNT_MAX:
+        raise ConfigError(f"-n {count}: COUNT must be 1 to {_COUNT_MAX} (consecutive ports)")
+
+
+def _check_ttl(ttl: float | None) -> None:
+    if ttl is None:
+        return
+    if math.isnan(ttl) or not p.MIN_TTL <= ttl <= p.MAX_TTL:
+        raise ConfigError(
+            f"--ttl {ttl:g}: SECONDS must be {p.MIN_TTL:g} to {p.MAX_TTL:g} "
+            f"({p.MAX_TTL / 3600:g} h); renew the lease to keep it longer"
+        )
+
+
 def _parse_env(specs: list[str], count: int) -> dict[str, int]:
     out = {}
     for spec in specs:
         name, sep, offset = spec.partition("=")
-        if not sep or not name or not name.replace("_", "a").isalnum() or name[0].isdigit():
-            raise ConfigError(f"--env {spec!r}: expected NAME=OFFSET, e.g. PGPORT=0")
+        if not sep or not _SHELL_NAME.match(name):
+            raise ConfigError(f"--env {spec!r}: expected NAME=OFFSET with NAME a shell variable "
+                              "name (letters, digits, _; not starting with a digit), e.g. PGPORT=0")
+        if name == "PATH" or name.startswith("PORTLEASE_"):
+            raise ConfigError(f"--env {spec!r}: {name} is reserved (PATH finds CMD; PORTLEASE_* "
+                              "are set by portlease); pick another name")
         try:
             off = int(offset)
         except ValueError:
@@ -184,74 +307,63 @@ def _parse_env(specs: list[str], count: int) -> dict[str, int]:
 
 
 def _lease(args: argparse.Namespace) -> int:
+    from .listeners import parse_hold, parse_listen
+
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
-    if args.count < 1:
-        raise ConfigError("-n must be at least 1")
+    _check_count(args.count)
+    _check_ttl(args.ttl)
     env_offsets = _parse_env(args.env, args.count)
+    listen = parse_listen(args.listen, args.count)
+    hold = parse_hold(args.hold, args.count)
+    if not (math.isfinite(args.hold_timeout) and args.hold_timeout > 0):
+        raise ConfigError("--hold-timeout must be a positive number of seconds")
+    if args.listen_host is not None and not listen:
+        raise ConfigError("--listen-host applies to --listen only")
+    both = {s.offset for s in listen if not s.udp} & set(hold)
+    if both:
+        raise ConfigError(f"--hold {min(both)}: that port is already bound by --listen")
     if args.detach:
         if cmd:
             raise ConfigError("--detach takes no command")
-        with Connection(args.socket, reclaim=False, client="portlease-cli") as conn:
-            lease = conn.lease(args.count, ttl=args.ttl, note=args.note or default_note(),
-                               detach=True)
-        if args.json:
-            print(json.dumps({"ports": list(lease.ports), "token": lease.token,
-                              "expires": lease.expires, "ttl": lease.ttl}))
-        else:
-            print(" ".join(map(str, lease.ports)))
-            print(lease.token)
-        return 0
+        if listen or hold:
+            raise ConfigError("--listen and --hold need a command (-- CMD), not --detach")
+        if args.json and args.export:
+            raise ConfigError("--json and --export: pick one")
+        return _detached(args, env_offsets)
+    if args.json or args.export:
+        raise ConfigError("--json and --export apply to --detach only (with -- CMD the ports are "
+                          "in CMD's environment)")
     if not cmd:
         raise ConfigError("give a command after --, or --detach")
     if args.ttl is not None:
         raise ConfigError("--ttl applies to --detach leases only")
-    return _run_with_lease(args, cmd, env_offsets)
+    from .wrapper import Plan, run
 
-
-_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-
-
-def _run_with_lease(args: argparse.Namespace, cmd: list[str], env_offsets: dict[str, int]) -> int:
-    # Block the signals we forward before any thread exists, so that every
-    # thread inherits the mask and sigwaitinfo below is the one place they land.
-    signal.pthread_sigmask(signal.SIG_BLOCK, (*_FORWARDED, signal.SIGCHLD))
     note = args.note or " ".join([default_note() or "", shlex.join(cmd)]).strip()
-    with Connection(args.socket, client="portlease-cli") as conn:
-        lease = conn.lease(args.count, note=note[:1024])
-        env = dict(os.environ)
-        env["PORTLEASE_PORTS"] = " ".join(map(str, lease.ports))
-        env["PORTLEASE_PORT"] = str(lease.port)
-        for name, offset in env_offsets.items():
-            env[name] = str(lease.ports[offset])
-        try:
-            pid = os.posix_spawnp(cmd[0], cmd, env, setsigmask=())
-        except OSError as exc:
-            print(f"portlease: cannot run {cmd[0]}: {exc.strerror}", file=sys.stderr)
-            return EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else 126
-        return _wait_forwarding(pid)
+    return run(Plan(cmd=cmd, count=args.count, socket=args.socket, note=note[:p.MAX_NOTE],
+                    env_offsets=env_offsets, listen=listen, listen_host=args.listen_host,
+                    hold=hold, hold_timeout=args.hold_timeout))
 
 
-def _wait_forwarding(pid: int) -> int:
-    """Wait for the child, passing on signals other processes send us."""
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return _exit_code(status)
-        info = signal.sigwaitinfo((*_FORWARDED, signal.SIGCHLD))
-        if info.si_signo == signal.SIGCHLD:
-            continue
-        # A terminal's ^C reaches the whole process group (the child included)
-        # with si_pid 0; forwarding it would deliver it twice.
-        if info.si_pid not in (0, pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, info.si_signo)
-
-
-def _exit_code(status: int) -> int:
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
+def _detached(args: argparse.Namespace, env_offsets: dict[str, int]) -> int:
+    with Connection(args.socket, reclaim=False, client="portlease-cli") as conn:
+        lease = conn.lease(args.count, ttl=args.ttl, note=args.note or default_note(),
+                           detach=True)
+    if args.json:
+        print(json.dumps({"ports": list(lease.ports), "token": lease.token,
+                          "expires": lease.expires, "ttl": lease.ttl}))
+    elif args.export:
+        values = {"PORTLEASE_PORTS": " ".join(map(str, lease.ports)),
+                  "PORTLEASE_PORT": str(lease.port), "PORTLEASE_TOKEN": lease.token}
+        values.update({name: str(lease.ports[off]) for name, off in env_offsets.items()})
+        for name, value in values.items():
+            print(f"export {name}={shlex.quote(value)}")
+    else:
+        print(" ".join(map(str, lease.ports)))
+        print(lease.token)
+    return 0
 
 
 # ---------------------------------------------------------------- renew / release / status
@@ -268,59 +380,59 @@ def _token_op(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt_age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h"
-
-
-def _span(ports: list[int]) -> str:
-    return str(ports[0]) if len(ports) == 1 else f"{ports[0]}-{ports[-1]}"
-
-
-def render_status(reply: p.StatusReply, now: float) -> str:
-    s = reply.summary
-    lines = []
-    by_user: dict[str, list[p.LeaseInfo]] = {}
-    for info in reply.leases:
-        who = info.user or (f"uid {info.uid}" if info.uid is not None else "?")
-        by_user.setdefault(who, []).append(info)
-    for user in sorted(by_user):
-        infos = by_user[user]
-        held = sum(len(i.ports) for i in infos)
-        lines.append(f"{user}: {len(infos)} leases, {held} ports")
-        lines.append(f"  {'PORTS':<13} {'STATE':<9} {'PID':>7} {'AGE':>5} {'EXPIRES':>8}  NOTE / COMMAND")
-        for i in infos:
-            expires = "-" if i.expires is None else _fmt_age(i.expires - now)
-            what = " | ".join(x for x in (i.note, i.cmdline) if x) or "-"
-            lines.append(
-                f"  {_span(i.ports):<13} {i.state:<9} {i.pid if i.pid else '-':>7} "
-                f"{_fmt_age(now - i.granted):>5} {expires:>8}  {what[:100]}"
-            )
-    lines.append(
-        f"{s.leases} leases, {s.ports_held} ports held, {s.ports_free} free of "
-        f"{s.range[0]}-{s.range[1]}, largest free run {s.largest_free_run}, "
-        f"{s.clients} clients, ttl {s.ttl:g}s"
-    )
-    return "\n".join(lines)
+def _full_status(conn: Connection) -> p.StatusReply:
+    """Every lease, following the broker's pages (``more``/``after``) when it has many."""
+    reply = conn.status()
+    while reply.more and reply.leases:
+        after = reply.leases[-1].ports[-1]
+        page = conn.status(after=after)
+        if not page.leases or page.leases[0].ports[0] <= after:
+            break  # a broker that does not page: never loop on the same leases
+        reply.leases.extend(page.leases)
+        reply.more = page.more
+        reply.summary = page.summary
+    return reply
 
 
 def _status(args: argparse.Namespace) -> int:
-    if args.watch is not None and not args.json:
+    if args.squatters and (args.json or args.watch is not None):
+        raise ConfigError("--squatters shows a table once; leave out --json and --watch")
+    if args.watch is not None:
+        if not (math.isfinite(args.watch) and args.watch > 0):
+            raise ConfigError("--watch SECONDS must be a positive number")
         return _watch_status(args)
     with Connection(args.socket, reclaim=False, client="portlease-cli", autostart=False) as conn:
-        if args.json:
-            print(json.dumps(p.to_builtins(conn.status()), indent=2))
-            return 0
-        print(render_status(conn.status(), time.time()))
-        return 0
+        reply = _full_status(conn)
+    if args.squatters:
+        print(_squatters_table(reply))
+    elif args.json:
+        print(json.dumps(p.to_builtins(reply), indent=2))
+    else:
+        # One of the broker's clients was this command.
+        print(render_status(reply, time.time(), self_clients=1))
+    sys.stdout.flush()
+    return 0
+
+
+def _squatters_table(reply: p.StatusReply) -> str:
+    from . import procnet
+
+    low, high = reply.summary.range
+    found = procnet.squatters(low, high, [(i.ports[0], len(i.ports)) for i in reply.leases])
+    owners = procnet.owners(s.inode for s in found)
+    rows = []
+    for s in found:
+        pid = owners.get(s.inode)
+        rows.append((s.proto + ("6" if s.family == 6 else ""), s.port, s.address, pid, s.uid,
+                     procnet.cmdline(pid) if pid else None))
+    return render_squatters(rows)
 
 
 def _watch_status(args: argparse.Namespace) -> int:
-    """Redraw the status every ``args.watch`` seconds; wait out broker restarts."""
+    """Redraw the status every ``args.watch`` seconds; wait out broker restarts.
+
+    With ``--json`` each refresh is one JSON object on its own line instead.
+    """
     conn: Connection | None = None
     try:
         while True:
@@ -328,17 +440,27 @@ def _watch_status(args: argparse.Namespace) -> int:
                 if conn is None:
                     conn = Connection(args.socket, reclaim=False, client="portlease-cli",
                                       autostart=False)
-                text = render_status(conn.status(), time.time())
+                reply = _full_status(conn)
+                text = (json.dumps(p.to_builtins(reply)) if args.json
+                        else render_status(reply, time.time(), self_clients=1))
             except (BrokerUnavailable, ConnectionLost) as exc:
                 # Watching is most useful exactly while the broker restarts.
                 if conn is not None:
                     conn.close()
                     conn = None
-                text = f"portlease: {exc}\n(retrying every {args.watch:g} s)"
-            # Home the cursor and overwrite line by line (erasing each line's
-            # tail and whatever is below) instead of clearing: no flicker.
-            frame = "".join(f"{line}\x1b[K\n" for line in text.splitlines())
-            sys.stdout.write("\x1b[H" + frame + "\x1b[J")
+                if args.json:
+                    print(f"portlease: {exc}", file=sys.stderr)
+                    text = ""
+                else:
+                    text = f"portlease: {exc}\n(retrying every {args.watch:g} s)"
+            if args.json:
+                if text:
+                    sys.stdout.write(text + "\n")
+            else:
+                # Home the cursor and overwrite line by line (erasing each line's
+                # tail and whatever is below) instead of clearing: no flicker.
+                frame = "".join(f"{line}\x1b[K\n" for line in text.splitlines())
+                sys.stdout.write("\x1b[H" + frame + "\x1b[J")
             sys.stdout.flush()
             time.sleep(args.watch)
     except KeyboardInterrupt:
@@ -346,3 +468,52 @@ def _watch_status(args: argparse.Namespace) -> int:
     finally:
         if conn is not None:
             conn.close()
+
+
+# ---------------------------------------------------------------- wait
+
+
+WAIT_POLL = 0.05
+"""Seconds between looks at the kernel's socket tables."""
+
+
+def _wait(args: argparse.Namespace) -> int:
+    """Exit 0 once every port has a TCP listener (of ``--pid``'s tree, if given); 1 on timeout."""
+    from . import procnet
+
+    for port in args.ports:
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"PORT {port}: must be 1 to 65535")
+    if not (math.isfinite(args.timeout) and args.timeout >= 0):
+        raise ConfigError("--timeout must be a non-negative number of seconds")
+    if args.pid is not None and args.pid < 1:
+        raise ConfigError("--pid must be a process id")
+    wanted = set(args.ports)
+    deadline = time.monotonic() + args.timeout
+    while True:
+        missing = wanted - _listening(wanted, args.pid)
+        if not missing:
+            return 0
+        if args.pid is not None and not procnet.descendants(args.pid):
+            print(f"portlease: process {args.pid} is not running; port "
+                  f"{', '.join(map(str, sorted(missing)))} never got its listener", file=sys.stderr)
+            return 1
+        if time.monotonic() >= deadline:
+            whose = f" by process {args.pid} or its descendants" if args.pid is not None else ""
+            print(f"portlease: timed out after {args.timeout:g} s: nothing listens{whose} on "
+                  f"port {', '.join(map(str, sorted(missing)))}", file=sys.stderr)
+            return 1
+        time.sleep(WAIT_POLL)
+
+
+def _listening(ports: set[int], pid: int | None) -> set[int]:
+    """The ports among ``ports`` with a TCP listener (owned by ``pid``'s tree when given)."""
+    from . import procnet as pn
+
+    found = [s for s in pn.sockets(range(min(ports), max(ports) + 1))
+             if s.proto == "tcp" and s.listening and s.port in ports]
+    if pid is None:
+        return {s.port for s in found}
+    tree = pn.descendants(pid)
+    owners = pn.all_owners(s.inode for s in found)
+    return {s.port for s in found if owners.get(s.inode, set()) & tree}

@@ -68,9 +68,9 @@ def test_status_groups_leases_by_user() -> None:
     lines = render_status(reply, now).splitlines()
     heads = [line for line in lines if not line.startswith(" ")]
     assert heads == [
-        "adam: 1 leases, 2 ports",
-        "uid 4242: 1 leases, 1 ports",
-        "zoe: 1 leases, 1 ports",
+        "adam: 1 lease, 2 ports",
+        "uid 4242: 1 lease, 1 port",
+        "zoe: 1 lease, 1 port",
         "3 leases, 4 ports held, 96 free of 20000-20099, largest free run 90, 2 clients, "
         "ttl 120s",
     ]
@@ -100,15 +100,15 @@ def test_status_watch_refreshes_in_place_through_a_broker_restart(broker: Broker
     read_until(b"0 leases, 0 ports held")
     with Connection(broker.socket) as conn:
         conn.lease(2)
-        read_until(b"1 leases, 2 ports held")
+        read_until(b"1 lease, 2 ports held")
         # A broker restart does not end the watch: it says so and carries on.
         broker.kill()
         read_until(b"(retrying every 0.1 s)")
         seen = b""
         broker.start()
-        read_until(b"1 leases, 2 ports held")  # reclaimed by conn, shown by the watch
+        read_until(b"1 lease, 2 ports held")  # reclaimed by conn, shown by the watch
     watch.send_signal(signal.SIGINT)
     seen += watch.communicate(timeout=30)[0]
     assert watch.returncode == 0
     assert seen.count(b"\x1b[H") >= 2 and b"\x1b[K" in seen
-    assert b"1 leases, 2 ports held" in seen
+    assert b"1 lease, 2 ports held" in seen
