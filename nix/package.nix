@@ -14,8 +14,9 @@ python3Packages.buildPythonApplication {
     root = ../.;
     # What the build reads (pyproject.toml's readme and license-files) and
     # what the tests the check phase runs read: tests/process runs
-    # bench/chaos.py and bench/load.py. tests/system/test_nix.py compares this
-    # list with the files the tests name.
+    # bench/chaos.py and bench/load.py, tests/unit/test_metrics.py reads
+    # docs/configuration.md. tests/system/test_nix.py compares this list with
+    # the files the tests name.
     fileset = lib.fileset.unions [
       ../pyproject.toml
       ../README.md
@@ -24,6 +25,7 @@ python3Packages.buildPythonApplication {
       ../broker
       ../tests
       ../bench
+      ../docs
       ../systemd
     ];
   };

@@ -50,3 +50,4 @@ echo "parsed $count .nix files"
 
 nix --eval --strict --json "$here/eval.nix" >"$tmp/eval.json"
 "$python" "$here/check_eval.py" "$tmp/eval.json"
+"$python" "$here/check_vm_script.py" "$tmp/eval.json"

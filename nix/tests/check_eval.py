@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+
 from portlease.broker.config import Config, load_file
 from portlease.broker.errors import ConfigError
 

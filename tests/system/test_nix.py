@@ -4,17 +4,23 @@ check.sh parses every .nix file, evaluates nix/module.nix and
 nix/github-runner.nix against the stand-in in nix/tests/stub-lib.nix, and
 checks the result with nix/tests/check_eval.py: unit settings, runners, the
 rendered config read back by ``portlease.broker.config.load_file``, and
-agreement with systemd/portlease.{socket,service}. The tests on a copy of the
-tree prove those checks fail when the module and the unit file drift apart.
+agreement with systemd/portlease.{socket,service}; then it type-checks the VM
+test's script (nix/tests/check_vm_script.py). The tests on a copy of the tree
+put back each defect those checks exist for and prove the checks catch it.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,11 +42,49 @@ def run_check(root: Path) -> subprocess.CompletedProcess[str]:
 def copy_tree(tmp_path: Path) -> Path:
     """The parts of the repository the checks read, outside git."""
     root = tmp_path / "repo"
-    for name in ("nix", "systemd", "client", "broker", "tests"):
-        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("flake.nix", "pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, root / name)
+    for name in ("nix", "systemd", "client", "broker", "tests", "bench", "docs"):
+        shutil.copytree(ROOT / name, root / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "results"))
+    for name in ("flake.nix", "pyproject.toml", "README.md", "LICENSE"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, root / name)
     return root
+
+
+def nix_eval(attr: str) -> Any:
+    """One attribute of nix/tests/eval.nix, evaluated as check.sh does (no store, no daemon)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "NIX_STATE_DIR": f"{tmp}/state", "NIX_LOG_DIR": f"{tmp}/log",
+               "NIX_CONF_DIR": f"{tmp}/conf", "XDG_CACHE_HOME": f"{tmp}/cache",
+               "HOME": f"{tmp}/home", "NIX_PATH": ""}
+        os.makedirs(f"{tmp}/conf")
+        os.makedirs(f"{tmp}/home")
+        result = subprocess.run(
+            ["nix-instantiate", "--store", "dummy://", "--eval", "--strict", "--json",
+             str(ROOT / "nix" / "tests" / "eval.nix"), "-A", attr],
+            capture_output=True, text=True, timeout=120, env=env,
+        )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def top_level_names_in(path: Path, entries: set[str]) -> set[str]:
+    """Top-level repository entries a test file names in a string ("bench", "systemd/x")."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value) for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                and id(node) not in docstrings and not any(c.isspace() for c in node.value)):
+            first = node.value.split("/")[0]
+            if first in entries:
+                found.add(first)
+    return found
 
 
 def edit(path: Path, old: str, new: str) -> None:
@@ -87,3 +131,120 @@ def test_a_parse_error_fails(tmp_path: Path) -> None:
     result = run_check(root)
     assert result.returncode != 0
     assert "package.nix does not parse" in result.stderr
+
+
+def test_the_fileset_holds_what_the_build_and_the_check_phase_read() -> None:
+    package = nix_eval("package")
+    fileset = {Path(src).relative_to(ROOT).parts[0] for src in package["srcFiles"]}
+    disabled = [ROOT / path for path in package["disabledTestPaths"]]
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    entries = {name.split("/")[0] for name in tracked} | {p.name for p in ROOT.iterdir()
+                                                          if not p.name.startswith(".")}
+    named: dict[str, set[str]] = {}
+    for test_file in sorted((ROOT / "tests").rglob("*.py")):
+        if any(test_file.is_relative_to(d) for d in disabled):
+            continue
+        for name in top_level_names_in(test_file, entries):
+            named.setdefault(name, set()).add(str(test_file.relative_to(ROOT)))
+    # The scan is not vacuous: tests/process/test_chaos_short.py runs bench/*.py.
+    assert "bench" in named, named
+    missing = {name: files for name, files in named.items() if name not in fileset}
+    assert not missing, f"the check phase's tests read what package.nix leaves out: {missing}"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    build_reads = {project["readme"], *project.get("license-files", [])}
+    assert build_reads <= fileset, f"the build reads {build_reads - fileset}, not in the fileset"
+
+
+def test_the_check_phase_skips_tests_needing_root_systemd_or_nix() -> None:
+    package = nix_eval("package")
+    assert "tests/system" in package["disabledTestPaths"]
+    # Everything there needs one of them; nothing that does lives elsewhere.
+    for test_file in (ROOT / "tests" / "system").glob("test_*.py"):
+        text = test_file.read_text()
+        assert any(word in text for word in ("nix-instantiate", "systemd", "geteuid", "nspawn")), test_file
+    for test_file in (ROOT / "tests").rglob("test_*.py"):
+        if test_file.is_relative_to(ROOT / "tests" / "system"):
+            continue
+        text = test_file.read_text()
+        assert "nix-instantiate" not in text and "systemd-nspawn" not in text, test_file
+
+
+def test_the_vm_script_with_an_optional_match_fails(tmp_path: Path) -> None:
+    root = copy_tree(tmp_path)
+    vm = root / "nix" / "tests" / "vm.nix"
+    edit(vm, "assert float(found.group(1)) <=", "assert float(re.search('x', out).group(1)) <=")
+    result = run_check(root)
+    assert result.returncode != 0
+    assert 'Item "None" of "Match[str] | None" has no attribute "group"' in result.stderr
+
+
+def test_a_driver_method_that_does_not_exist_fails(tmp_path: Path) -> None:
+    root = copy_tree(tmp_path)
+    edit(root / "nix" / "tests" / "vm.nix", 'machine.wait_for_unit("sockets.target")',
+         'machine.wait_for_units("sockets.target")')
+    result = run_check(root)
+    assert result.returncode != 0
+    assert '"Machine" has no attribute "wait_for_units"' in result.stderr
+
+
+def test_a_plain_runner_umask_conflicts_with_the_operators(tmp_path: Path) -> None:
+    root = copy_tree(tmp_path)
+    edit(root / "nix" / "module.nix", 'UMask = lib.mkOverride 900 "0007";', 'UMask = "0007";')
+    result = run_check(root)
+    assert result.returncode != 0
+    assert "serviceConfig.UMask has conflicting definitions" in result.stderr
+
+
+def test_the_store_path_on_a_runners_path_fails(tmp_path: Path) -> None:
+    root = copy_tree(tmp_path)
+    edit(root / "nix" / "module.nix", "path = lib.mkAfter [ systemProfile ];",
+         "path = [ cfg.package ];")
+    result = run_check(root)
+    assert result.returncode != 0
+    assert "the unit names the portlease store path" in result.stderr
+
+
+def test_a_broker_that_stops_its_socket_on_change_fails(tmp_path: Path) -> None:
+    root = copy_tree(tmp_path)
+    edit(root / "nix" / "module.nix", "stopIfChanged = false;", "")
+    result = run_check(root)
+    assert result.returncode != 0
+    assert "stopIfChanged is not false" in result.stderr
+
+
+def test_a_runner_warning_that_fires_on_hand_made_units_fails(tmp_path: Path) -> None:
+    root = copy_tree(tmp_path)
+    # The old rule: only services.github-runners entries count.
+    edit(root / "nix" / "module.nix",
+         '(unit.serviceConfig or { }) ? ExecStart || (unit.script or "") != "";',
+         "(config.services.github-runners or { }) ? ${name};")
+    result = run_check(root)
+    assert result.returncode != 0
+    assert "the VM node warns" in result.stderr
+
+
+def test_a_runner_readwritepaths_without_dash_fails(tmp_path: Path) -> None:
+    root = copy_tree(tmp_path)
+    edit(root / "nix" / "module.nix", 'ReadWritePaths = [ "-${portallocDir}" ];',
+         "ReadWritePaths = [ portallocDir ];")
+    result = run_check(root)
+    assert result.returncode != 0
+    assert "want -/var/lib/fm-portalloc" in result.stderr
+
+
+def test_the_broker_named_after_its_group_fails(tmp_path: Path) -> None:
+    root = copy_tree(tmp_path)
+    edit(root / "nix" / "module.nix", 'User = "portlease-broker";', "")
+    result = run_check(root)
+    assert result.returncode != 0
+    assert "User None" in result.stderr
+
+
+def test_a_metrics_file_the_broker_cannot_write_fails(tmp_path: Path) -> None:
+    root = copy_tree(tmp_path)
+    edit(root / "nix" / "module.nix", 'lib.optional (textfile != null) "-${dirOf textfile}"',
+         'lib.optional false "-${dirOf textfile}"')
+    result = run_check(root)
+    assert result.returncode != 0
+    assert "cannot write the metrics file's directory" in result.stderr
