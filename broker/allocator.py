@@ -1,6 +1,7 @@
 """Which ports are free, and where the next run of ``count`` free ports starts.
 
-Pure: no sockets, no clock. The caller passes in the bind check and ``now``.
+Pure: no sockets, no clock. The caller passes in the bind check and ``now``
+(monotonic seconds).
 
 Every port 0..65535 has a hold count; a port is free when nobody holds it.
 Holds come from leases, from the parts of 0..65535 outside the configured
@@ -39,7 +40,7 @@ class Allocator:
 
     __slots__ = (
         "_best", "_cursor", "_free", "_holds", "_pre", "_quarantine", "_quarantined",
-        "_suf", "high", "low", "quarantine",
+        "_suf", "excluded_count", "high", "low", "quarantine",
     )
 
     def __init__(
@@ -67,9 +68,13 @@ class Allocator:
         for port in range(PORTS):
             if port < low or port > high:
                 holds[port] = 1
+        excluded_ports: set[int] = set()
         for start, count in excluded:
             for port in range(max(start, low), min(start + count, high + 1)):
                 holds[port] += 1
+                excluded_ports.add(port)
+        self.excluded_count = len(excluded_ports)
+        """Ports of the range that are never granted (ephemeral, reserved, bad, excluded)."""
         self._build()
 
     # ------------------------------------------------------------ queries
@@ -83,6 +88,11 @@ class Allocator:
     def largest_free_run(self) -> int:
         """The largest ``count`` that :meth:`allocate` could grant now, bind checks aside."""
         return self._best[1]
+
+    @property
+    def quarantined_count(self) -> int:
+        """Ports passed over for now because they failed the bind check."""
+        return len(self._quarantined)
 
     @property
     def size(self) -> int:

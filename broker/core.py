@@ -14,6 +14,7 @@ about *which* lease may do what lives in :mod:`.leases`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import assert_never
@@ -103,6 +104,10 @@ class BrokerCore:
     bind_ok: BindCheck
     pid: int
     """The broker's pid, told to clients in ``hello``."""
+    started_of: Callable[[int | None], str | None] = lambda pid: None
+    """The start time of a process (boot id and clock ticks): read when a session
+    first takes a lease, so that the journal can tell the very process that took
+    it from a later one with its pid, even if the broker dies a moment later."""
     user_name: Callable[[int], str | None] = lambda uid: None
     range_notice: str | None = None
     """Why part of the range is never granted; appended to ``exhausted`` errors."""
@@ -169,6 +174,7 @@ class BrokerCore:
                     [ExpiryChanged(record)],
                 )
             case p.Reclaim():
+                self._know_start(session)
                 record = table.reclaim(req.token, session.id, session.peer)
                 if not session.identified:
                     session.unidentified.append(record)
@@ -196,6 +202,7 @@ class BrokerCore:
         return Outcome(p.Welcome(id=req.id, version=p.PROTOCOL_VERSION, broker=BROKER_NAME, pid=self.pid))
 
     def _lease(self, session: Session, req: p.Lease, now: Instant) -> Outcome:
+        self._know_start(session)
         try:
             record = self.table.grant(
                 token=self.new_token(), count=req.count,
@@ -216,6 +223,11 @@ class BrokerCore:
             ),
             [NewLease(record)],
         )
+
+    def _know_start(self, session: Session) -> None:
+        peer = session.peer
+        if peer.started is None and not session.identified:
+            session.peer = dataclasses.replace(peer, started=self.started_of(peer.pid))
 
     def roll_back(self, request_id: p.RequestId | None, record: LeaseRecord, why: str) -> p.Error:
         """Undo a grant the journal could not record; the reply to send instead."""

@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 from brokerproc import BrokerProc, Raw, wait_for_socket
 from portlease.broker import server
 from portlease.broker.config import Config
+from portlease.broker.core import Session
 from portlease.broker.leases import Peer
 from portlease.broker.notify import Notifier
-from portlease.broker.server import Broker, Connection
+from portlease.broker.server import Broker
 from portlease.broker.state import Journal
 from portlease.client import BrokerUnavailable
 from portlease.client import Connection as Client
@@ -272,22 +272,24 @@ def test_tokens_are_128_bit_and_unguessable(tmp_path: Path) -> None:
     config = Config(port_min=20800, port_max=20899, ttl=30.0)
     broker = Broker(config=config, journal=Journal(str(tmp_path / "s.jsonl")), notifier=Notifier())
     broker.restore()
-    conn = Connection(id=1, peer=Peer(pid=os.getpid(), uid=0, gid=0), hello=True)
+    session = Session(id=1, peer=Peer(pid=os.getpid(), uid=0, gid=0), hello=True)
 
-    async def grant_and_release(n: int) -> list[str]:
+    def grant_and_release(n: int) -> list[str]:
         out = []
         for _ in range(n):
-            reply = await broker.dispatch(conn, b'{"op":"lease","id":1}')
+            reply = broker.core.handle_line(session, b'{"op":"lease","id":1}', broker.now(), 1).reply
             assert isinstance(reply, p.Granted), reply
             out.append(reply.token)
-            await broker.dispatch(conn, json.dumps({"op": "release", "id": 2, "token": reply.token}).encode())
+            line = json.dumps({"op": "release", "id": 2, "token": reply.token}).encode()
+            broker.core.handle_line(session, line, broker.now(), 1)
         return out
 
     try:
-        tokens = trio.run(grant_and_release, 4000)
+        tokens = grant_and_release(4000)
     finally:
         broker.shutdown()
     assert p.TOKEN_BYTES * 8 == 128 and server.secrets is secrets  # the CSPRNG, not random
+    assert broker.core.new_token.func is secrets.token_hex  # type: ignore[attr-defined]  # the CSPRNG, not random
     assert len(set(tokens)) == len(tokens)
     assert all(len(t) == 32 and set(t) <= HEX for t in tokens)
     # Every bit is set in about half the tokens: 2000 +- 6 sigma (sigma = 31.6).
