@@ -29,12 +29,15 @@
         default = pkgs.mkShell {
           packages = [
             (pkgs.python3.withPackages (ps: [
-              ps.trio
               ps.msgspec
+              ps.trio
               ps.sdnotify
+              ps.anyio
               ps.pytest
               ps.pytest-xdist
               ps.hypothesis
+              ps.build
+              ps.setuptools
               ps.mypy
             ]))
             pkgs.ruff

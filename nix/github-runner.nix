@@ -52,6 +52,9 @@ in
     # every start (with ephemeral = true: after every job).
     workDir = null;
     # The runner's own sandbox (DynamicUser, PrivateUsers, ProtectSystem=strict,
-    # PrivateTmp) stays as nixpkgs sets it: the socket is under /run.
+    # PrivateTmp, ...) stays as nixpkgs sets it: the socket is under /run.
+    # Your own serviceOverrides keep working: the module sets its keys on the
+    # unit, not there, and a plain serviceOverrides.UMask wins over its 0007
+    # (docs/nixos.md, "Join runners").
   });
 }

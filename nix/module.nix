@@ -247,7 +247,7 @@ in
             '';
           };
           exclude = mkOption {
-            type = types.listOf (types.either types.port (types.strMatching "[0-9]+-[0-9]+"));
+            type = types.listOf (types.either (types.ints.between 1 65535) (types.strMatching "[0-9]+-[0-9]+"));
             default = [ ];
             example = [
               8080

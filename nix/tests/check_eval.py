@@ -379,6 +379,14 @@ def check_settings(out: dict[str, Any]) -> None:
     for key, value in full.items():
         check(getattr(config, key) == value, f"settings.{key}: wrote {value!r}, read "
               f"{getattr(config, key)!r}")
+    try:
+        new_keys = load_rendered(out["newKeys"])
+    except ConfigError as exc:
+        failures.append(f"portlease serve --config refuses exclude/max_connections_per_uid: {exc}")
+    else:
+        check(new_keys.exclude == [20080, "21000-21009"] and new_keys.max_connections_per_uid == 64,
+              f"exclude/max_connections_per_uid read back as {new_keys.exclude}, "
+              f"{new_keys.max_connections_per_uid}")
     # Every declared option is a Config field with the same default.
     defaults = msgspec.structs.asdict(Config())
     for key, value in out["settingsDefaults"].items():

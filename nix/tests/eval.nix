@@ -152,6 +152,21 @@ in
     ]);
   };
 
+  # The keys the broker added for issue 14, as an operator writes them.
+  newKeys = (summary (eval [
+    module
+    enabled
+    {
+      services.portlease.settings = {
+        exclude = [
+          20080
+          "21000-21009"
+        ];
+        max_connections_per_uid = 64;
+      };
+    }
+  ])).settings;
+
   socketInTmp = (summary (eval [
     module
     enabled
@@ -183,6 +198,16 @@ in
       module
       enabled
       { services.portlease.settings.port_min = "10000"; }
+    ];
+    excludeNotARange = fails [
+      module
+      enabled
+      { services.portlease.settings.exclude = [ "21000..21009" ]; }
+    ];
+    excludePortZero = fails [
+      module
+      enabled
+      { services.portlease.settings.exclude = [ 0 ]; }
     ];
     portOutOfRange = fails [
       module
