@@ -55,18 +55,9 @@ _PROBES_V4 = (("tcp", socket.AF_INET, socket.SOCK_STREAM), ("udp", socket.AF_INE
 _PROBES_DUAL = (("tcp", socket.AF_INET6, socket.SOCK_STREAM), ("udp", socket.AF_INET6, socket.SOCK_DGRAM))
 
 
-def bind_failure(port: int) -> tuple[str, str] | None:
-    """None when TCP and UDP binds of ``port`` succeed on every wildcard address, else which failed.
-
-    The answer is ``(proto, family)``: ``proto`` is ``"tcp"`` or ``"udp"``, the
-    first probe that failed (TCP is probed first). ``family`` is ``"ipv4"`` when
-    the holder covers IPv4 (an IPv4 socket, or a dual-stack IPv6 one), else
-    ``"ipv6"`` (an IPv6-only holder). Telling the two apart costs one more bind,
-    made only after the dual-stack probe has failed, so a port that passes costs
-    what it always did: two binds, on the bare C socket type, which makes the
-    same system calls without the Python wrapper's bookkeeping. This runs twice
-    for every port granted.
-    """
+def _failed_probe(port: int) -> tuple[str, int, int] | None:
+    # On the bare C socket type, which makes the same system calls without the
+    # Python wrapper's bookkeeping: this runs twice for every port granted.
     for proto, family, kind in _PROBES_DUAL if has_ipv6() else _PROBES_V4:
         s = _socket.socket(family, kind)
         try:
@@ -78,12 +69,38 @@ def bind_failure(port: int) -> tuple[str, str] | None:
         except OSError as exc:
             if exc.errno not in _BUSY:
                 log.warning("bind check of port %d: %s", port, exc)
-            if family == socket.AF_INET or not _v4_bind_ok(kind, port):
-                return proto, "ipv4"
-            return proto, "ipv6"
+            return proto, family, kind
         finally:
             s.close()
     return None
+
+
+def bind_ok(port: int) -> bool:
+    """True when TCP and UDP binds of ``port`` succeed on every wildcard address.
+
+    TCP, then UDP (dual-stack where the host has IPv6), stopping at the first
+    failure: two binds for a port that passes. :func:`bind_failure` also says
+    which probe failed.
+    """
+    return _failed_probe(port) is None
+
+
+def bind_failure(port: int) -> tuple[str, str] | None:
+    """None when :func:`bind_ok` would be True, else which probe failed: ``(proto, family)``.
+
+    ``proto`` is ``"tcp"`` or ``"udp"``, the first probe that failed (TCP is
+    probed first). ``family`` is ``"ipv4"`` when the holder covers IPv4 (an IPv4
+    socket, or a dual-stack IPv6 one), else ``"ipv6"`` (an IPv6-only holder).
+    Telling the two apart costs one more bind, made only after the dual-stack
+    probe has failed, so a port that passes costs what it does in bind_ok.
+    """
+    failed = _failed_probe(port)
+    if failed is None:
+        return None
+    proto, family, kind = failed
+    if family == socket.AF_INET or not _v4_bind_ok(kind, port):
+        return proto, "ipv4"
+    return proto, "ipv6"
 
 
 def _v4_bind_ok(kind: int, port: int) -> bool:
@@ -95,15 +112,6 @@ def _v4_bind_ok(kind: int, port: int) -> bool:
         return False
     finally:
         s.close()
-
-
-def bind_ok(port: int) -> bool:
-    """True when TCP and UDP binds of ``port`` succeed on every wildcard address.
-
-    TCP, then UDP (dual-stack where the host has IPv6), stopping at the first
-    failure; :func:`bind_failure` says which probe failed.
-    """
-    return bind_failure(port) is None
 
 
 def ephemeral_range(path: str = _EPHEMERAL) -> tuple[int, int] | None:
