@@ -112,3 +112,14 @@ def test_status_watch_refreshes_in_place_through_a_broker_restart(broker: Broker
     assert watch.returncode == 0
     assert seen.count(b"\x1b[H") >= 2 and b"\x1b[K" in seen
     assert b"1 lease, 2 ports held" in seen
+
+
+def test_status_with_many_long_notes_is_shown_whole(broker: BrokerProc) -> None:
+    # A reply far larger than one request line may be: 40 leases, notes at the cut.
+    with Connection(broker.socket) as conn:
+        for n in range(40):
+            conn.lease(1, note=f"{n:02d}" + "z" * 300, detach=True, ttl=60)
+        out = portlease("status", "--socket", broker.socket)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1].startswith("40 leases, 40 ports held")
+    assert sum(" detached " in line for line in out.stdout.splitlines()) == 40
