@@ -276,22 +276,22 @@ class Broker:
         session = conn.session
         if self.share is not None and session.hello and b'"lease"' in line:
             return functools.partial(self._shared_request, conn, line)
-        return self._answer(session, line)
+        return self.answer(session, line)
 
-    def _answer(self, session: Session, line: bytes) -> bytes:
+    def answer(self, session: Session, line: bytes) -> bytes:
         """Carry out one request line: the core decides, the journal records, then the reply."""
         now = self.now()
         if b'"metrics"' in line:
             request = _try_decode(line)
             if isinstance(request, p.Metrics) and session.hello:
                 return p.encode(p.MetricsReply(id=request.id, text=self.metrics_text()))
-        assert self.driver is not None
-        outcome = self.core.handle_line(session, line, now, len(self.driver))
+        clients = len(self.driver) if self.driver is not None else 0
+        outcome = self.core.handle_line(session, line, now, clients)
         return p.encode(self._finish(session, outcome, now))
 
     async def _shared_request(self, conn: Conn, line: bytes) -> bytes:
         assert self.share is not None
-        return await self.share.around_grant(functools.partial(self._answer, conn.session, line))
+        return await self.share.around_grant(functools.partial(self.answer, conn.session, line))
 
     def _finish(self, session: Session, outcome: Outcome, now: Instant) -> p.Reply:
         reply = outcome.reply

@@ -2,7 +2,7 @@
 
 Two targets:
 
-- ``Broker.dispatch`` in-process (a real Broker with a real journal, driven
+- ``Broker.answer`` in-process (a real Broker with a real journal, driven
   through trio): many examples, fast. Every reply must be encodable, carry a
   code from :class:`ErrorCode` (never ``internal``), echo the request's id, and
   leave a victim connection's lease exactly as it was.
@@ -26,15 +26,15 @@ from typing import Any
 
 import msgspec
 import pytest
-import trio
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from brokerproc import BrokerProc, Raw
 from portlease.broker.config import Config
+from portlease.broker.core import Session
 from portlease.broker.leases import Peer
 from portlease.broker.notify import Notifier
-from portlease.broker.server import Broker, Connection
+from portlease.broker.server import Broker
 from portlease.broker.state import Journal
 from portlease.client import protocol as p
 
@@ -149,16 +149,14 @@ any_line = st.one_of(
 @dataclass
 class InProc:
     broker: Broker
-    victim: Connection
+    victim: Session
     token: str
     ports: list[int]
     next_id: int = 100
 
-    def run(self, conn: Connection, lines: list[bytes]) -> list[p.Reply]:
-        async def go() -> list[p.Reply]:
-            return [await self.broker.dispatch(conn, line) for line in lines]
-
-        return trio.run(go)
+    def run(self, conn: Session, lines: list[bytes]) -> list[p.Reply]:
+        """Each line through the broker's shell and core, as the connection driver passes it."""
+        return [p.decode_reply(self.broker.answer(conn, line)[:-1]) for line in lines]
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +168,7 @@ def inproc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProc]:
     )
     broker = Broker(config=config, journal=Journal(str(d / "state.jsonl")), notifier=Notifier())
     broker.restore()
-    victim = Connection(id=1, peer=Peer(pid=os.getpid(), uid=4242, gid=4242))
+    victim = Session(id=1, peer=Peer(pid=os.getpid(), uid=4242, gid=4242))
     _welcome, granted = InProc(broker, victim, "", []).run(victim, [
         p.encode(p.Hello(id=0, version=p.PROTOCOL_VERSION))[:-1],
         p.encode(p.Lease(id=1, count=3, note="victim"))[:-1],
@@ -216,7 +214,7 @@ def check_no_port_held_twice(env: InProc) -> None:
         seen |= set(record.ports)
 
 
-def settle(env: InProc, conn: Connection) -> None:
+def settle(env: InProc, conn: Session) -> None:
     """Close the attacker's connection as the server does, and drop its detached leases."""
     table = env.broker.table
     for record in table.drop_connection(conn.id):
@@ -255,7 +253,7 @@ def victim_token_guess(token: str, how: str, i: int) -> str:
 @example(lines=[b'{"op":"lease","id":5,"count":2}'] * 3, hello=True, uid=0)  # duplicate ids
 def test_dispatch_survives_anything(inproc: InProc, lines: list[bytes], hello: bool, uid: int) -> None:
     inproc.next_id += 1
-    conn = Connection(id=inproc.next_id, peer=Peer(pid=os.getpid(), uid=uid, gid=uid), hello=hello)
+    conn = Session(id=inproc.next_id, peer=Peer(pid=os.getpid(), uid=uid, gid=uid), hello=hello)
     low, high = INPROC_RANGE
     replies = inproc.run(conn, lines)
     for line, reply in zip(lines, replies, strict=True):
@@ -277,7 +275,7 @@ def test_token_guessing_never_touches_the_victim(
     inproc: InProc, op: str, how: str, i: int, random_token: str
 ) -> None:
     inproc.next_id += 1
-    conn = Connection(id=inproc.next_id, peer=Peer(pid=1, uid=1000, gid=1000), hello=True)
+    conn = Session(id=inproc.next_id, peer=Peer(pid=1, uid=1000, gid=1000), hello=True)
     guesses = [victim_token_guess(inproc.token, how, i), random_token]
     assume(inproc.token not in guesses)
     lines = [json.dumps({"op": op, "id": n, "token": g}).encode() for n, g in enumerate(guesses)]
@@ -290,7 +288,7 @@ def test_token_guessing_never_touches_the_victim(
 
 def test_journal_matches_the_table_after_fuzzing(inproc: InProc) -> None:
     """Whatever the fuzzing did, the journal on disk lists exactly the live leases."""
-    loaded = Journal(inproc.broker.journal.path)._read()
+    loaded = Journal(inproc.broker.journal.path, boot=inproc.broker.journal.boot)._read(inproc.broker.now())
     assert {r.token for r in loaded.records} == {r.token for r in inproc.broker.table}
     assert loaded.bad_lines == 0
 
