@@ -4,10 +4,11 @@ Two text formats come out of the same numbers:
 
 - OpenMetrics 1.0 (``render(snapshot)``), the answer to the protocol's
   ``metrics`` op and to ``portlease metrics``; it ends in ``# EOF``.
-- The classic Prometheus text format (``render(snapshot, openmetrics=False)``)
-  for node_exporter's textfile collector, which parses only that format: in it
-  a counter's ``TYPE`` line names the sample with its ``_total`` suffix, and it
-  has no ``UNIT`` lines and no ``# EOF``.
+- The classic Prometheus text format (``render(snapshot, openmetrics=False)``,
+  or :func:`to_classic` of the OpenMetrics text) for node_exporter's textfile
+  collector, which parses only that format: in it a counter's ``TYPE`` line
+  names the sample with its ``_total`` suffix, and it has no ``UNIT`` lines and
+  no ``# EOF``. :func:`write_textfile` converts OpenMetrics text it is given.
 
 Nothing here reads a clock or does I/O except :func:`write_textfile`; the
 caller passes durations and the snapshot.
@@ -22,7 +23,7 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["DURATION_BUCKETS", "LEASE_STATES", "Metrics", "Snapshot", "write_textfile"]
+__all__ = ["DURATION_BUCKETS", "LEASE_STATES", "Metrics", "Snapshot", "to_classic", "write_textfile"]
 
 LEASE_STATES = ("attached", "detached", "orphaned")
 """Lease states as ``portlease_leases{state=…}`` shows them; all three are always present."""
@@ -215,9 +216,35 @@ class _Writer:
         return "\n".join(self.lines) + "\n"
 
 
+def to_classic(text: str) -> str:
+    """OpenMetrics text from :meth:`Metrics.render` in the classic Prometheus format.
+
+    Counter families are renamed to their ``_total`` sample name in HELP and TYPE,
+    and ``UNIT`` and ``# EOF`` lines are dropped. Text already in the classic
+    format (no ``# EOF``) comes back unchanged.
+    """
+    if not text.endswith("# EOF\n"):
+        return text
+    lines = text.splitlines()[:-1]
+    counters = {line.split(" ")[2] for line in lines
+                if line.startswith("# TYPE ") and line.endswith(" counter")}
+    out = []
+    for line in lines:
+        if line.startswith("# UNIT "):
+            continue
+        if line.startswith(("# HELP ", "# TYPE ")):
+            hash_, keyword, name, *rest = line.split(" ", 3)
+            if name in counters:
+                line = " ".join([hash_, keyword, name + "_total", *rest])
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 def write_textfile(path: str, text: str) -> None:
     """Replace ``path`` with ``text`` atomically, mode 0644, for node_exporter's textfile collector.
 
+    OpenMetrics text (what :meth:`Metrics.render` gives by default) is written in
+    the classic format (:func:`to_classic`), the only one the collector parses.
     The text goes to a new temporary file in the same directory (created with
     O_EXCL and O_NOFOLLOW, so a planted file or symlink there is never written
     through), which is then renamed over ``path``: a reader sees the old file
@@ -232,7 +259,7 @@ def write_textfile(path: str, text: str) -> None:
     try:
         try:
             os.fchmod(fd, 0o644)  # the umask may have taken bits the collector's user needs
-            data = text.encode()
+            data = to_classic(text).encode()
             while data:
                 data = data[os.write(fd, data):]
         finally:

@@ -146,6 +146,19 @@ def test_classic_format_for_the_textfile_collector() -> None:
     assert samples(families) == om  # the same numbers in both formats
 
 
+def test_to_classic_is_the_classic_rendering() -> None:
+    m = busy()
+    assert metrics.to_classic(m.render(SNAP)) == m.render(SNAP, openmetrics=False)
+    classic = m.render(SNAP, openmetrics=False)
+    assert metrics.to_classic(classic) == classic
+
+
+def test_write_textfile_writes_the_classic_format_whatever_it_is_given(tmp_path: Path) -> None:
+    path = tmp_path / "portlease.prom"
+    write_textfile(str(path), busy().render(SNAP))
+    assert path.read_text() == busy().render(SNAP, openmetrics=False)
+
+
 def test_every_metric_is_in_the_docs_table_and_every_documented_one_is_rendered() -> None:
     text = busy().render(SNAP)
     rendered = {f.name for f in om_parser.text_string_to_metric_families(text)}
@@ -173,7 +186,7 @@ def test_write_textfile_replaces_atomically_with_mode_0644(tmp_path: Path) -> No
 
 def test_a_reader_never_sees_half_a_file(tmp_path: Path) -> None:
     path = str(tmp_path / "portlease.prom")
-    texts = ["a" * 300_000 + "\n# EOF\n", "b" * 200_000 + "\n# EOF\n"]
+    texts = ["a" * 300_000 + "\nportlease_clients 1\n", "b" * 200_000 + "\nportlease_clients 2\n"]
     write_textfile(path, texts[0])
     stop = threading.Event()
     seen: list[str] = []
@@ -292,6 +305,74 @@ def test_node_exporter_reads_the_textfile_with_its_types(node_exporter: tuple[Pa
 def test_node_exporter_loses_counter_types_from_openmetrics_text(node_exporter: tuple[Path, str]) -> None:
     # Why the textfile gets the classic format: the same numbers in OpenMetrics come out untyped.
     textdir, url = node_exporter
-    write_textfile(str(textdir / "portlease.prom"), busy().render(SNAP))
+    (textdir / "portlease.tmp").write_text(busy().render(SNAP))  # as it is, not through write_textfile
+    os.replace(textdir / "portlease.tmp", textdir / "portlease.prom")
     got = scrape(url)
     assert got["portlease_grants_total"] == "untyped"
+
+
+# ---------------------------------------------------------------- a real broker end to end
+
+
+def test_a_real_broker_counts_what_happened(tmp_path: Path, port_range: str,
+                                            node_exporter: tuple[Path, str]) -> None:
+    """Squatters, exclusions, a grant and refusals, seen through the metrics op and through node_exporter."""
+    from brokerproc import BrokerProc, Raw
+
+    textdir, url = node_exporter
+    base = int(port_range.split("-")[0])
+    v6 = socket.has_ipv6 and os.path.exists("/proc/net/tcp6")
+    held = []
+    try:
+        # Two squatters at the bottom of the range, where the first grant is looked for.
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.bind(("127.0.0.1", base))
+        held.append(tcp)
+        udp = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+        if v6:
+            udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        udp.bind(("::1" if v6 else "127.0.0.1", base + 1))
+        held.append(udp)
+        conf = tmp_path / "portlease.toml"
+        conf.write_text(f'exclude = [{base + 40}, "{base + 45}-{base + 46}"]\n'
+                        f'metrics_textfile = "{textdir / "portlease.prom"}"\n')
+        broker = BrokerProc(tmp_path / "b", ["--config", str(conf)], range=f"{base}-{base + 49}")
+        broker.dir.mkdir()
+        broker.start()
+        try:
+            for _ in range(1000):  # the first write comes at the broker's first tick
+                if (textdir / "portlease.prom").exists():
+                    break
+                threading.Event().wait(0.01)
+            got = scrape(url)
+            assert got["_scrape_error"] == "0"
+            assert got["portlease_grants_total"] == "counter"
+            assert re.search(r"^portlease_squatted_ports 2$", got["_body"], re.M), got["_body"]
+
+            raw = Raw(broker.socket)
+            granted = raw.call({"op": "lease", "count": 2})
+            assert granted["ports"] == [base + 2, base + 3]
+            assert raw.call({"op": "lease", "count": 500})["code"] == "too-large"
+            assert raw.call({"op": "lease", "count": 45})["code"] == "exhausted"
+            text = raw.call({"op": "metrics"})["text"]
+            raw.close()
+        finally:
+            broker.stop()
+    finally:
+        for s in held:
+            s.close()
+    assert isinstance(text, str) and text.endswith("# EOF\n")
+    v = samples(list(om_parser.text_string_to_metric_families(text)))
+    assert value(v, "portlease_grants_total") == 1
+    assert value(v, "portlease_ports_granted_total") == 2
+    assert value(v, "portlease_refusals_total", reason="too-large") == 1
+    assert value(v, "portlease_refusals_total", reason="exhausted") == 1
+    assert value(v, "portlease_bind_check_failures_total", proto="tcp", family="ipv4") == 1
+    assert value(v, "portlease_bind_check_failures_total", proto="udp", family="ipv6" if v6 else "ipv4") == 1
+    assert value(v, "portlease_ports", state="held") == 2
+    assert value(v, "portlease_ports", state="quarantined") == 2
+    assert value(v, "portlease_ports", state="excluded") == 3
+    assert value(v, "portlease_ports", state="free") == 50 - 2 - 2 - 3
+    assert value(v, "portlease_leases", state="attached") == 1
+    assert value(v, "portlease_clients") == 1
+    assert (value(v, "portlease_range_low"), value(v, "portlease_range_high")) == (base, base + 49)
