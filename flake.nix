@@ -38,6 +38,7 @@
               ps.hypothesis
               ps.build
               ps.setuptools
+              ps.prometheus-client
               ps.mypy
             ]))
             pkgs.ruff

@@ -419,6 +419,16 @@ def check_package(out: dict[str, Any]) -> None:
                  "systemd/config.toml"):
         check(f" {path} " in package["postInstall"], f"package.nix does not install {path}")
         check((ROOT / path).exists(), f"{path} is missing")
+    dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for module in package["pythonImportsCheck"]:
+        parts = module.split(".")
+        base = next((parts[:n] for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in dirs), None)
+        if base is None:
+            failures.append(f"pythonImportsCheck {module}: no package-dir in pyproject.toml")
+            continue
+        path = ROOT / dirs[".".join(base)] / Path(*parts[len(base):])
+        check(path.with_suffix(".py").exists() or (path / "__init__.py").exists(),
+              f"pythonImportsCheck {module}: no {path}.py")
     for src in package["srcFiles"]:
         check(Path(src).exists(), f"package.nix source {src} does not exist")
     check(package["mainProgram"] == "portlease", "meta.mainProgram")

@@ -224,6 +224,7 @@ let
     "hypothesis"
     "anyio"
     "build"
+    "prometheus-client"
   ] (name: drv "python3-${name}");
 
   pkgs = {

@@ -248,3 +248,11 @@ def test_a_metrics_file_the_broker_cannot_write_fails(tmp_path: Path) -> None:
     result = run_check(root)
     assert result.returncode != 0
     assert "cannot write the metrics file's directory" in result.stderr
+
+
+def test_an_import_check_of_a_module_that_does_not_exist_fails(tmp_path: Path) -> None:
+    root = copy_tree(tmp_path)
+    edit(root / "nix" / "package.nix", '"portlease.client.aio"', '"portlease.client.aoi"')
+    result = run_check(root)
+    assert result.returncode != 0
+    assert "pythonImportsCheck portlease.client.aoi" in result.stderr
