@@ -15,11 +15,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
-import trio
 
+from brokerproc import BrokerProc
 from portlease.client import BrokerUnavailable, Connection, open_lease
-from portlease.client.paths import SYSTEM_SOCKET, user_socket
+from portlease.client.paths import user_socket
 
 pytest_plugins = ["pytester"]
 
@@ -60,12 +61,12 @@ def wait_for(pred, what: str, timeout: float = 10.0) -> None:  # type: ignore[no
 
 @pytest.fixture
 def user_sock(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A private ``$XDG_RUNTIME_DIR`` with autostart on; kills what it started."""
-    if os.path.exists(SYSTEM_SOCKET):
-        pytest.skip(f"{SYSTEM_SOCKET} exists and would be used instead of the per-user socket")
+    """A private ``$XDG_RUNTIME_DIR`` with autostart on and no system broker; kills what it started."""
     # Short, because a Unix socket path has at most 107 bytes.
     runtime = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
     monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+    monkeypatch.setenv("PORTLEASE_SYSTEM_DIR", os.path.join(runtime, "sys"))
+    monkeypatch.setenv("PORTLEASE_SYSTEM_CONFIG", os.path.join(runtime, "sys.toml"))
     monkeypatch.setenv("PORTLEASE_AUTOSTART", "1")
     monkeypatch.delenv("PORTLEASE_SOCKET", raising=False)
     monkeypatch.delenv("PORTLEASE_IDLE_EXIT", raising=False)
@@ -151,12 +152,17 @@ def test_a_killed_brokers_stale_socket_is_replaced_by_a_new_one(user_sock: str) 
     assert stat.S_ISSOCK(os.lstat(user_sock).st_mode)  # left behind
 
     async def main() -> tuple[int, ...]:
-        async with open_lease(3) as held:  # the trio client autostarts too
+        async with open_lease(3) as held:  # the async client autostarts too
             return held.ports
 
-    assert len(trio.run(main)) == 3
+    assert len(anyio.run(main, backend="trio")) == 3
     (second,) = brokers_for(user_sock)
     assert second != first
+    os.kill(second, signal.SIGKILL)
+    wait_for(lambda: gone(second), "the second broker is dead")
+    assert len(anyio.run(main, backend="asyncio")) == 3
+    (third,) = brokers_for(user_sock)
+    assert third not in (first, second)
 
 
 def test_the_wrapper_starts_a_broker_that_signals_can_stop(user_sock: str) -> None:
@@ -181,6 +187,7 @@ def test_disabled_autostart_is_a_clear_error(user_sock: str) -> None:
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 69
     assert f"no portlease broker answers at {user_sock}" in out.stderr
+    assert "autostart is off" in out.stderr and "starting one failed" not in out.stderr
     assert brokers_for(user_sock) == []
 
 
@@ -202,8 +209,133 @@ def test_a_directory_owned_by_someone_else_is_refused(user_sock: str) -> None:
     directory = os.path.dirname(user_sock)
     os.makedirs(directory, mode=0o700)
     os.chown(directory, 65534, 65534)
-    with pytest.raises(BrokerUnavailable, match="not a directory owned by uid 0"):
+    with pytest.raises(BrokerUnavailable, match="belongs to uid 65534, not to you"):
         Connection()
+    assert brokers_for(user_sock) == []
+    assert os.listdir(directory) == []  # no lock, no log: nothing made in someone else's dir
+
+
+def test_autostart_changes_no_mode_of_a_directory_it_did_not_make(user_sock: str) -> None:
+    directory = os.path.dirname(user_sock)
+    os.mkdir(directory)
+    os.chmod(directory, 0o755)  # ours, readable by others, writable by nobody else: accepted
+    with Connection() as conn:
+        conn.lease(1)
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o755
+
+
+def _system_down_checks(user_sock: str, message: str) -> None:
+    assert "system portlease broker is down" in message
+    assert "systemctl status portlease.socket" in message
+    assert "starting one" not in message
+    assert brokers_for(user_sock) == []
+    assert not os.path.exists(os.path.dirname(user_sock))  # no private broker, not even its dir
+
+
+@pytest.mark.parametrize("marker", ["dir", "config"])
+def test_where_a_system_deployment_exists_no_client_autostarts(
+    user_sock: str, marker: str
+) -> None:
+    system_dir = os.environ["PORTLEASE_SYSTEM_DIR"]
+    if marker == "dir":
+        os.mkdir(system_dir)
+    else:
+        Path(os.environ["PORTLEASE_SYSTEM_CONFIG"]).write_text("range = [20000, 20099]\n")
+    with pytest.raises(BrokerUnavailable) as exc:
+        Connection(timeout=1.0)
+    message = str(exc.value)
+    assert os.path.join(system_dir, "portlease.sock") in message
+    assert "socket file is missing" in message
+    _system_down_checks(user_sock, message)
+
+    async def via_async() -> None:
+        with pytest.raises(BrokerUnavailable) as aexc:
+            async with open_lease(1, timeout=0.5):
+                pass
+        _system_down_checks(user_sock, str(aexc.value))
+
+    anyio.run(via_async, backend="asyncio")
+    if marker == "dir":
+        assert os.listdir(system_dir) == []  # nothing created, bound or chmodded there
+
+
+def test_a_stopped_system_socket_is_reported_not_replaced(user_sock: str) -> None:
+    system_dir = os.environ["PORTLEASE_SYSTEM_DIR"]
+    os.mkdir(system_dir, 0o755)
+    # The socket file is left behind by a broker that is gone: connect is refused.
+    import socket as _socket
+
+    dead = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    dead.bind(os.path.join(system_dir, "portlease.sock"))
+    dead.close()
+    with pytest.raises(BrokerUnavailable) as exc:
+        Connection(timeout=0.5)
+    assert "Connection refused" in str(exc.value)
+    _system_down_checks(user_sock, str(exc.value))
+    assert stat.S_IMODE(os.stat(system_dir).st_mode) == 0o755
+
+
+def test_a_system_broker_that_comes_up_within_the_timeout_is_waited_for(
+    user_sock: str, tmp_path: Path, port_range: str
+) -> None:
+    system_dir = os.environ["PORTLEASE_SYSTEM_DIR"]
+    os.mkdir(system_dir)
+
+    class SystemBroker(BrokerProc):
+        @property
+        def socket(self) -> str:
+            return os.path.join(system_dir, "portlease.sock")
+
+    broker = SystemBroker(tmp_path, range=port_range)
+    broker.start(wait=False)  # still starting when the client arrives
+    try:
+        with Connection(timeout=20) as conn:
+            assert conn.path == broker.socket
+            assert len(conn.lease(1).ports) == 1
+    finally:
+        broker.stop()
+    assert brokers_for(user_sock) == []
+
+
+def test_a_user_outside_the_socket_group_gets_the_permission_message(
+    user_sock: str, tmp_path: Path, port_range: str
+) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to become another uid")
+    system_dir = os.environ["PORTLEASE_SYSTEM_DIR"]
+    os.chmod(os.path.dirname(system_dir), 0o755)  # like /run: anyone may look in
+    os.mkdir(system_dir, 0o755)
+
+    class SystemBroker(BrokerProc):
+        @property
+        def socket(self) -> str:
+            return os.path.join(system_dir, "portlease.sock")
+
+    broker = SystemBroker(tmp_path, range=port_range).start()
+    try:
+        os.chmod(broker.socket, 0o660)  # root:root; uid 65534 is in no group of it
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+                try:
+                    Connection(timeout=5)
+                    os.write(w, b"connected")
+                except Exception as exc:
+                    os.write(w, f"{type(exc).__name__}: {exc}".encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            message = f.read().decode()
+        os.waitpid(pid, 0)
+    finally:
+        broker.stop()
+    assert "permission denied on the portlease socket" in message
+    assert "group" in message and "autostart" not in message and "starting one" not in message
     assert brokers_for(user_sock) == []
 
 
