@@ -311,6 +311,7 @@ def check_metrics(out: dict[str, Any]) -> None:
           f"metrics.textfile renders {plain['settings'].get('metrics_textfile')}")
     check("-/var/lib/metrics" in plain["service"]["serviceConfig"]["ReadWritePaths"],
           "the broker cannot write the metrics file's directory")
+    check(plain["tmpfiles"] == [], f"metrics.textfile alone creates {plain['tmpfiles']}")
     check("metrics_textfile" not in out["minimal"]["settings"], "metrics_textfile rendered unset")
     node = metrics["nodeExporter"]
     directory = "/var/lib/prometheus-node-exporter-text-files"
