@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -200,3 +202,49 @@ def test_time_wait_is_not_a_squatter(held: list[socket.socket]) -> None:
     left = procnet.sockets(range(port, port + 1))
     assert left and all(s.inode == 0 and not s.listening for s in left), left
     assert procnet.squatters(port, port, []) == []
+
+
+needs_root = pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None,
+                                reason="needs root and setpriv to run as another uid")
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@needs_root
+def test_another_users_socket_shows_its_uid_and_root_sees_its_owner(base: int) -> None:
+    code = (
+        "import socket, sys\n"
+        f"s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', {base + 60}))\n"
+        "print('ready', flush=True); sys.stdin.read()\n"
+    )
+    child = subprocess.Popen([*NOBODY, sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        (sock,) = procnet.sockets(range(base + 60, base + 61))
+        assert sock.uid == 65534
+        # setpriv execs the interpreter, so the pid Popen knows is the socket's holder
+        assert procnet.owners([sock.inode]) == {sock.inode: child.pid}
+    finally:
+        child.kill()
+        child.wait()
+
+
+@needs_root
+def test_an_unprivileged_caller_sees_the_socket_but_not_roots_process(base: int,
+                                                                      held: list[socket.socket]) -> None:
+    s = bind(held, socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1", base + 61, listen=True)
+    # procnet imports nothing of portlease, so the other uid loads it from its file.
+    code = (
+        "import importlib.util, json, sys\n"
+        f"spec = importlib.util.spec_from_file_location('procnet', {procnet.__file__!r})\n"
+        "procnet = importlib.util.module_from_spec(spec); sys.modules['procnet'] = procnet\n"
+        "spec.loader.exec_module(procnet)\n"
+        f"found = procnet.sockets(range({base + 61}, {base + 62}))\n"
+        "owners = procnet.owners([x.inode for x in found])\n"
+        "print(json.dumps([[x.inode, x.uid] for x in found])); print(json.dumps(owners))\n"
+    )
+    r = subprocess.run([*NOBODY, sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert r.returncode == 0, r.stderr
+    seen, owners = (json.loads(part) for part in r.stdout.splitlines())
+    assert seen == [[inode(s), 0]]
+    assert owners == {}
