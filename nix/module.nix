@@ -151,10 +151,14 @@ in
       description = ''
         Names of {option}`services.github-runners` entries to join to the broker.
         Each `github-runner-NAME` service gets {option}`services.portlease.group`
-        as a supplementary group, `PORTLEASE_SOCKET` in its environment and the
-        `portlease` client on its `PATH`. With
+        as a supplementary group, `PORTLEASE_SOCKET` in its environment and
+        `/run/current-system/sw/bin` (where the `portlease` client is) at the
+        end of its `PATH`: no store path, so a portlease upgrade does not
+        restart the runner. With
         {option}`services.portlease.settings.portalloc_dir` set, it also gets
-        `FM_PORTALLOC_DATA_DIR`, write access to that directory and `UMask=0007`.
+        `FM_PORTALLOC_DATA_DIR`, write access to that directory and
+        `UMask=0007` (at priority 900: a plain `serviceOverrides.UMask` of
+        yours wins). Nothing is written into `serviceOverrides`.
       '';
     };
 
