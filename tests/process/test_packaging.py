@@ -235,3 +235,50 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert test_command[0] in ci.splitlines(), test_command[0]
     serve_command = [c for c in commands if c.endswith("portlease serve")]
     assert len(serve_command) == 1, commands
+
+
+DIAGRAMS = ROOT / "docs" / "diagrams"
+
+
+def _svg_texts(svg: str) -> list[str]:
+    return sorted(re.findall(r"<text[^>]*>([^<]*)</text>", svg))
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed (graphviz)")
+@pytest.mark.parametrize("name", ["host", "lease-states", "socket-choice"])
+def test_each_picture_is_rendered_from_its_current_source(name: str, tmp_path: Path) -> None:
+    fresh = run("dot", "-Tsvg", DIAGRAMS / f"{name}.dot", "-o", tmp_path / "fresh.svg")
+    assert fresh.returncode == 0, fresh.stderr
+    committed = (DIAGRAMS / f"{name}.svg").read_text()
+    # Coordinates differ between Graphviz versions; the words must not.
+    assert _svg_texts(committed) == _svg_texts((tmp_path / "fresh.svg").read_text()), (
+        f"docs/diagrams/{name}.svg is stale: run docs/diagrams/render.sh")
+    assert (DIAGRAMS / f"{name}.png").stat().st_size > 10_000
+
+
+def test_pictures_name_what_the_code_uses() -> None:
+    from portlease.broker.leases import ORPHAN_KEEP_TTLS, LeaseState
+    from portlease.client import paths
+
+    states = (DIAGRAMS / "lease-states.dot").read_text()
+    for state in LeaseState:
+        assert f"<b>{state.value}</b>" in states
+    assert f"at most {ORPHAN_KEEP_TTLS} TTLs" in states
+    choice = (DIAGRAMS / "socket-choice.dot").read_text()
+    for name in (paths.SYSTEM_SOCKET, paths.SYSTEM_DIR, paths.SYSTEM_CONFIG, "PORTLEASE_SOCKET",
+                 "XDG_RUNTIME_DIR/portlease/portlease.sock", "/tmp/portlease-$UID/portlease.sock",
+                 "systemctl status portlease.socket", "SO_PEERCRED"):
+        assert name in choice, name
+    host = (DIAGRAMS / "host.dot").read_text()
+    units = {f: (ROOT / "systemd" / f).read_text() for f in ("portlease.socket", "portlease.service")}
+
+    def key(unit: str, name: str) -> str:
+        (value,) = re.findall(rf"^{name}=(.*)$", units[unit], re.M)
+        return value.strip()
+
+    assert f"<b>{key('portlease.socket', 'ListenStream')}</b>" in host
+    mode = f"{key('portlease.socket', 'SocketUser')}:{key('portlease.socket', 'SocketGroup')} "
+    assert mode + key("portlease.socket", "SocketMode") in host
+    assert f"DynamicUser {key('portlease.service', 'User')}" in host
+    assert f"/var/lib/{key('portlease.service', 'StateDirectory')}" in host
+    assert "Type=notify" in units["portlease.service"] and "Type=notify" in host
