@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,41 @@ def test_metrics_textfile_key_is_read(tmp_path: Path) -> None:
     path.write_text('metrics_textfile = "/var/lib/node_exporter/textfile/portlease.prom"\n')
     assert config.load_file(str(path)).metrics_textfile == "/var/lib/node_exporter/textfile/portlease.prom"
     assert config.Config().metrics_textfile is None and config.Config().exclude == []
+
+
+# ---------------------------------------------------------------- a real broker
+
+
+def test_a_real_broker_never_grants_10080_nor_the_operators_ports_and_reloads_them(
+        tmp_path: Path) -> None:
+    import signal
+
+    from brokerproc import BrokerProc, Raw
+
+    conf = tmp_path / "portlease.toml"
+    conf.write_text("port_min = 10079\nport_max = 10082\nexclude = [10082]\n")
+    broker = BrokerProc(tmp_path / "b", ["--config", str(conf)], range="10079-10082")
+    broker.dir.mkdir()
+    # --range on the command line would stay in force over the file; leave it to the file.
+    broker.command = lambda: [  # type: ignore[method-assign]
+        sys.executable, "-m", "portlease.broker", "serve", "--socket", broker.socket,
+        "--state", broker.state, "--config", str(conf)]
+    broker.start()
+    try:
+        raw = Raw(broker.socket)
+        got = [raw.call({"op": "lease", "count": 1}) for _ in range(3)]
+        assert [g.get("ports") for g in got[:2]] == [[10079], [10081]]
+        assert got[2]["code"] == "exhausted"
+        conf.write_text("port_min = 10079\nport_max = 10082\nexclude = []\n")
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGHUP)
+        for _ in range(500):  # until the reload has happened
+            reply = raw.call({"op": "lease", "count": 1})
+            if reply.get("ports"):
+                break
+            threading.Event().wait(0.01)
+        assert reply["ports"] == [10082]  # the operator's port, now allowed; 10080 still never
+        assert raw.call({"op": "lease", "count": 1})["code"] == "exhausted"
+        raw.close()
+    finally:
+        broker.stop()
