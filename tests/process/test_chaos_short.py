@@ -54,12 +54,13 @@ def test_load_short(tmp_path: Path) -> None:
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 64 KiB tmpfs to fill up (root only)."""
+    """A 64 KiB tmpfs to fill up (root only); mode 0700, since the broker refuses a
+    state directory that others may write to."""
     mnt = tmp_path / "tiny"
     mnt.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)],
                          capture_output=True, text=True)
     if out.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")

@@ -176,7 +176,7 @@ def test_ready_status_watchdog_reload_stopping(tmp_path: Path, abstract: bool) -
         manager.wait_for("READY=1")
         raw = Raw(path)  # READY means the socket is served and the state restored
         raw.call({"op": "lease", "count": 3})
-        status = manager.wait_for("STATUS=1 leases, 3 ports held, 1 clients, 37 free, largest free run 37")
+        status = manager.wait_for("STATUS=1 lease, 3 ports held, 1 client, 37 free, largest free run 37")
         assert status.startswith("STATUS=")
         manager.drain(1.0)
         pings = [t for t, m in manager.messages if m == "WATCHDOG=1"]
