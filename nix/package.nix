@@ -41,7 +41,8 @@ python3Packages.buildPythonApplication {
     python3Packages.anyio
   ];
 
-  # pyproject.toml's `test` extra (pytest comes with pytestCheckHook).
+  # pyproject.toml's `test` extra (pytest comes with pytestCheckHook); mypy
+  # only if that extra gains it (tests/system/test_nix.py, left out here, runs it).
   nativeCheckInputs = [
     python3Packages.pytestCheckHook
     python3Packages.pytest-xdist

@@ -5,7 +5,8 @@
 #   2. nix/module.nix and nix/github-runner.nix evaluate against the stand-in
 #      nix/tests/stub-lib.nix (eval.nix);
 #   3. check_eval.py checks the result: unit settings, runners, the rendered
-#      config read by portlease's own reader, agreement with systemd/*.
+#      config read by portlease's own reader, agreement with systemd/*;
+#   4. check_vm_script.py type-checks the VM test's script (mypy --strict).
 # The VM test (nix/tests/vm.nix) covers what evaluation cannot; see docs/nixos.md.
 set -eu
 
@@ -50,4 +51,11 @@ echo "parsed $count .nix files"
 
 nix --eval --strict --json "$here/eval.nix" >"$tmp/eval.json"
 "$python" "$here/check_eval.py" "$tmp/eval.json"
-"$python" "$here/check_vm_script.py" "$tmp/eval.json"
+# nixpkgs' driver type-checks the VM test's script; so does this, with mypy
+# (the dev extra). Without it the step is skipped, loudly: the VM test's own
+# mypy run would then be the first to see a type error.
+if "$python" -c 'import mypy' 2>/dev/null; then
+    "$python" "$here/check_vm_script.py" "$tmp/eval.json"
+else
+    echo "check.sh: mypy not installed: the VM test script was NOT type-checked" >&2
+fi

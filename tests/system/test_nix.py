@@ -170,6 +170,20 @@ def test_the_check_phase_skips_tests_needing_root_systemd_or_nix() -> None:
         assert "nix-instantiate" not in text and "systemd-nspawn" not in text, test_file
 
 
+needs_mypy = pytest.mark.skipif(
+    subprocess.run([sys.executable, "-c", "import mypy"], capture_output=True).returncode != 0,
+    reason="mypy not installed (the dev extra): the VM test script cannot be type-checked",
+)
+
+
+@needs_mypy
+def test_the_vm_script_type_checks() -> None:
+    result = run_check(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "VM test script type-checks (mypy --strict)" in result.stdout
+
+
+@needs_mypy
 def test_the_vm_script_with_an_optional_match_fails(tmp_path: Path) -> None:
     root = copy_tree(tmp_path)
     vm = root / "nix" / "tests" / "vm.nix"
@@ -179,6 +193,7 @@ def test_the_vm_script_with_an_optional_match_fails(tmp_path: Path) -> None:
     assert 'Item "None" of "Match[str] | None" has no attribute "group"' in result.stderr
 
 
+@needs_mypy
 def test_a_driver_method_that_does_not_exist_fails(tmp_path: Path) -> None:
     root = copy_tree(tmp_path)
     edit(root / "nix" / "tests" / "vm.nix", 'machine.wait_for_unit("sockets.target")',
