@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--idle-exit", type=float, metavar="SECONDS",
                        help="exit after this long with no client and no lease (default: never)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--metrics-textfile", metavar="PATH",
+                       help="write the metrics there every 5 s, for node_exporter's textfile collector")
 
     lease = _sub(
         sub, "lease", "lease ports, run CMD with them, release them when CMD ends",
@@ -259,7 +261,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
         config.socket = explicit_socket() or user_socket()
     if args.range:
         config.port_min, config.port_max = parse_range(args.range)
-    for attr in ("ttl", "state", "group", "portalloc_dir", "idle_exit", "log_level"):
+    for attr in ("ttl", "state", "group", "portalloc_dir", "idle_exit", "log_level", "metrics_textfile"):
         value = getattr(args, attr)
         if value is not None:
             setattr(config, attr, value)

@@ -422,6 +422,31 @@ class Broker:
         while True:
             await trio.sleep(TICK)
             self.tick()
+            textfile = self.config.metrics_textfile
+            now = self.clock()
+            if textfile and now - self._metrics_written >= METRICS_EVERY:
+                self._metrics_written = now
+                await self._write_metrics(textfile)
+
+    async def _write_metrics(self, path: str) -> None:
+        """Rewrite the metrics text file, squatters included.
+
+        Looking for squatters walks the kernel's socket tables (milliseconds), so
+        it runs in a worker thread, on a copy of the leases taken here.
+        """
+        from . import procnet
+
+        a = self.table.allocator
+        spans = [(r.start, r.count) for r in self.table]
+        try:
+            found = await trio.to_thread.run_sync(procnet.squatters, a.low, a.high, spans)
+            squatted: int | None = len({s.port for s in found})
+        except OSError:
+            squatted = None
+        try:
+            write_textfile(path, self.metrics_text(squatted=squatted, openmetrics=False))
+        except OSError as exc:
+            log.warning("cannot write metrics to %s: %s", path, exc)
 
     def tick(self) -> None:
         """Expire, compact, report; exit when idle for ``idle_exit``."""
@@ -442,13 +467,6 @@ class Broker:
         self._update_status()
         for limited in (self._faults, self._refusals, self._journal_errors):
             limited.flush()
-        textfile = self.config.metrics_textfile
-        if textfile and now.mono - self._metrics_written >= METRICS_EVERY:
-            self._metrics_written = now.mono
-            try:
-                write_textfile(textfile, self.metrics_text(squatters=True))
-            except OSError as exc:
-                log.warning("cannot write metrics to %s: %s", textfile, exc)
         clients = len(self.driver) if self.driver is not None else 0
         if clients or len(self.table):
             self._idle_since = now.mono
@@ -472,19 +490,12 @@ class Broker:
             self._last_status = text
             self.notifier.status(text)
 
-    def metrics_text(self, *, squatters: bool = False) -> str:
-        """The metrics now, in the OpenMetrics text format."""
+    def metrics_text(self, *, squatted: int | None = None, openmetrics: bool = True) -> str:
+        """The metrics now: OpenMetrics text, or the classic Prometheus format."""
         a = self.table.allocator
         by_state: dict[str, int] = {}
         for record in self.table:
             by_state[record.state.value] = by_state.get(record.state.value, 0) + 1
-        squatted: int | None = None
-        if squatters:
-            from . import procnet
-
-            with contextlib.suppress(OSError):
-                squatted = len({s.port for s in procnet.squatters(
-                    a.low, a.high, ((r.start, r.count) for r in self.table))})
         snapshot = Snapshot(
             ports_held=self.table.ports_held, ports_free=a.free_count,
             ports_quarantined=a.quarantined_count, ports_excluded=a.excluded_count,
@@ -492,7 +503,7 @@ class Broker:
             clients=len(self.driver) if self.driver is not None else 0,
             squatted_ports=squatted, range_low=a.low, range_high=a.high,
         )
-        return self.metrics.render(snapshot)
+        return self.metrics.render(snapshot, openmetrics=openmetrics)
 
     def _share_snapshot(self) -> dict[int, tuple[int, float | None]]:
         now = self.clock()
