@@ -1,0 +1,149 @@
+"""A process that exits holding a lease never hangs, whatever the broker is doing.
+
+The case from the field: a program leaves a ``lease()`` context un-exited (a
+generator that never finished, a global) and exits while the broker restarts,
+so the client is reconnecting at that very moment. Each try restarts a real
+broker (SIGKILL, then start) at a different moment 0-0.6 s before the process
+exits; none may hang. The same for a forked child that exits while its parent
+holds the lease: the child must neither hang nor end the parent's lease.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from brokerproc import BrokerProc, Raw, wait_for_socket
+
+HOLDER = r"""
+import os, sys, time
+from portlease.client import lease
+
+sock, style = sys.argv[1], sys.argv[2]
+
+
+def wait_then(what):
+    delay = float(sys.stdin.readline())
+    time.sleep(delay)
+    what()
+
+
+def held_by_a_generator():
+    with lease(1, socket=sock, note="exit-test") as held:
+        yield held
+
+
+if style == "global":      # never exited: left to interpreter finalization
+    HELD = lease(1, socket=sock, note="exit-test")
+    print("ready", HELD.__enter__().port, flush=True)
+    wait_then(lambda: sys.exit(0))
+elif style == "generator":  # suspended inside its with block
+    GEN = held_by_a_generator()
+    print("ready", next(GEN).port, flush=True)
+    wait_then(lambda: sys.exit(0))
+elif style == "with":      # sys.exit from inside the block
+    with lease(1, socket=sock, note="exit-test") as held:
+        print("ready", held.port, flush=True)
+        wait_then(lambda: sys.exit(0))
+"""
+
+FORK_PARENT = r"""
+import os, sys, time
+from portlease.client import lease
+
+sock = sys.argv[1]
+with lease(1, socket=sock, note="exit-test") as held:
+    print("ready", held.port, flush=True)
+    delay = float(sys.stdin.readline())
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(delay)
+    else:
+        os.waitpid(pid, 0)
+        print("child-exited", flush=True)
+        sys.stdin.readline()
+if pid == 0:
+    sys.exit(0)            # the child left the block: atexit and finalizers run
+"""
+
+STYLES = ("global", "generator", "with")
+TRIES = 20
+
+
+def _holder(broker: BrokerProc, style: str) -> tuple[subprocess.Popen[str], int]:
+    code = FORK_PARENT if style == "fork" else HOLDER
+    proc = subprocess.Popen([sys.executable, "-c", code, broker.socket, style],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().split()
+    assert line[:1] == ["ready"], line
+    return proc, int(line[1])
+
+
+def _restart_without_waiting(broker: BrokerProc) -> None:
+    broker.kill()
+    broker.start(wait=False)
+
+
+def _finish(proc: subprocess.Popen[str], what: str) -> None:
+    try:
+        code = proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"{what}: the process hung at exit")
+    assert code == 0, f"{what}: exit status {code}"
+
+
+def test_exit_while_the_broker_restarts_never_hangs(broker: BrokerProc) -> None:
+    for i in range(TRIES):
+        delay = 0.6 * i / (TRIES - 1)
+        style = STYLES[i % len(STYLES)]
+        proc, _ = _holder(broker, style)
+        _restart_without_waiting(broker)
+        assert proc.stdin is not None
+        proc.stdin.write(f"{delay}\n")
+        proc.stdin.flush()
+        _finish(proc, f"try {i} ({style}, exit {delay:.2f} s after the restart began)")
+        wait_for_socket(broker.socket, proc=broker.proc)
+
+
+def _held_by(sock: str, pid: int) -> list[dict[str, object]]:
+    raw = Raw(sock)
+    try:
+        leases = raw.call({"op": "status"})["leases"]
+    finally:
+        raw.close()
+    return [info for info in leases if info.get("pid") == pid]  # type: ignore[union-attr]
+
+
+def test_a_forked_child_exiting_neither_hangs_nor_ends_the_parents_lease(
+    broker: BrokerProc, tmp_path: Path
+) -> None:
+    for i in range(0, TRIES, 4):
+        delay = 0.6 * i / (TRIES - 1)
+        proc, port = _holder(broker, "fork")
+        _restart_without_waiting(broker)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(f"{delay}\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "child-exited", f"try {i}: the child hung"
+        wait_for_socket(broker.socket, proc=broker.proc)
+        # The parent still holds its port: reclaimed by its own watcher, not
+        # released by the child's exit.
+        deadline = time.monotonic() + 10
+        while True:
+            mine = _held_by(broker.socket, proc.pid)
+            if mine and mine[0]["state"] == "attached":
+                break
+            assert time.monotonic() < deadline, f"try {i}: the parent's lease is gone: {mine}"
+            time.sleep(0.02)
+        assert mine[0]["ports"] == [port]
+        proc.stdin.write("exit\n")
+        proc.stdin.flush()
+        _finish(proc, f"fork try {i}")
+        assert _held_by(broker.socket, proc.pid) == []
