@@ -288,6 +288,15 @@ def _check_ttl(ttl: float | None) -> None:
         )
 
 
+def _check_address(host: str) -> None:
+    import socket
+
+    try:
+        socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        raise ConfigError(f"--listen-host {host!r}: not an IPv4 or IPv6 address") from None
+
+
 def _parse_env(specs: list[str], count: int) -> dict[str, int]:
     out = {}
     for spec in specs:
@@ -321,8 +330,10 @@ def _lease(args: argparse.Namespace) -> int:
     hold = parse_hold(args.hold, args.count)
     if not (math.isfinite(args.hold_timeout) and args.hold_timeout > 0):
         raise ConfigError("--hold-timeout must be a positive number of seconds")
-    if args.listen_host is not None and not listen:
-        raise ConfigError("--listen-host applies to --listen only")
+    if args.listen_host is not None:
+        if not listen:
+            raise ConfigError("--listen-host applies to --listen only")
+        _check_address(args.listen_host)
     both = {s.offset for s in listen if not s.udp} & set(hold)
     if both:
         raise ConfigError(f"--hold {min(both)}: that port is already bound by --listen")
