@@ -6,6 +6,7 @@ import json
 import os
 import pwd
 import signal
+import socket
 import subprocess
 import time
 
@@ -123,3 +124,40 @@ def test_status_with_many_long_notes_is_shown_whole(broker: BrokerProc) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1].startswith("40 leases, 40 ports held")
     assert sum(" detached " in line for line in out.stdout.splitlines()) == 40
+
+
+def test_status_squatters_lists_unleased_binds_with_pid_and_command(broker: BrokerProc) -> None:
+    low = int(broker.range.split("-")[0])
+    assert "no squatters" in portlease("status", "--socket", broker.socket, "--squatters").stdout
+    code = (
+        "import socket, sys\n"
+        f"t = socket.socket(); t.bind(('127.0.0.1', {low + 50})); t.listen()\n"
+        f"u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.bind(('::', {low + 51}))\n"
+        f"b = socket.socket(); b.bind(('0.0.0.0', {low + 52}))  # bound, never listening\n"
+        "print('up', flush=True); sys.stdin.readline()\n"
+    )
+    squatter = subprocess.Popen([PYTHON, "-c", code, "squat\x1b[2Jter"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == "up\n"
+        with Connection(broker.socket) as conn:
+            lease = conn.lease(2)
+            # A leased port in use by its holder is no squatter.
+            mine = socket.socket()
+            mine.bind(("127.0.0.1", lease.port))
+            mine.listen()
+            out = portlease("status", "--socket", broker.socket, "--squatters")
+            mine.close()
+    finally:
+        squatter.communicate("\n", timeout=30)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["PORT", "PROTO", "ADDRESS", "UID", "PID", "COMMAND"]
+    rows = {int(line.split()[0]): line for line in lines[1:-1]}
+    assert set(rows) == {low + 50, low + 51, low + 52}, out.stdout
+    assert rows[low + 50].split()[1:5] == ["tcp", "127.0.0.1", str(os.getuid()), str(squatter.pid)]
+    assert rows[low + 51].split()[1:3] == ["udp6", "::"]
+    assert rows[low + 52].split()[1:3] == ["tcp", "0.0.0.0"]
+    for line in rows.values():
+        assert line.endswith("squat\\x1b[2Jter")  # the command line, escaped
+    assert lines[-1] == "3 squatters (bound in the range, no lease)"
