@@ -1,0 +1,94 @@
+"""Socket choice, directory checks and the advice given when nothing answers."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from portlease.client import paths
+from portlease.client.errors import BrokerUnavailable
+from portlease.client.paths import SocketChoice, choose_socket, directory_problem, on_connect_error
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("PORTLEASE_SOCKET", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("PORTLEASE_SYSTEM_DIR", str(tmp_path / "sys"))
+    monkeypatch.setenv("PORTLEASE_SYSTEM_CONFIG", str(tmp_path / "sys.toml"))
+    return tmp_path
+
+
+def test_the_order_is_argument_env_system_per_user(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert choose_socket() == SocketChoice(str(env / "run" / "portlease" / "portlease.sock"),
+                                           "per-user")
+    (env / "sys.toml").write_text("")
+    assert choose_socket() == SocketChoice(str(env / "sys" / "portlease.sock"), "system")
+    (env / "sys.toml").unlink()
+    (env / "sys").mkdir()  # the directory alone is a deployment too, socket or not
+    assert choose_socket().source == "system"
+    monkeypatch.setenv("PORTLEASE_SOCKET", "/x/env.sock")
+    assert choose_socket() == SocketChoice("/x/env.sock", "PORTLEASE_SOCKET")
+    assert choose_socket("/x/arg.sock") == SocketChoice("/x/arg.sock", "argument")
+    assert choose_socket("/x/arg.sock").explicit and not choose_socket().per_user
+
+
+def test_without_xdg_runtime_dir_the_fallback_is_tmp_per_uid(
+    env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert paths.user_socket() == f"/tmp/portlease-{os.getuid()}/portlease.sock"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "relative/dir")  # not absolute: ignored
+    assert paths.user_socket() == f"/tmp/portlease-{os.getuid()}/portlease.sock"
+
+
+def test_directory_problems(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    assert directory_problem(str(d)) is None  # missing: nothing can answer there
+    d.mkdir(mode=0o700)
+    assert directory_problem(str(d)) is None
+    os.chmod(d, 0o755)
+    assert directory_problem(str(d)) is None
+    for mode in (0o770, 0o757, 0o777, 0o1777):
+        os.chmod(d, mode)
+        problem = directory_problem(str(d))
+        assert problem is not None and f"mode {mode:04o}" in problem
+    os.chmod(d, 0o700)
+    link = tmp_path / "link"
+    link.symlink_to(d)
+    assert "symlink" in (directory_problem(str(link)) or "")
+    f = tmp_path / "f"
+    f.write_text("")
+    assert directory_problem(str(f)) == "it is not a directory"
+    assert "belongs to uid" in (directory_problem(str(d), uid=os.getuid() + 1) or "")
+
+
+def test_what_to_do_when_connect_fails() -> None:
+    user = SocketChoice("/r/portlease/portlease.sock", "per-user")
+    system = SocketChoice("/run/portlease/portlease.sock", "system")
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+    missing = FileNotFoundError(errno.ENOENT, "No such file or directory")
+    denied = PermissionError(errno.EACCES, "Permission denied")
+
+    assert on_connect_error(user, missing, autostart_on=True, autostart_tried=False) == "autostart"
+    assert on_connect_error(system, refused, autostart_on=True, autostart_tried=False) == "wait"
+    for choice in (user, system):
+        err = on_connect_error(choice, denied, autostart_on=True, autostart_tried=False)
+        assert isinstance(err, BrokerUnavailable)
+        assert "permission denied" in str(err) and "group" in str(err)
+        assert "autostart" not in str(err) and "starting one" not in str(err)
+
+    off = on_connect_error(user, missing, autostart_on=False, autostart_tried=False)
+    assert isinstance(off, BrokerUnavailable) and "autostart is off" in str(off)
+
+    down = paths.unavailable(system, missing, autostart_on=True)
+    assert "socket file is missing" in str(down)
+    assert "systemctl status portlease.socket" in str(down) and "system portlease broker is down" in str(down)
+
+    env = paths.unavailable(SocketChoice("/e.sock", "PORTLEASE_SOCKET"), refused, autostart_on=True)
+    assert "$PORTLEASE_SOCKET" in str(env)
+    arg = paths.unavailable(SocketChoice("/a.sock", "argument"), refused, autostart_on=True)
+    assert "PORTLEASE_SOCKET" not in str(arg) and "/a.sock" in str(arg)
