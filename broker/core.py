@@ -14,7 +14,6 @@ about *which* lease may do what lives in :mod:`.leases`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import assert_never
@@ -84,6 +83,8 @@ class Outcome:
     changes: list[Change] = field(default_factory=list)
     fault: str | None = None
     """A bug in the broker met this request (the reply says ``internal``); for the log."""
+    op: str = "?"
+    """The request's operation, for the log (``?`` when the line did not decode)."""
 
 
 def _text(value: str | None) -> str | None:
@@ -131,17 +132,19 @@ class BrokerCore:
     def handle(self, session: Session, request: p.AnyRequest, now: Instant, clients: int) -> Outcome:
         """Carry out one decoded request. Never raises."""
         try:
-            return self._handle(session, request, now, clients)
+            outcome = self._handle(session, request, now, clients)
         except LeaseError as exc:
             message = exc.message
             if exc.code is p.ErrorCode.EXHAUSTED and self.range_notice:
                 message = f"{message}; {self.range_notice}"
-            return Outcome(p.Error(id=request.id, code=exc.code, message=message, largest=exc.largest))
+            outcome = Outcome(p.Error(id=request.id, code=exc.code, message=message, largest=exc.largest))
         except Exception as exc:
-            return Outcome(
+            outcome = Outcome(
                 p.Error(id=request.id, code=p.ErrorCode.INTERNAL, message="internal error"),
                 fault=f"{type(request).__name__} failed: {exc!r}",
             )
+        outcome.op = type(request).__name__.lower()
+        return outcome
 
     def _handle(self, session: Session, req: p.AnyRequest, now: Instant, clients: int) -> Outcome:
         if isinstance(req, p.Hello):
@@ -227,7 +230,8 @@ class BrokerCore:
     def _know_start(self, session: Session) -> None:
         peer = session.peer
         if peer.started is None and not session.identified:
-            session.peer = dataclasses.replace(peer, started=self.started_of(peer.pid))
+            session.peer = Peer(pid=peer.pid, uid=peer.uid, gid=peer.gid, cmdline=peer.cmdline,
+                                started=self.started_of(peer.pid))
 
     def roll_back(self, request_id: p.RequestId | None, record: LeaseRecord, why: str) -> p.Error:
         """Undo a grant the journal could not record; the reply to send instead."""

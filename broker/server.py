@@ -135,7 +135,10 @@ class Broker:
     _metrics_written: float = -1e9
     _cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
     _compact_after: float = 0.0
-    _to_identify: list[Session] = field(default_factory=list)
+    _identify_soon: list[Session] = field(default_factory=list)
+    """Sessions granted a detached lease: /proc is read right after the reply leaves."""
+    _identify_later: list[Session] = field(default_factory=list)
+    """Sessions granted bound leases: /proc is read at the next tick or ``status``, if still open."""
     _faults: _RateLimited = field(init=False)
     _refusals: _RateLimited = field(init=False)
     _journal_errors: _RateLimited = field(init=False)
@@ -233,6 +236,7 @@ class Broker:
 
     def shutdown(self) -> None:
         self._stopping = True
+        self._identify_pending()
         with contextlib.suppress(OSError):
             self.journal.compact(self.table, self.now())
         self.journal.close()
@@ -280,6 +284,8 @@ class Broker:
 
     def answer(self, session: Session, line: bytes) -> bytes:
         """Carry out one request line: the core decides, the journal records, then the reply."""
+        if b'"status"' in line:
+            self._identify_pending()  # status shows every holder's command line
         now = self.now()
         if b'"metrics"' in line:
             request = _try_decode(line)
@@ -313,11 +319,14 @@ class Broker:
         elif isinstance(reply, p.Reclaimed):
             self.metrics.reclaimed()
         if session.unidentified and not session.identified:
-            self._to_identify.append(session)
+            if any(r.connection is None for r in session.unidentified):
+                self._identify_soon.append(session)
+            else:
+                self._identify_later.append(session)
         if log.isEnabledFor(logging.DEBUG):
             peer = session.peer
-            log.debug("connection %d (pid %s uid %s): %s", session.id, peer.pid, peer.uid,
-                      _describe(reply))
+            log.debug("connection %d (pid %s uid %s): %s -> %s", session.id, peer.pid, peer.uid,
+                      outcome.op, _describe(reply))
         return reply
 
     def _apply(self, changes: list[Change], now: Instant) -> None:
@@ -345,19 +354,29 @@ class Broker:
                     self.share.lease_ended()
 
     def turn_done(self) -> None:
-        """After replies are out: read /proc for the sessions that were just granted leases.
+        """After replies are out: read /proc for sessions just granted a detached lease.
 
-        Off the grant's critical path on purpose: the client has its reply while
-        the broker reads the command line and start time that ``status`` and the
-        orphan rule need.
+        The command line is for ``status`` only (the start time the orphan rule
+        needs was read at the grant), so it stays off the grant's critical path.
+        A detached lease's holder often exits at once (``portlease lease
+        --detach``), so its command line is read right after the reply; for
+        bound leases it waits for the next tick, by when a one-shot client has
+        closed its connection and there is nothing left to read it for.
         """
-        if not self._to_identify:
-            return
-        sessions, self._to_identify = self._to_identify, []
+        if self._identify_soon:
+            sessions, self._identify_soon = self._identify_soon, []
+            self._identify(sessions)
+
+    def _identify(self, sessions: list[Session]) -> None:
         now = self.now()
         for session in sessions:
-            if not session.identified:
+            if not session.identified and session.unidentified:
                 self._apply(self.core.identified(session, identify(session.peer)), now)
+
+    def _identify_pending(self) -> None:
+        sessions = self._identify_soon + self._identify_later
+        self._identify_soon, self._identify_later = [], []
+        self._identify(sessions)
 
     # -------------------------------------------------------- periodic work
 
@@ -450,6 +469,7 @@ class Broker:
 
     def tick(self) -> None:
         """Expire, compact, report; exit when idle for ``idle_exit``."""
+        self._identify_pending()
         now = self.now()
         ended = self.core.expire(now, owner_alive)
         for change in ended:

@@ -33,7 +33,7 @@ def test_wall_clock_steps_neither_expire_live_leases_nor_keep_dead_ones(
     monkeypatch.setenv("FAKETIME_TIMESTAMP_FILE", str(offset))
     monkeypatch.setenv("FAKETIME_NO_CACHE", "1")
     monkeypatch.setenv("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-    b = BrokerProc(tmp_path, ["--ttl", "3"], range="31860-31869").start()
+    b = BrokerProc(tmp_path, ["--ttl", "3"], range="31890-31899").start()
     monkeypatch.delenv("LD_PRELOAD")
     try:
         client = Raw(b.socket)
@@ -63,7 +63,7 @@ def test_wall_clock_steps_neither_expire_live_leases_nor_keep_dead_ones(
 
 def test_a_detached_lease_keeps_its_ttl_across_a_restart(tmp_path: Path) -> None:
     """Only leases bound to a connection come back as orphans kept while their owner lives."""
-    b = BrokerProc(tmp_path, ["--ttl", "60"], range="31870-31879").start()
+    b = BrokerProc(tmp_path, ["--ttl", "60"], range="31880-31889").start()
     try:
         client = Raw(b.socket)  # this (live) process took both leases
         detached = client.call({"op": "lease", "count": 2, "detach": True, "ttl": 2})
