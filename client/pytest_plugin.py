@@ -15,6 +15,10 @@ Fixtures:
     lease it made is released when the test ends.
 ``free_port``
     One leased port, as an ``int``.
+``leased_socket``
+    A TCP socket already bound and listening on a leased port (dual-stack
+    wildcard): hand it to the server under test, so that nothing else can
+    take the port between the lease and the bind.
 ``portlease_connection``
     The session's :class:`~portlease.client.Connection` (one per xdist
     worker), for tests that want to call the broker themselves.
@@ -39,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    import socket
+
     from .grant import Lease
     from .sync import Connection
 
@@ -78,17 +84,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def _socket_setting(config: pytest.Config) -> str | None:
+def _socket_setting(config: pytest.Config) -> tuple[str | None, str | None]:
+    """The configured socket and where it was configured (for error messages)."""
     option: str | None = config.getoption("portlease_socket")
     if option:
-        return option
+        return option, "--portlease-socket"
     ini: str = config.getini("portlease_socket") or ""
     if not ini:
-        return None
+        return None, None
+    where = f"portlease_socket in {config.inipath}" if config.inipath else "portlease_socket"
     if os.path.isabs(ini) or config.inipath is None:
-        return ini
+        return ini, where
     # Relative to the ini file, like pytest's own path settings.
-    return os.path.normpath(config.inipath.parent / ini)
+    return os.path.normpath(config.inipath.parent / ini), where
 
 
 def _required(config: pytest.Config) -> bool:
@@ -112,16 +120,20 @@ def portlease_connection(pytestconfig: pytest.Config) -> Iterator[Connection]:
     from .errors import BrokerUnavailable
     from .sync import Connection
 
+    path, where = _socket_setting(pytestconfig)
     try:
-        conn = Connection(_socket_setting(pytestconfig), client="portlease-pytest")
+        conn = Connection(path, client="portlease-pytest")
     except BrokerUnavailable as exc:
+        # The client's advice names $PORTLEASE_SOCKET only when the path came
+        # from there; a path from our own option or ini key is named here.
+        origin = f"\n(the socket {path} comes from {where}: fix it there)" if where else ""
         if _required(pytestconfig):
             pytest.fail(
-                f"portlease: {exc}\n(set portlease_required = false in the ini file, or pass "
-                "--portlease-required=no, to skip tests that need ports instead)",
+                f"portlease: {exc}{origin}\n(set portlease_required = false in the ini file, or "
+                "pass --portlease-required=no, to skip tests that need ports instead)",
                 pytrace=False,
             )
-        pytest.skip(f"portlease: {exc}")
+        pytest.skip(f"portlease: {exc}{origin}")
     with conn:
         yield conn
 
@@ -168,3 +180,13 @@ def port_lease(
 def free_port(port_lease: LeaseFactory) -> int:
     """One leased port, released when the test ends."""
     return port_lease(1).port
+
+
+@pytest.fixture
+def leased_socket(port_lease: LeaseFactory) -> socket.socket:
+    """A TCP socket listening on a leased port; closed and released when the test ends.
+
+    ``leased_socket.getsockname()[1]`` is the port. The socket belongs to the
+    lease: pass it (or its ``fileno()``) to the server, don't close it yourself.
+    """
+    return port_lease(1).socket()

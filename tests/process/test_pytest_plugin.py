@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from brokerproc import BrokerProc, Raw
+from portlease.client import Connection
 
 pytest_plugins = ["pytester"]
 
@@ -222,3 +225,183 @@ def test_loading_the_plugin_imports_nothing_heavy() -> None:
         "if m in sys.modules]; assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_advice_names_where_the_socket_was_configured(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    missing = str(tmp_path / "nobody.sock")
+    pytester.makepyfile("def test_one(free_port):\n    pass\n")
+    result = run_inline(pytester, "--portlease-socket", missing)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*the socket {missing} comes from --portlease-socket*"])
+    assert "PORTLEASE_SOCKET" not in result.stdout.str()
+    ini = pytester.makeini(f"[pytest]\nportlease_socket = {missing}\n")
+    result = run_inline(pytester)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*comes from portlease_socket in {ini}*"])
+    assert "PORTLEASE_SOCKET" not in result.stdout.str()
+
+
+# ---------------------------------------------------------------- docs/usage.md, run as written
+
+USAGE = Path(__file__).resolve().parents[2] / "docs" / "usage.md"
+
+
+def doc_block(lang: str, containing: str) -> str:
+    """The fenced ``lang`` block of docs/usage.md that contains ``containing``."""
+    text = USAGE.read_text()
+    blocks = text.split(f"```{lang}\n")[1:]
+    found = [b.split("```", 1)[0] for b in blocks if containing in b.split("```", 1)[0]]
+    assert len(found) == 1, f"docs/usage.md has {len(found)} {lang} blocks with {containing!r}"
+    return found[0]
+
+
+def test_the_ini_block_of_the_docs_works_when_copied(
+    pytester: pytest.Pytester, broker: BrokerProc, tmp_path: Path
+) -> None:
+    block = doc_block("ini", "portlease_required")
+    assert "/run/portlease/portlease.sock" in block
+    (pytester.path / "pytest.ini").write_text(
+        block.replace("/run/portlease/portlease.sock", broker.socket))
+    pytester.makepyfile("def test_port(free_port):\n    assert 0 < free_port < 65536\n")
+    run_inline(pytester).assert_outcomes(passed=1)  # the socket line was read as a path
+    (pytester.path / "pytest.ini").write_text(
+        block.replace("/run/portlease/portlease.sock", str(tmp_path / "nobody.sock")))
+    run_inline(pytester).assert_outcomes(skipped=1)  # portlease_required = false was read
+
+
+def test_the_session_scoped_fixtures_of_the_docs_work(
+    pytester: pytest.Pytester, broker: BrokerProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PORTLEASE_SOCKET", broker.socket)  # for the async fixture's open_lease()
+    pytester.makeconftest(doc_block("python", "def web_server(portlease_connection)"))
+    pytester.makepyfile(
+        test_docs=doc_block("python", "async def echo_server")
+        + "\n\ndef test_web(web_server, portlease_connection):\n"
+        "    notes = [i.note for i in portlease_connection.status().leases]\n"
+        "    assert 'shared web server' in notes and web_server.startswith('http://127.0.0.1:')\n"
+        "\n\ndef test_web_again(web_server):\n"
+        "    pass\n"
+    )
+    result = run_inline(pytester, "--portlease-socket", broker.socket, "-p", "anyio")
+    result.assert_outcomes(passed=3)
+    assert Raw(broker.socket).call({"op": "status"})["leases"] == []
+
+
+def test_the_socketserver_example_of_the_docs_serves_on_the_leased_socket(
+    broker: BrokerProc,
+) -> None:
+    code = doc_block("python", "socketserver.TCPServer(None")
+    assert "server.serve_forever()" in code
+    code = code.replace("server.serve_forever()",
+                        "print(server.server_address[1], flush=True)\n    server.handle_request()")
+    env = dict(os.environ, PORTLEASE_SOCKET=broker.socket)
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"hello\n")
+            assert client.makefile("rb").readline() == b"hello\n"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+
+
+# ---------------------------------------------------------------- bound sockets
+
+
+def _echo_once(sock: socket.socket) -> None:
+    conn, _ = sock.accept()
+    with conn:
+        conn.sendall(conn.recv(1024))
+
+
+def _roundtrip(host: str, port: int) -> bytes:
+    with socket.create_connection((host, port), timeout=10) as client:
+        client.sendall(b"ping")
+        return client.recv(1024)
+
+
+def test_lease_socket_is_bound_listening_owned_and_closed_with_the_lease(
+    broker: BrokerProc,
+) -> None:
+    with Connection(broker.socket) as conn:
+        held = conn.lease(2)
+        tcp = held.socket()
+        assert held.socket() is tcp and held.socket(1) is not tcp
+        assert tcp.getsockname()[1] == held.port
+        assert tcp.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        udp = held.socket(1, udp=True)
+        assert udp.type == socket.SOCK_DGRAM and udp.getsockname()[1] == held[1]
+        # Nothing else can bind the port now: there is no window.
+        for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            squatter = socket.socket(family, socket.SOCK_STREAM)
+            with squatter, pytest.raises(OSError) as exc:
+                squatter.bind((host, held.port))
+            assert exc.value.errno == errno.EADDRINUSE
+        # A tiny real server on the returned socket, over IPv4 and IPv6 (dual stack).
+        for host in ("127.0.0.1", "::1"):
+            server = threading.Thread(target=_echo_once, args=(tcp,))
+            server.start()
+            assert _roundtrip(host, held.port) == b"ping"
+            server.join(10)
+        conn.release(held)
+        assert tcp.fileno() == -1 and udp.fileno() == -1
+        with pytest.raises(ValueError, match="released"):
+            held.socket()
+        other = conn.lease(1)
+        bound = other.socket(host="127.0.0.1")
+        assert bound.family == socket.AF_INET and bound.getsockname() == ("127.0.0.1", other.port)
+    assert bound.fileno() == -1  # closing the connection closed it
+
+
+CHILD_SERVER = r"""
+import socket, sys
+sock = socket.socket(fileno=int(sys.argv[1]))   # the lease's socket, inherited
+conn, _ = sock.accept()
+conn.sendall(conn.recv(1024))
+"""
+
+
+def test_a_child_process_serves_on_the_inherited_leased_socket(broker: BrokerProc) -> None:
+    with Connection(broker.socket) as conn:
+        held = conn.lease(1)
+        fd = held.socket().fileno()
+        child = subprocess.Popen([sys.executable, "-c", CHILD_SERVER, str(fd)], pass_fds=(fd,))
+        try:
+            assert _roundtrip("127.0.0.1", held.port) == b"ping"
+            assert child.wait(timeout=30) == 0
+        finally:
+            child.kill()
+
+
+def test_the_leased_socket_fixture(pytester: pytest.Pytester, broker: BrokerProc) -> None:
+    pytester.makepyfile(
+        """
+        import socket, threading
+
+        def test_serves(leased_socket, portlease_connection):
+            port = leased_socket.getsockname()[1]
+            held = {tuple(i.ports) for i in portlease_connection.status().leases}
+            assert held == {(port,)}
+
+            def serve():
+                conn, _ = leased_socket.accept()
+                with conn:
+                    conn.sendall(conn.recv(16))
+
+            t = threading.Thread(target=serve)
+            t.start()
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                c.sendall(b"x")
+                assert c.recv(16) == b"x"
+            t.join()
+
+        def test_after(portlease_connection):
+            assert portlease_connection.status().summary.leases == 0
+        """
+    )
+    run_inline(pytester, "--portlease-socket", broker.socket).assert_outcomes(passed=2)
