@@ -46,6 +46,7 @@ SUBCOMMANDS = ("serve", "lease", "renew", "release", "status", "wait")
         (["--listen", "0=a:b", "--", "true"], "NAME must be printable"),
         (["--listen", "0", "--listen", "0=again", "--", "true"], "already listed"),
         (["--hold", "2", "--", "true"], "--hold '2': OFFSET must be in 0..0"),
+        (["--hold", "0/udp", "--", "true"], "--hold '0/udp': expected an OFFSET"),
         (["--listen", "0", "--hold", "0", "--", "true"], "already bound by --listen"),
         (["--detach", "--listen", "0"], "need a command"),
         (["--hold", "0", "--hold-timeout", "0", "--", "true"], "--hold-timeout must be a positive number"),

@@ -249,6 +249,46 @@ def test_hold_does_not_stop_a_foreign_server_that_sets_so_reuseaddr(
         foreign.close()
 
 
+def test_a_placeholder_without_so_reuseaddr_would_refuse_cmd_too() -> None:
+    # Why the placeholder sets SO_REUSEADDR: without it, even a server that sets
+    # SO_REUSEADDR cannot bind (this kernel, checked here, not assumed).
+    port = _free_port()
+    strict = socket.socket(socket.AF_INET6)
+    strict.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    strict.bind(("::", port))
+    try:
+        assert _plain_bind(port, reuse=True) == errno.EADDRINUSE
+    finally:
+        strict.close()
+    from portlease.broker.listeners import bind_placeholder
+
+    placeholder = bind_placeholder(port)
+    try:
+        assert _plain_bind(port) == errno.EADDRINUSE
+        assert _plain_bind(port, reuse=True) == 0
+    finally:
+        placeholder.close()
+
+
+def test_no_gap_picture_is_rendered_from_its_source(tmp_path: Path) -> None:
+    import re
+    import shutil
+
+    if shutil.which("dot") is None:
+        pytest.skip("Graphviz's dot is not installed (graphviz)")
+    diagrams = Path(__file__).resolve().parents[2] / "docs" / "diagrams"
+    fresh = subprocess.run(["dot", "-Tsvg", diagrams / "no-gap.dot", "-o", tmp_path / "f.svg"],
+                           capture_output=True, text=True, timeout=60)
+    assert fresh.returncode == 0, fresh.stderr
+
+    def words(svg: str) -> list[str]:
+        return sorted(re.findall(r"<text[^>]*>([^<]*)</text>", svg))
+
+    assert words((diagrams / "no-gap.svg").read_text()) == words((tmp_path / "f.svg").read_text()), (
+        "docs/diagrams/no-gap.svg is stale: run docs/diagrams/render.sh")
+    assert (diagrams / "no-gap.png").stat().st_size > 10_000
+
+
 def test_hold_timeout_lets_go(broker: BrokerProc) -> None:
     proc = _lease(broker, "--hold", "0", "--hold-timeout", "0.3", "--", "sh", "-c",
                   "echo $PORTLEASE_PORT; read _")
