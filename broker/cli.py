@@ -200,10 +200,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+_BROKER_DEPENDENCIES = ("trio", "sdnotify")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "serve":
-            return _serve(args)
+            try:
+                return _serve(args)
+            except ModuleNotFoundError as exc:
+                if exc.name not in _BROKER_DEPENDENCIES:
+                    raise
+                # The lean client install has no trio: say how to get the broker.
+                print(f"portlease: `portlease serve` needs the broker's dependencies ({exc.name} "
+                      "is missing): pip install 'portlease[broker]'", file=sys.stderr)
+                return 1
         if args.command == "lease":
             return _lease(args)
         if args.command in ("renew", "release"):

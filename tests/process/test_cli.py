@@ -282,3 +282,37 @@ def test_escape_makes_controls_visible_and_keeps_text() -> None:
         "a\\nb\\rc\\td\\x00e\\x1b[31mf\\x7fg\\x85h\\x9bi")
     assert escape("x\u2028y\u2029z\u202ew\ufeff") == "x\\u2028y\\u2029z\\u202ew\\ufeff"
     assert escape("back\\slash") == "back\\\\slash"
+
+
+def test_serve_without_trio_says_which_extra_to_install(tmp_path: Path) -> None:
+    # As in the lean client install: trio cannot be imported.
+    code = ("import sys; sys.modules['trio'] = None\n"
+            "from portlease.broker.cli import main\n"
+            f"sys.exit(main(['serve', '--socket', {str(tmp_path / 's.sock')!r}]))\n")
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr == ("portlease: `portlease serve` needs the broker's dependencies (trio is "
+                          "missing): pip install 'portlease[broker]'\n")
+
+
+def test_status_json_watch_prints_one_object_per_refresh(broker: BrokerProc) -> None:
+    import signal
+
+    watch = subprocess.Popen(
+        [PYTHON, "-m", "portlease.broker", "status", "--socket", broker.socket, "--json",
+         "--watch", "0.05"],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PORTLEASE_AUTOSTART="0"),
+    )
+    assert watch.stdout is not None
+    first = json.loads(watch.stdout.readline())
+    with Connection(broker.socket) as conn:
+        conn.lease(2)
+        while True:  # later lines show the lease; each line is a whole reply
+            line = json.loads(watch.stdout.readline())
+            if line["summary"]["leases"] == 1:
+                break
+    watch.send_signal(signal.SIGINT)
+    rest, _ = watch.communicate(timeout=30)
+    assert watch.returncode == 0
+    assert first["summary"]["leases"] == 0 and "\x1b" not in rest
+    assert all(json.loads(x)["reply"] == "status" for x in rest.splitlines())
