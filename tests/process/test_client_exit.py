@@ -10,6 +10,8 @@ holds the lease: the child must neither hang nor end the parent's lease.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -147,3 +149,41 @@ def test_a_forked_child_exiting_neither_hangs_nor_ends_the_parents_lease(
         proc.stdin.flush()
         _finish(proc, f"fork try {i}")
         assert _held_by(broker.socket, proc.pid) == []
+
+
+def _session_members(sid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+def test_the_detached_lease_recipe_of_the_docs_leaves_nothing_behind(
+    broker: BrokerProc, tmp_path: Path
+) -> None:
+    if shutil.which("bash") is None or shutil.which("portlease") is None:
+        pytest.skip("needs bash and the portlease command on PATH")
+    usage = (Path(__file__).resolve().parents[2] / "docs" / "usage.md").read_text()
+    (recipe,) = [b.split("```", 1)[0] for b in usage.split("```sh\n")[1:] if "--detach" in b
+                 and "RENEWER" in b.split("```", 1)[0]]
+    assert "docker compose up -d" in recipe
+    out = tmp_path / "ports"
+    # The job runs long enough for the renew loop to be waiting in its sleep.
+    script = recipe.replace("docker compose up -d", f'echo "$1 $2" > {out}; sleep 0.5')
+    env = dict(os.environ, PORTLEASE_SOCKET=broker.socket)
+    proc = subprocess.Popen(["bash", "-c", script], env=env, start_new_session=True)
+    assert proc.wait(timeout=60) == 0
+    ports = [int(x) for x in out.read_text().split()]
+    assert len(ports) == 2
+    assert Raw(broker.socket).call({"op": "status"})["leases"] == []  # released by the trap
+    deadline = time.monotonic() + 5
+    while (left := _session_members(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == [], "the renew loop (or its sleep) outlived the script"
