@@ -237,3 +237,64 @@ def test_orphan_of_a_process_that_cannot_reclaim_is_kept_while_it_lives(tmp_path
         if holder.poll() is None:
             holder.kill()
         b.stop()
+
+
+THREADS = r"""
+import json, sys, threading
+from portlease.client import Connection, lease
+
+started, joined = [], []
+real_start, real_join = threading.Thread.start, threading.Thread.join
+def start(self, *a, **k):
+    started.append(self.name)
+    return real_start(self, *a, **k)
+def join(self, *a, **k):
+    joined.append(self.name)
+    return real_join(self, *a, **k)
+threading.Thread.start, threading.Thread.join = start, join
+
+sock = sys.argv[1]
+with lease(1, socket=sock):
+    pass
+first = list(started)
+for _ in range(50):
+    with lease(1, socket=sock) as held:
+        assert held.port
+conns = [Connection(sock) for _ in range(10)]
+for c in conns:
+    c.lease(1)
+for c in conns:
+    c.close()
+print(json.dumps({"first": first, "after": started[len(first):], "joined": joined,
+                  "alive": sorted(t.name for t in threading.enumerate())}))
+"""
+
+
+def test_one_watcher_thread_serves_every_connection_and_nothing_is_joined(
+    broker: BrokerProc,
+) -> None:
+    out = subprocess.run([PYTHON, "-c", THREADS, broker.socket], capture_output=True, text=True,
+                         timeout=60, check=True)
+    report = json.loads(out.stdout)
+    assert report["first"] == ["portlease-reclaim"]  # the process's first lease starts it
+    assert report["after"] == []  # no later `with lease()` or Connection starts a thread
+    assert report["joined"] == []  # and close() never waits for one
+    assert report["alive"] == ["MainThread", "portlease-reclaim"]
+
+
+def test_many_connections_in_one_process_are_all_reclaimed_by_the_one_watcher(
+    broker: BrokerProc,
+) -> None:
+    conns = [Connection(broker.socket) for _ in range(8)]
+    try:
+        held = [c.lease(1) for c in conns]
+        broker.restart()
+        wait_for(lambda: sorted(i["state"] for i in status(broker.socket)) == ["attached"] * 8,
+                 "all eight connections reclaimed their lease without a call")
+        assert sorted(tuple(i["ports"]) for i in status(broker.socket)) == sorted(  # type: ignore[arg-type]
+            h.ports for h in held)
+        assert all(h.lost is None for h in held)
+    finally:
+        for c in conns:
+            c.close()
+    wait_for(lambda: status(broker.socket) == [], "closing released everything")
