@@ -283,3 +283,47 @@ def test_cmd_runs_in_its_own_process_group(broker: BrokerProc) -> None:
     )
     pid, pgrp, _ = map(int, out.stdout.split())
     assert pgrp == pid
+
+
+def test_job_control_stop_fg_and_ctrl_c_in_an_interactive_shell(broker: BrokerProc) -> None:
+    import shutil
+
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash for job control")
+    code = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGCONT, lambda *a: print('continued', flush=True))\n"
+            "print('cmd up', flush=True)\n"
+            "time.sleep(300)\n")
+    pid, master = pty.fork()
+    if pid == 0:  # the child: an interactive shell on the new terminal
+        os.environ.update(PS1="$ ", PORTLEASE_AUTOSTART="0", TERM="dumb")
+        os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
+    seen = b""
+
+    def read_until(text: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 20
+        while text not in seen:
+            assert time.monotonic() < deadline, (text, seen)
+            with contextlib.suppress(OSError):
+                seen += os.read(master, 4096)
+
+    try:
+        with open(Path(broker.dir) / "cmd.py", "w") as f:
+            f.write(code)
+        os.write(master, f"{PYTHON} -m portlease.broker lease --socket {broker.socket} -- "
+                         f"{PYTHON} {broker.dir}/cmd.py\n".encode())
+        read_until(b"cmd up")
+        os.write(master, b"\x1a")  # ^Z: CMD stops, and the shell sees its job stopped
+        read_until(b"Stopped")
+        os.write(master, b"fg\n")
+        read_until(b"continued")
+        os.write(master, b"\x03")  # ^C: CMD ends with SIGINT's status
+        os.write(master, b"echo rc=$?\n")
+        read_until(b"rc=130")
+        os.write(master, b"exit\n")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(master)
