@@ -90,6 +90,8 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30, ever
 def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     reason = nspawn.missing_tools()
     if reason:
+        if os.environ.get("PORTLEASE_SYSTEST_REQUIRED"):
+            pytest.fail(f"PORTLEASE_SYSTEST_REQUIRED is set, but {reason}")
         pytest.skip(reason)
     attach = os.environ.get("PORTLEASE_SYSTEST_CONTAINER")
     if attach:
