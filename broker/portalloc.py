@@ -394,6 +394,7 @@ def merge(
     runs.sort(key=lambda r: (r[0], r[1]))
     wanted: list[tuple[int, int, int]] = []  # (start, end, expires), ascending and disjoint
     covered = 0  # every port below this is published already or foreign
+    attached = math.ceil(now + horizon)
     j = 0
     for base, count, left in runs:
         if count <= 0 or (left is not None and left <= 0):
@@ -404,8 +405,8 @@ def merge(
             continue
         if end < base + count:
             problems.append(f"lease {base}+{count}: ports from {U16_MAX} on are not published")
-        expires = math.ceil(now + (horizon if left is None else min(left, horizon)))
-        cur = max(base, covered)
+        expires = attached if left is None else math.ceil(now + min(left, horizon))
+        cur = base if base > covered else covered
         while j < len(foreign) and foreign[j][1] <= cur:
             j += 1  # ends before this run, so before every later one too
         k = j
@@ -423,7 +424,8 @@ def merge(
             else:
                 wanted.append((cur, end, expires))
                 cur = end
-        covered = max(covered, end)
+        if end > covered:
+            covered = end
     # Entries we do not own lying under a piece we publish (or starting where one
     # does) go: live ones cannot (they were cut out above), so these are expired
     # or empty, and the crate drops those on load anyway. One sweep, both sorted.
@@ -433,14 +435,17 @@ def merge(
             i += 1
         if i == len(wanted):
             break
-        if wanted[i][0] < b + max(keys[b].size, 1):
+        if wanted[i][0] < b + (keys[b].size or 1):
             del keys[b]
     published: dict[int, Entry] = {}
+    before = table.keys
     for start, end, expires in wanted:
-        entry = Entry(end - start, expires)
-        old = table.keys.get(start) if start in owned_set else None
-        if old is not None and old.size == entry.size and expires - slack <= old.expires <= expires:
-            entry = old  # fresh enough: leave the file alone
+        old = before.get(start) if start in owned_set else None
+        if (old is not None and old.size == end - start
+                and expires - slack <= old.expires <= expires):
+            entry = old  # fresh enough: leave the file alone (and build nothing)
+        else:
+            entry = Entry(end - start, expires)
         keys[start] = entry
         published[start] = entry
     return Merged(Table(keys=keys, next=table.next, extra=dict(table.extra)), published, problems)

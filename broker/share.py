@@ -47,7 +47,7 @@ T = TypeVar("T")
 REFRESH_INTERVAL = 30.0
 """Seconds between syncs when nothing ended: pushes our entries' expiry forward
 well inside the crate's 120 s (an entry moves only once it lags by ``slack``)."""
-PUBLISH_DELAY = 0.05
+PUBLISH_DELAY = 0.5
 """A lease that ended is taken out of the table after at most this long, so that
 a burst of releases (a test suite's teardown) costs one write, not one each."""
 
