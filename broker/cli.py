@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _COUNT_MAX = 65535
+_TOKEN_MAX = 128  # the protocol's bound on a token's length
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -394,6 +395,9 @@ def _detached(args: argparse.Namespace, env_offsets: dict[str, int]) -> int:
 
 
 def _token_op(args: argparse.Namespace) -> int:
+    if not 1 <= len(args.token) <= _TOKEN_MAX or not args.token.isprintable():
+        raise ConfigError(f"TOKEN {args.token[:40]!r}: not a lease token (32 hex digits, as "
+                          "`portlease lease --detach` prints it)")
     with Connection(args.socket, reclaim=False, client="portlease-cli", autostart=False) as conn:
         if args.command == "renew":
             expires = conn.renew(args.token)

@@ -79,6 +79,9 @@ def test_bad_arguments_leave_the_broker_untouched(broker: BrokerProc) -> None:
         (["status", "--squatters", "--json"], "leave out --json and --watch"),
         (["status", "--watch", "0"], "--watch SECONDS must be a positive number"),
         (["wait", "70000"], "PORT 70000: must be 1 to 65535"),
+        (["release", ""], "not a lease token"),
+        (["renew", "x" * 129], "not a lease token"),
+        (["release", "ab\x1bcd"], "not a lease token"),
         (["wait", "80", "--timeout", "-1"], "--timeout must be a non-negative number"),
     ],
 )
