@@ -275,3 +275,18 @@ def test_the_core_does_no_io_of_its_own() -> None:
             imported.add(node.module.split(".")[0])
     banned = {"socket", "select", "selectors", "threading", "time", "trio", "anyio", "asyncio"}
     assert not imported & banned, imported & banned
+
+
+def test_a_reply_far_longer_than_a_request_line_is_read() -> None:
+    s = Session("t")
+    s.new_socket()
+    call = s.status()
+    sent = lines(s.send(call))
+    infos = [{"ports": [20000 + i], "state": "detached", "granted": 0.0, "note": "n" * 256}
+             for i in range(1000)]
+    big = reply(reply="status", id=sent[1]["id"], leases=infos, more=False, summary={
+        "range": [20000, 20999], "leases": 1000, "ports_held": 1000, "ports_free": 0,
+        "largest_free_run": 0, "clients": 1, "ttl": 120.0})
+    assert len(big) > 8 * p.MAX_LINE
+    done = deliver(s, welcome(sent[0]["id"]) + big)
+    assert done == [call] and len(call.result().leases) == 1000
