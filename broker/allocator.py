@@ -39,7 +39,7 @@ class Allocator:
     """
 
     __slots__ = (
-        "_best", "_cursor", "_free", "_holds", "_pre", "_quarantine", "_quarantined",
+        "_best", "_cursor", "_free", "_holds", "_pending", "_pre", "_quarantine", "_quarantined",
         "_suf", "excluded_count", "high", "low", "quarantine",
     )
 
@@ -62,6 +62,8 @@ class Allocator:
         self._suf = [0] * (2 * _N)
         self._free = 0
         self._cursor = low
+        self._pending: list[tuple[int, int]] = []
+        """Runs whose leaves changed and whose ancestors in the tree are not yet recomputed."""
         self._quarantine: list[tuple[float, int]] = []
         self._quarantined: set[int] = set()
         holds = self._holds
@@ -87,6 +89,7 @@ class Allocator:
     @property
     def largest_free_run(self) -> int:
         """The largest ``count`` that :meth:`allocate` could grant now, bind checks aside."""
+        self._settle()
         return self._best[1]
 
     @property
@@ -122,7 +125,7 @@ class Allocator:
                 self._free -= 1
                 changed = True
         if changed:
-            self._pull(start, start + count)
+            self._touched(start, start + count)
 
     def unhold(self, start: int, count: int) -> None:
         """Remove one hold from every port of ``[start, start+count)``."""
@@ -140,7 +143,7 @@ class Allocator:
                 self._free += 1
                 changed = True
         if changed:
-            self._pull(start, start + count)
+            self._touched(start, start + count)
 
     def expire(self, now: float) -> None:
         """End the quarantines that are over at ``now``."""
@@ -164,14 +167,16 @@ class Allocator:
             raise ValueError("count must be at least 1")
         self.expire(now)
         while True:
-            if count > self._best[1]:
-                return None
             cursor = self._cursor
-            if not any(self._holds[cursor : cursor + count]):
+            if cursor + count - 1 <= self.high and not any(self._holds[cursor : cursor + count]):
                 # The common case of next-fit: the run at the cursor is free, so
-                # it is what the tree search would find; skip the search.
+                # it is what the tree search would find; skip the search (and
+                # the tree is not even brought up to date for it).
                 start: int | None = cursor
             else:
+                self._settle()
+                if count > self._best[1]:
+                    return None
                 start = self._find_from(cursor, count)
             if start is None:
                 start = self._find_from(self.low, count)
@@ -227,6 +232,32 @@ class Allocator:
             b = br
         best[i] = b
 
+    def _touched(self, start: int, end: int) -> None:
+        """Leaves ``[start, end)`` changed: recompute their ancestors before the tree is next read.
+
+        Deferred because a grant at the cursor and a release read nothing from
+        the tree: a one-shot lease then costs two leaf updates, and the tree
+        catches up once for many of them (at the next search, or ``status``).
+        """
+        pending = self._pending
+        pending.append((start, end))
+        if len(pending) >= 256:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Bring the tree up to date with every leaf change so far.
+
+        Pulling the runs one after another is correct even though each pull
+        stops early: a node left unchanged by a pull was already consistent
+        with its children, and a stale node on another run's path is repaired
+        by that run's own pull.
+        """
+        pending = self._pending
+        if pending:
+            for start, end in pending:
+                self._pull(start, end)
+            pending.clear()
+
     def _pull(self, start: int, end: int) -> None:
         """Recompute the ancestors of leaves ``[start, end)``.
 
@@ -270,6 +301,7 @@ class Allocator:
 
     def _find_from(self, pos: int, count: int) -> int | None:
         """Leftmost start ``s >= pos`` of ``count`` free ports, or None."""
+        self._settle()
         best, pre, suf = self._best, self._pre, self._suf
         left_nodes: list[int] = []
         right_nodes: list[int] = []

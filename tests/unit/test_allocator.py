@@ -129,3 +129,25 @@ def test_bind_failure_quarantines_then_retries_after_the_period() -> None:
     assert not a.is_free(100)  # quarantined
     assert a.allocate(2, lambda p: True, 4.9) is None
     assert a.allocate(2, lambda p: True, 5.0) == 100
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(LOW, HIGH), st.integers(1, 12)), max_size=60))
+def test_the_lazily_settled_tree_equals_one_built_from_scratch(ops: list[tuple[bool, int, int]]) -> None:
+    """Tree updates are deferred until a search or a query; the result must not differ."""
+    a = Allocator(LOW, HIGH)
+    held: list[tuple[int, int]] = []
+    for hold, start, count in ops:
+        count = min(count, HIGH + 1 - start)
+        if hold or not held:
+            a.hold(start, count)
+            held.append((start, count))
+        else:
+            a.unhold(*held.pop(start % len(held)))
+    free = [a.is_free(port) for port in range(65536)]
+    longest = max((len(run) for run in "".join("1" if f else "0" for f in free).split("0")), default=0)
+    assert a.largest_free_run == longest
+    fresh = Allocator(LOW, HIGH)
+    fresh._holds = list(a._holds)
+    fresh._build()
+    assert (a._best, a._pre, a._suf) == (fresh._best, fresh._pre, fresh._suf)
