@@ -167,3 +167,34 @@ def test_group_and_share_agree() -> None:
     assert service["ReadWritePaths"] == ["-" + share.group(1)]
     assert service["SupplementaryGroups"] == ["portlease"]
     assert f'# portalloc_dir = "{share.group(1)}"' in (UNITS / "config.toml").read_text()
+
+
+@needs_analyze
+def test_protectproc_dropin_score_as_documented(tmp_path: Path) -> None:
+    """docs/systemd.md: ProtectProc=invisible trades the command lines for 1.1."""
+    directory = runnable_copy(tmp_path, "ProtectProc=invisible\n")
+    assert overall(security(directory, exposure_limit()).stdout) == 1.1
+    assert "(1.1 instead of 1.3)" in (ROOT / "docs" / "systemd.md").read_text()
+
+
+def test_broker_user_is_not_the_group() -> None:
+    """DynamicUser without User= is named after the unit, "portlease": the group's name (217/USER)."""
+    service = unit("portlease.service")["Service"]
+    assert service["DynamicUser"] == ["yes"]
+    assert service["User"] == ["portlease-broker"]
+    groups = re.findall(r"^[gu]\s+(\S+)", (UNITS / "portlease-sysusers.conf").read_text(), re.M)
+    assert service["User"][0] not in groups
+    assert "portlease" in groups
+
+
+def test_install_paths_agree_with_docs() -> None:
+    """The files' headers and the docs' install commands name the same places."""
+    doc = (ROOT / "docs" / "systemd.md").read_text()
+    for name, target in (("portlease-sysusers.conf", "/etc/sysusers.d/portlease.conf"),
+                         ("portlease.conf", "/etc/tmpfiles.d/portlease.conf")):
+        assert f"install as {target}" in (UNITS / name).read_text(), name
+        assert re.search(rf"install -Dm644 systemd/{re.escape(name)}\s+{re.escape(target)}\n", doc), name
+    for name in ("portlease.service", "portlease.socket"):
+        doc_lines = unit(name)["Unit"]["Documentation"]
+        assert doc_lines == ["file:/usr/share/doc/portlease/systemd.md"], name
+    assert "install -Dm644 docs/systemd.md           /usr/share/doc/portlease/systemd.md" in doc
