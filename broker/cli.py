@@ -54,11 +54,18 @@ exit status:
   {EXIT_CANNOT_RUN}    `lease -- CMD`: CMD exists but cannot be run (not executable)
   {EXIT_NOT_FOUND}    `lease -- CMD`: CMD was not found
   128+N  `lease -- CMD`: CMD was killed by signal N
-
+"""
+_CLIENT_SOCKET_NOTE = """
 socket: --socket, else $PORTLEASE_SOCKET, else /run/portlease/portlease.sock when it
 exists (the system service), else the per-user socket
 $XDG_RUNTIME_DIR/portlease/portlease.sock, or /tmp/portlease-$UID/portlease.sock
 when XDG_RUNTIME_DIR is unset.
+"""
+_SERVE_SOCKET_NOTE = """
+socket: --socket, else the config file's `socket`, else $PORTLEASE_SOCKET, else the
+per-user socket $XDG_RUNTIME_DIR/portlease/portlease.sock, or
+/tmp/portlease-$UID/portlease.sock when XDG_RUNTIME_DIR is unset. The system socket
+/run/portlease/portlease.sock is served only when named here or passed by systemd.
 """
 
 _SOCKET_HELP = (
@@ -90,16 +97,18 @@ def _version() -> str:
 
 def _sub(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str,
          usage: str | None = None) -> argparse.ArgumentParser:
+    note = _SERVE_SOCKET_NOTE if name == "serve" else _CLIENT_SOCKET_NOTE
     return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
-                          epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
-                          usage=usage)
+                          epilog=EXIT_CODES + note,
+                          formatter_class=argparse.RawDescriptionHelpFormatter, usage=usage)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="portlease",
         description="Lease TCP/UDP ports from a shared broker, released when the holder exits.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXIT_CODES + _CLIENT_SOCKET_NOTE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"portlease {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
