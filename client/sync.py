@@ -13,9 +13,9 @@ that holds leases. It is started once, by the first connection that holds an
 attached lease, and never joined: later connections only add their socket to
 the set (one ``epoll_ctl``) and take it out again, so a one-shot
 ``with lease(1)`` neither starts nor joins a thread, and a program with a
-hundred connections still has one thread. A thread per connection (the old
-design) cost a start and a join per ``with lease()``, about a third of its
-time. Requests never wake the watcher: it asks for ``EPOLLRDHUP`` only.
+hundred connections still has one thread. (A thread per connection, the old
+design, cost a thread start and join on every ``with lease()``.) Requests never
+wake the watcher: it asks for ``EPOLLRDHUP`` only.
 
 Locks are never held across sleeps or connects: a reconnect dials with no lock
 held and installs the new socket under the I/O lock, which only guards one

@@ -308,3 +308,42 @@ async def test_hello_and_the_first_request_go_out_in_one_write(tmp_path: Path) -
     server.join(5)
     (data,) = first
     assert [json.loads(line)["op"] for line in data.splitlines()] == ["hello", "lease"]
+
+
+async def test_an_async_server_serves_on_the_leased_socket(
+    broker: BrokerProc, anyio_backend: str
+) -> None:
+    """The patterns docs/usage.md gives: asyncio.start_server(sock=...) and trio.SocketListener."""
+    async with open_lease(1, socket=broker.socket) as held:
+        sock = held.socket()
+        if anyio_backend == "asyncio":
+            import asyncio
+
+            async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                writer.write(await reader.read(16))
+                await writer.drain()
+                writer.close()
+
+            server = await asyncio.start_server(echo, sock=sock)
+            async with server:
+                reply = await anyio.to_thread.run_sync(_roundtrip, held.port)
+        else:
+            import trio
+
+            listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+            async def echo_trio(stream: trio.SocketStream) -> None:
+                await stream.send_all(await stream.receive_some(16))
+                await stream.aclose()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.serve_listeners, echo_trio, [listener])
+                reply = await anyio.to_thread.run_sync(_roundtrip, held.port)
+                nursery.cancel_scope.cancel()
+        assert reply == b"ping"
+
+
+def _roundtrip(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"ping")
+        return client.recv(16)
