@@ -52,7 +52,7 @@ def run(*cmd: str | Path, cwd: Path | None = None, env: dict[str, str] | None = 
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without anything that would leak this checkout into a child."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PORTLEASE_"))}
-    env.update(PORTLEASE_AUTOSTART="0", PYTHONDONTWRITEBYTECODE="1", **extra)
+    env.update({"PORTLEASE_AUTOSTART": "0", "PYTHONDONTWRITEBYTECODE": "1", **extra})
     return env
 
 
@@ -202,13 +202,25 @@ def test_python_dash_m_portlease_is_the_command(lean: Path) -> None:
     assert out.stdout.startswith("usage: portlease ")
 
 
-@pytest.mark.xfail(strict=True, reason="needs the `serve` hint in broker/cli.py (asked of the CLI owner)")
 def test_serve_without_the_broker_extra_says_how_to_install_it(lean: Path, tmp_path: Path) -> None:
     out = run(lean / "bin" / "portlease", "serve", "--socket", tmp_path / "s.sock", env=clean_env(),
               timeout=60)
     assert out.returncode != 0
     assert "portlease[broker]" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_autostart_in_a_lean_install_says_how_to_install_the_broker(lean: Path, tmp_path: Path) -> None:
+    from portlease.client import paths
+
+    if paths.system_deployment():
+        pytest.skip("this host has a system deployment: clients wait for it instead of autostarting")
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    out = run(lean / "bin" / "portlease", "lease", "-n", "1", "--", "true", timeout=60,
+              env=clean_env(PORTLEASE_AUTOSTART="1", XDG_RUNTIME_DIR=str(runtime)))
+    assert out.returncode == 69, out.stdout + out.stderr
+    assert "portlease[broker]" in out.stderr, out.stderr
 
 
 def test_a_folder_named_portlease_in_the_working_directory_does_not_shadow_the_install(
