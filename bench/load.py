@@ -2,6 +2,8 @@
 
     python bench/load.py                 # 10,000 connections (about 1-2 minutes on 2 cores)
     python bench/load.py --short         # 3,000 connections and short phases (CI)
+    python bench/load.py --hostile       # as root: one uid floods at its caps while another
+                                         # uid leases (issue 11's figure; --short: 8 s)
 
 Phases, each against a real ``portlease serve`` process:
 
@@ -364,6 +366,124 @@ def fd_limit(args: argparse.Namespace, out: Path, failures: list[str], figures: 
         b.stop()
 
 
+# ------------------------------------------------------------------ hostile neighbour
+
+FLOOD_USER, HONEST_USER = "plbench-flood", "plbench-honest"
+SYSTEM_PY = "/usr/bin/python3"  # the workers are stdlib only; /root (pyenv) is closed to others
+
+
+def ensure_user(name: str) -> tuple[int, int]:
+    """A real second (and third) uid for the hostile-neighbour run: ``useradd`` if missing."""
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        name], check=True)
+        pw = pwd.getpwnam(name)
+    return pw.pw_uid, pw.pw_gid
+
+
+def as_user(user: str, *cmd: str) -> list[str]:
+    uid, gid = ensure_user(user)
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *cmd]
+
+
+def rss_sampler(pid: int, stop: threading.Event, peak: list[int]) -> None:
+    while not stop.wait(0.05):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    peak[0] = max(peak[0], int(line.split()[1]))
+
+
+def hostile_neighbour(args: argparse.Namespace, short: Path, figures: dict[str, Any]) -> None:
+    """One uid floods at its caps while an honest client of another uid leases and releases.
+
+    The broker runs as root with a socket both users may reach (mode 0666 in a
+    0755 directory). Phase 1: the honest client alone (baseline). Phase 2: the
+    flooder (bench/load_worker.py --role hostile, as FLOOD_USER) opens
+    connections up to its cap and beyond, holds leases with long notes, writes
+    pipelined ``status`` requests it never reads, and trickles slow-loris
+    partial lines, while the honest client (as HONEST_USER) goes on. Reported:
+    the honest client's latencies in both phases and the broker's peak RSS
+    (sampled VmRSS, and VmHWM at the end). Figures are reported, not judged.
+    """
+    if os.geteuid() != 0:
+        raise SystemExit("--hostile needs root (useradd, setpriv)")
+    d = short / "hostile"
+    d.mkdir()
+    os.chmod(short, 0o755)
+    os.chmod(d, 0o755)
+    b = Broker(d, args.range, {"log_level": "warning", "socket_mode": "0666"}).start()
+    worker_py = str(HERE / "load_worker.py")
+    peak = [0]
+    stop = threading.Event()
+    assert b.proc is not None
+    sampler = threading.Thread(target=rss_sampler, args=(b.proc.pid, stop, peak), daemon=True)
+    sampler.start()
+
+    def honest(seconds: float) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            as_user(HONEST_USER, SYSTEM_PY, worker_py, "--role", "honest", "--socket", b.socket,
+                    "--seconds", str(seconds), "--interval", "0.002"),
+            stdout=subprocess.PIPE, text=True)
+
+    def result(proc: subprocess.Popen[str], what: str) -> dict[str, Any]:
+        out, _ = proc.communicate(timeout=args.hostile_seconds * 4 + 120)
+        if proc.returncode != 0 or not out.strip():
+            raise RuntimeError(f"{what} failed (exit {proc.returncode})")
+        parsed: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        return parsed
+
+    try:
+        rss_idle = b.proc_status()["VmRSS"]
+        baseline = result(honest(args.hostile_seconds / 2), "honest client (alone)")
+        flood = subprocess.Popen(
+            as_user(FLOOD_USER, SYSTEM_PY, worker_py, "--role", "hostile", "--socket", b.socket,
+                    "--n", str(args.hostile_conns), "--leases", "4096", "--note", "1000",
+                    "--seconds", str(args.hostile_seconds), "--interval", "0.01"),
+            stdout=subprocess.PIPE, text=True)
+        time.sleep(min(5.0, args.hostile_seconds / 4))  # let it reach its caps first
+        during = honest(args.hostile_seconds * 0.6)
+        loaded = result(during, "honest client (during the flood)")
+        flooder = result(flood, "flooder")
+        alive = b.alive()
+        status = b.proc_status() if alive else {}
+    finally:
+        stop.set()
+        b.stop()
+    row = {
+        "baseline": baseline, "during_flood": loaded, "flooder": flooder,
+        "broker_rss_idle_mib": rss_idle / 1024, "broker_rss_peak_mib": peak[0] / 1024,
+        "broker_vmhwm_mib": status.get("VmHWM", 0) / 1024, "broker_alive": alive,
+        "targets": {"honest_p99_ms": 50, "rss_mib": 256},
+    }
+    figures["hostile"] = row
+    ok_p99 = loaded["all"].get("p99_ms", float("inf")) <= 50
+    ok_rss = max(peak[0], status.get("VmHWM", 0)) / 1024 <= 256
+    print(f"hostile neighbour: flooder (uid {FLOOD_USER}) opened {flooder['connections']} connections "
+          f"(refused: {flooder['refused']}), held {flooder['leases']} leases with "
+          f"{flooder['note_bytes']}-byte notes, wrote {flooder['status_bytes_written']:,} bytes of "
+          f"pipelined status, {flooder['loris_bytes']:,} slow-loris bytes; "
+          f"{flooder['closed_by_broker']} of its connections were closed by the broker")
+    def fmt(x: dict[str, Any]) -> str:
+        if not x.get("n"):
+            return "n=0"
+        return f"p50 {x['p50_ms']:.2f} ms, p99 {x['p99_ms']:.2f} ms, max {x['max_ms']:.1f} ms (n={x['n']})"
+
+    print(f"  honest client (uid {HONEST_USER}) alone: open connection {fmt(baseline['open'])}; "
+          f"new connection {fmt(baseline['fresh'])}")
+    print(f"  honest client during the flood: open connection {fmt(loaded['open'])}; new connection "
+          f"{fmt(loaded['fresh'])}; errors {loaded['errors']}")
+    print(f"  broker RSS idle {rss_idle / 1024:.1f} MiB, peak {peak[0] / 1024:.1f} MiB "
+          f"(VmHWM {status.get('VmHWM', 0) / 1024:.1f} MiB), alive: {alive}")
+    print(f"  issue 11 figure: honest p99 ≤ 50 ms: {'met' if ok_p99 else 'MISSED'} "
+          f"({loaded['all'].get('p99_ms', float('nan')):.1f} ms); broker RSS ≤ 256 MiB: "
+          f"{'met' if ok_rss else 'MISSED'}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--conns", type=int, default=10_000)
@@ -377,7 +497,28 @@ def main() -> int:
     ap.add_argument("--out", help="directory for broker logs (default: temporary)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--short", action="store_true", help="CI preset: 3,000 connections, 3 s phases")
+    ap.add_argument("--hostile", action="store_true",
+                    help="only the hostile-neighbour figure (root: creates two users)")
+    ap.add_argument("--hostile-seconds", type=float, default=30.0)
+    ap.add_argument("--hostile-conns", type=int, default=1200,
+                    help="connections the flooder tries (above the default per-uid cap of 1024)")
+    ap.add_argument("--results", type=Path, default=HERE / "results",
+                    help="with --hostile: where hostile-<mode>.json goes")
     args = ap.parse_args()
+    if args.hostile:
+        if args.short:
+            args.hostile_seconds = 8.0
+        short = Path(tempfile.mkdtemp(prefix="pll-"))
+        figures: dict[str, Any] = {}
+        try:
+            hostile_neighbour(args, short, figures)
+        finally:
+            shutil.rmtree(short, ignore_errors=True)
+        args.results.mkdir(parents=True, exist_ok=True)
+        name = "hostile-short.json" if args.short else "hostile.json"
+        (args.results / name).write_text(json.dumps(figures, indent=1) + "\n")
+        print(f"wrote {args.results / name}")
+        return 0
     if args.short:
         args.conns, args.workers, args.range, args.samples, args.phase, args.loris = (
             3000, 2, "14000-17499", 300, 3.0, 20)
@@ -386,7 +527,7 @@ def main() -> int:
     # Socket paths must stay under 108 bytes: run the brokers in a short directory.
     short = Path(tempfile.mkdtemp(prefix="pll-"))
     failures: list[str] = []
-    figures: dict[str, Any] = {}
+    figures = {}
     t0 = time.monotonic()
     try:
         main_load(args, short, failures, figures)

@@ -6,6 +6,11 @@
     --role loris  C connections that trickle one byte at a time and never send a newline
     --role flood  connect, hello, close (and connect-and-drop) as fast as possible
     --role status ask for status in a loop (the whole lease table each time)
+    --role hostile  one uid at all its caps: connections, long-note leases, pipelined status
+                  never read, slow-loris (run under another uid by ``load.py --hostile``)
+    --role honest lease + release (and now and then a new connection) in a loop, latencies
+
+Stdlib only: ``load.py --hostile`` runs it as other uids with the system python.
 """
 
 from __future__ import annotations
@@ -185,16 +190,182 @@ def status_loop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summary(values: list[float]) -> dict[str, Any]:
+    v = sorted(values)
+    if not v:
+        return {"n": 0}
+
+    def q(x: float) -> float:
+        return v[min(len(v) - 1, int(x / 100 * len(v)))] * 1e3
+
+    return {"n": len(v), "p50_ms": q(50), "p99_ms": q(99), "max_ms": v[-1] * 1e3}
+
+
+def hostile(args: argparse.Namespace) -> int:
+    """One uid at all its caps at once: connections, leases with long notes, pipelined
+    ``status`` writes that are never read, and slow-loris partial lines.
+
+    Opens connections until the broker refuses (``quota``) or ``--n`` is reached;
+    the first ones take leases (up to the uid's port cap) with notes of
+    ``--note`` bytes, so that every ``status`` reply is as large as this uid
+    can make it; ``--status-conns`` of them then write 400 ``status`` requests at
+    a time and never read; the rest trickle one byte of an endless line each
+    ``--interval``. Prints one JSON line when ``--seconds`` are over.
+    """
+    raise_nofile()
+    socks: list[socket.socket] = []
+    refused: dict[str, int] = {}
+    t0 = time.monotonic()
+    for _ in range(args.n):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        try:
+            s.connect(args.socket)
+            s.sendall(HELLO)
+            reply = json.loads(s.recv(65536).split(b"\n")[0])
+        except (OSError, ValueError) as exc:
+            s.close()
+            key = type(exc).__name__
+            refused[key] = refused.get(key, 0) + 1
+            if sum(refused.values()) > 50:
+                break
+            continue
+        if reply.get("reply") != "hello":
+            s.close()
+            code = str(reply.get("code", "?"))
+            refused[code] = refused.get(code, 0) + 1
+            if sum(refused.values()) > 50:
+                break  # at the cap: the broker says so, no need to insist
+            continue
+        socks.append(s)
+    opened = time.monotonic() - t0
+    # Leases with long notes on the first connections, pipelined, until the uid's cap.
+    note = "n" * args.note
+    leases, lease_errors = 0, {}
+    for s in socks[: -(-args.leases // 1000)]:
+        want = min(1000, args.leases - leases)
+        if want <= 0:
+            break
+        s.sendall(b"".join(json.dumps({"op": "lease", "id": i + 1, "count": 1,
+                                       "note": note}).encode() + b"\n" for i in range(want)))
+        f = s.makefile("rb")
+        for _ in range(want):
+            reply = json.loads(f.readline())
+            if reply.get("reply") == "granted":
+                leases += 1
+            else:
+                code = str(reply.get("code", "?"))
+                lease_errors[code] = lease_errors.get(code, 0) + 1
+    status_socks = socks[: args.status_conns]
+    loris_socks = socks[args.status_conns:]
+    for s in socks:
+        s.setblocking(False)
+    burst = b"".join(b'{"op":"status","id":%d}\n' % i for i in range(400))
+    status_bytes = loris_bytes = 0
+    closed_by_broker = 0
+    end = time.monotonic() + args.seconds
+    while time.monotonic() < end:
+        for s in list(status_socks):
+            try:
+                status_bytes += s.send(burst)
+            except BlockingIOError:
+                pass  # the broker stopped reading us: the backpressure we are testing
+            except OSError:
+                status_socks.remove(s)
+                closed_by_broker += 1
+        for s in list(loris_socks):
+            try:
+                loris_bytes += s.send(b"x" if loris_bytes else b'{"op":"status","note":"')
+            except BlockingIOError:
+                pass
+            except OSError:
+                loris_socks.remove(s)
+                closed_by_broker += 1
+        time.sleep(args.interval)
+    print(json.dumps({
+        "connections": len(socks), "refused": refused, "open_seconds": opened,
+        "leases": leases, "lease_errors": lease_errors, "note_bytes": args.note,
+        "status_conns": args.status_conns, "status_bytes_written": status_bytes,
+        "loris_conns": len(socks) - args.status_conns, "loris_bytes": loris_bytes,
+        "closed_by_broker": closed_by_broker,
+    }), flush=True)
+    for s in socks:
+        s.close()
+    return 0
+
+
+def honest(args: argparse.Namespace) -> int:
+    """A well-behaved client: ``lease`` + ``release`` on an open connection, and every
+    tenth time ``with lease(1)`` on a new one, for ``--seconds``; latencies as JSON."""
+    end = time.monotonic() + args.seconds
+    open_ms: list[float] = []
+    fresh_ms: list[float] = []
+    errors: dict[str, int] = {}
+
+    def call(f: Any, s: socket.socket, msg: dict[str, Any]) -> dict[str, Any]:
+        s.sendall(json.dumps(msg).encode() + b"\n")
+        out: dict[str, Any] = json.loads(f.readline())
+        return out
+
+    def cycle(s: socket.socket, f: Any) -> None:
+        reply = call(f, s, {"op": "lease", "id": 2, "count": 1})
+        if reply.get("reply") != "granted":
+            code = str(reply.get("code", "?"))
+            errors[code] = errors.get(code, 0) + 1
+            return
+        call(f, s, {"op": "release", "id": 3, "token": reply["token"]})
+
+    def connect() -> tuple[socket.socket, Any]:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(30)
+        s.connect(args.socket)
+        f = s.makefile("rb")
+        s.sendall(HELLO)
+        f.readline()
+        return s, f
+
+    s, f = connect()
+    i = 0
+    while time.monotonic() < end:
+        i += 1
+        t0 = time.perf_counter()
+        try:
+            if i % 10:
+                cycle(s, f)
+                open_ms.append(time.perf_counter() - t0)
+            else:
+                s2, f2 = connect()
+                cycle(s2, f2)
+                s2.close()
+                fresh_ms.append(time.perf_counter() - t0)
+        except (OSError, ValueError) as exc:
+            key = type(exc).__name__
+            errors[key] = errors.get(key, 0) + 1
+            s.close()
+            s, f = connect()
+        time.sleep(args.interval)
+    s.close()
+    print(json.dumps({"open": _summary(open_ms), "fresh": _summary(fresh_ms),
+                      "all": _summary(open_ms + fresh_ms), "errors": errors}), flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--role", choices=["hold", "loris", "flood", "status"], required=True)
+    ap.add_argument("--role", choices=["hold", "loris", "flood", "status", "hostile", "honest"],
+                    required=True)
     ap.add_argument("--socket", required=True)
     ap.add_argument("--n", type=int, default=1)
     ap.add_argument("--id", default="0")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--interval", type=float, default=0.005)
+    ap.add_argument("--leases", type=int, default=4096, help="hostile: leases to hold")
+    ap.add_argument("--note", type=int, default=1000, help="hostile: bytes of each lease's note")
+    ap.add_argument("--status-conns", type=int, default=64, help="hostile: pipelined status writers")
     args = ap.parse_args()
-    return {"hold": hold, "loris": loris, "flood": flood, "status": status_loop}[args.role](args)
+    roles = {"hold": hold, "loris": loris, "flood": flood, "status": status_loop, "hostile": hostile,
+             "honest": honest}
+    return roles[args.role](args)
 
 
 if __name__ == "__main__":
