@@ -1,0 +1,720 @@
+"""Hostile neighbours against a real broker: floods, connection hoarding, slow-loris,
+nesting bombs, unsafe directories and planted symlinks (issue 11).
+
+Each test runs a real ``portlease serve`` process. The attackers and the honest
+client are real second uids: as root the module creates a group and two member
+users with groupadd/useradd (removed afterwards), and each client runs in a
+forked child that drops its privileges (setgroups/setresgid/setresuid) and talks
+to the test over a socketpair of JSON lines, so the test can hold an attack in
+place while it checks that the other uid is still served. Without root (or the
+passwd tools) the uid tests skip.
+
+"Served" means answered at all within a generous socket timeout (5 s): the
+figures (p99, RSS under each flood) belong to ``bench/load.py``, not here. The
+one number asserted is the broker's resident memory (VmRSS and its peak VmHWM
+from ``/proc/PID/status``) staying below 256 MiB while a flood is pending:
+without backpressure the pipelined ``status`` flood below needs about 1 GB.
+
+Ports 5000-7499 are used by no other test module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from brokerproc import PYTHON, BrokerProc, Raw
+from portlease.client import protocol as p
+
+RANGE = "5000-7499"
+HELLO = {"op": "hello", "version": p.PROTOCOL_VERSION}
+SERVED_WITHIN = 5.0
+"""Socket timeout of the honest client: a reply later than this counts as not served."""
+RSS_LIMIT_KIB = 256 * 1024
+CODES = {c.value for c in p.ErrorCode}
+
+
+# ---------------------------------------------------------------- users and their processes
+
+
+@dataclass
+class Users:
+    group: str
+    attacker: str
+    honest: str
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _run(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[Users]:
+    if os.geteuid() != 0:
+        pytest.skip("creating users needs root")
+    for tool in ("groupadd", "useradd", "userdel", "groupdel"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is missing (Debian package passwd)")
+    primary = next((g for g in ("nogroup", "nobody") if _group_exists(g)), None)
+    if primary is None:
+        pytest.skip("no nogroup/nobody group to give the test users")
+    base = f"plhos{os.getpid() % 100000}"
+    names = Users(group=base, attacker=base + "a", honest=base + "b")
+    made: list[str] = []
+    try:
+        _run("groupadd", base)
+        for user in (names.attacker, names.honest):
+            _run("useradd", "--no-create-home", "--no-user-group", "--gid", primary,
+                 "--groups", base, "--shell", "/usr/sbin/nologin", user)
+            made.append(user)
+        yield names
+    finally:
+        for user in made:
+            subprocess.run(["userdel", user], capture_output=True, timeout=30)
+        subprocess.run(["groupdel", base], capture_output=True, timeout=30)
+
+
+class Ctl:
+    """One end of the test's control channel: JSON objects, one a line."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def send(self, obj: Any) -> None:
+        self.sock.sendall(json.dumps(obj).encode() + b"\n")
+
+    def recv(self, timeout: float) -> Any:
+        self.sock.settimeout(timeout)
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("the other side of the control channel is gone")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+
+class UserProc:
+    """``fn(ctl)`` in a forked child running as ``user``; its return value is the result."""
+
+    def __init__(self, user: str, fn: Callable[[Ctl], Any]) -> None:
+        pw = pwd.getpwnam(user)
+        groups = os.getgrouplist(user, pw.pw_gid)
+        mine, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 0
+            mine.close()
+            ctl = Ctl(theirs)
+            try:
+                os.setgroups(groups)
+                os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
+                os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
+                out: dict[str, Any] = {"ok": fn(ctl)}
+            except BaseException as exc:
+                out = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+                code = 1
+            try:
+                ctl.send({"result": out})
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.pid = pid
+        self.uid = pw.pw_uid
+        self.ctl = Ctl(mine)
+        self.done = False
+
+    def recv(self, timeout: float = 60.0) -> Any:
+        """The child's next message; a failure in the child is raised here."""
+        msg = self.ctl.recv(timeout)
+        if isinstance(msg, dict) and "result" in msg:
+            self._reap()
+            result = msg["result"]
+            if "error" in result:
+                raise AssertionError(f"child failed: {result['error']}\n{result['traceback']}")
+            return {"result": result["ok"]}
+        return msg
+
+    def expect(self, what: str, timeout: float = 60.0) -> Any:
+        msg = self.recv(timeout)
+        assert isinstance(msg, dict) and what in msg, f"expected {what!r} from the child, got {msg!r}"
+        return msg[what]
+
+    def send(self, obj: Any) -> None:
+        self.ctl.send(obj)
+
+    def result(self, timeout: float = 60.0) -> Any:
+        return self.expect("result", timeout)
+
+    def _reap(self) -> None:
+        if not self.done:
+            self.done = True
+            os.waitpid(self.pid, 0)
+
+    def kill(self) -> None:
+        if not self.done:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self._reap()
+        self.ctl.sock.close()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[[str, Callable[[Ctl], Any]], UserProc]]:
+    """Start user processes; any still running at the end are SIGKILLed."""
+    procs: list[UserProc] = []
+
+    def start(user: str, fn: Callable[[Ctl], Any]) -> UserProc:
+        proc = UserProc(user, fn)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A root-owned 0755 directory: every user may reach the socket, none may write here."""
+    d = Path(tempfile.mkdtemp(prefix="plhos-", dir="/tmp"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def start_broker(d: Path, users: Users, config: str = "", *args: str) -> BrokerProc:
+    extra: list[str] = ["--group", users.group, *args]
+    if config:
+        cfg = d / "broker.toml"
+        cfg.write_text(config)
+        extra += ["--config", str(cfg)]
+    return BrokerProc(d, extra, range=RANGE).start()
+
+
+def vm_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of ``pid`` in KiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def no_traceback(b: BrokerProc) -> None:
+    log = b.log.read_text()
+    assert "Traceback" not in log, log[-4000:]
+
+
+# ---------------------------------------------------------------- client code run in the children
+
+
+def connect(path: str, timeout: float = SERVED_WITHIN) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(path)
+    return s
+
+
+class Lines:
+    """Reply lines of one connection."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.scanned = 0
+        """Bytes of ``buf`` already searched for a newline (a large reply comes in many pieces)."""
+
+    def raw(self) -> bytes:
+        while True:
+            nl = self.buf.find(b"\n", self.scanned)
+            if nl >= 0:
+                break
+            self.scanned = len(self.buf)
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise EOFError(f"broker closed the connection; pending {self.buf[:200]!r}")
+            self.buf += chunk
+        line = bytes(self.buf[:nl])
+        del self.buf[:nl + 1]
+        self.scanned = 0
+        return line
+
+    def next(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.raw())
+        return out
+
+    def eof(self) -> bool:
+        """True once the broker has closed (after any lines still buffered)."""
+        try:
+            return self.buf == b"" and self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+
+def encode(*msgs: dict[str, Any]) -> bytes:
+    return b"".join(json.dumps(m).encode() + b"\n" for m in msgs)
+
+
+def call(s: socket.socket, lines: Lines, msg: dict[str, Any]) -> dict[str, Any]:
+    s.sendall(encode(msg))
+    reply = lines.next()
+    assert reply.get("id") == msg.get("id"), (msg, reply)
+    return reply
+
+
+def honest_cycles(path: str, cycles: int) -> Callable[[Ctl], Any]:
+    """An honest client: ``cycles`` times lease 2 ports and release them, each within SERVED_WITHIN."""
+
+    def run(ctl: Ctl) -> Any:
+        s = connect(path)
+        lines = Lines(s)
+        assert call(s, lines, {"id": 0, **HELLO})["reply"] == "hello"
+        ports = []
+        for i in range(cycles):
+            granted = call(s, lines, {"id": 2 * i + 1, "op": "lease", "count": 2, "note": "honest"})
+            assert granted["reply"] == "granted", granted
+            ports.append(granted["ports"])
+            released = call(s, lines, {"id": 2 * i + 2, "op": "release", "token": granted["token"]})
+            assert released["reply"] == "released", released
+        s.close()
+        return ports
+
+    return run
+
+
+def run_honest(spawn: Callable[[str, Callable[[Ctl], Any]], UserProc], users: Users,
+               b: BrokerProc, cycles: int = 20) -> tuple[list[list[int]], int]:
+    """Run the honest client of the other uid; return its grants and the broker's highest VmRSS meanwhile."""
+    assert b.proc is not None
+    honest = spawn(users.honest, honest_cycles(b.socket, cycles))
+    rss = vm_kib(b.proc.pid)["VmRSS"]
+    deadline = time.monotonic() + cycles * 2 * SERVED_WITHIN + 10
+    while True:
+        try:
+            ports = honest.result(timeout=0.05)
+            break
+        except TimeoutError:
+            rss = max(rss, vm_kib(b.proc.pid)["VmRSS"])
+            assert time.monotonic() < deadline, "the honest client never finished"
+    rss = max(rss, vm_kib(b.proc.pid)["VmRSS"])
+    assert len(ports) == cycles and all(len(x) == 2 for x in ports), ports
+    return ports, rss
+
+
+# ---------------------------------------------------------------- pipelined status amplification
+
+FLOOD_LEASES = 2000
+FLOOD_STATUS = 400
+NOTE = "n" * 1000
+
+
+class _Shown(msgspec.Struct):
+    note: str = ""
+
+
+class _Page(msgspec.Struct):
+    """The parts of a ``status`` reply the flooder checks (400 pages of ~660 kB each:
+    msgspec reads them several times faster than json)."""
+
+    id: int | str | None
+    reply: str
+    leases: list[_Shown] = []
+    more: bool = False
+
+
+def status_flooder(path: str) -> Callable[[Ctl], Any]:
+    def run(ctl: Ctl) -> Any:
+        s = connect(path, timeout=30)
+        lines = Lines(s)
+        assert call(s, lines, {"id": "hello", **HELLO})["reply"] == "hello"
+        # Take the leases in pipelined batches (reading each batch's replies).
+        for start in range(0, FLOOD_LEASES, 100):
+            ids = range(start, start + 100)
+            s.sendall(encode(*({"id": f"l{i}", "op": "lease", "count": 1, "note": NOTE} for i in ids)))
+            for i in ids:
+                reply = lines.next()
+                assert reply["reply"] == "granted" and reply["id"] == f"l{i}", reply
+        ctl.send({"leased": FLOOD_LEASES})
+        ctl.recv(60)
+        flood = encode(*({"id": i, "op": "status"} for i in range(FLOOD_STATUS)))
+        s.sendall(flood)  # one write; then not a byte is read until the test says so
+        ctl.send({"flooded": len(flood)})
+        ctl.recv(120)
+        ids, shown, longest, more = [], 0, 0, 0
+        page_decoder = msgspec.json.Decoder(_Page)
+        for _ in range(FLOOD_STATUS):
+            page = page_decoder.decode(lines.raw())
+            assert page.reply == "status", page.reply
+            ids.append(page.id)
+            shown = max(shown, len(page.leases))
+            longest = max(longest, *(len(x.note) for x in page.leases))
+            more += page.more
+        return {"ids": ids, "most_leases_shown": shown, "longest_note": longest, "more": more}
+
+    return run
+
+
+def test_pipelined_status_flood_neither_starves_another_uid_nor_grows_the_broker(
+    users: Users, open_dir: Path, spawn: Callable[[str, Callable[[Ctl], Any]], UserProc]
+) -> None:
+    b = start_broker(open_dir, users, f"max_leases_per_connection = {FLOOD_LEASES}\n",
+                     "--log-level", "info")
+    try:
+        assert b.proc is not None
+        flooder = spawn(users.attacker, status_flooder(b.socket))
+        assert flooder.expect("leased", timeout=120) == FLOOD_LEASES
+        flooder.send({"go": True})
+        assert flooder.expect("flooded") < 16 * 1024  # one small write asks for ~1 GB of replies
+        _, rss = run_honest(spawn, users, b)
+        mem = vm_kib(b.proc.pid)
+        assert max(rss, mem["VmRSS"], mem["VmHWM"]) < RSS_LIMIT_KIB, (rss, mem)
+        assert b.proc.poll() is None
+        flooder.send({"read": True})
+        got = flooder.result(timeout=120)
+        # Every reply arrives, in order, each one page of at most MAX_STATUS_LEASES
+        # leases with notes cut to STATUS_TEXT_MAX characters.
+        assert got["ids"] == list(range(FLOOD_STATUS))
+        assert got["most_leases_shown"] == p.MAX_STATUS_LEASES
+        assert got["more"] == FLOOD_STATUS
+        assert 0 < got["longest_note"] <= p.STATUS_TEXT_MAX
+        assert vm_kib(b.proc.pid)["VmHWM"] < RSS_LIMIT_KIB
+        no_traceback(b)
+    finally:
+        b.stop()
+
+
+# ---------------------------------------------------------------- connections per uid
+
+CONN_CAP = 20
+
+
+def connection_hoarder(path: str) -> Callable[[Ctl], Any]:
+    def admitted(s: socket.socket, lines: Lines) -> dict[str, Any]:
+        s.sendall(encode({"id": 1, **HELLO}))
+        return lines.next()
+
+    def run(ctl: Ctl) -> Any:
+        held = []
+        for _ in range(CONN_CAP):
+            s = connect(path)
+            lines = Lines(s)
+            reply = admitted(s, lines)
+            assert reply["reply"] == "hello", reply
+            held.append(s)
+        # The cap is checked at accept: the refusal is the first (and only) line.
+        s = connect(path)
+        lines = Lines(s)
+        s.sendall(encode({"id": 1, **HELLO}))
+        refusal = lines.next()
+        closed = lines.eof()
+        ctl.send({"refused": refusal, "closed": closed})
+        ctl.recv(60)
+        held.pop().close()
+        # The broker sees the close on its next turn: retry until the slot is free.
+        tries = 0
+        while True:
+            tries += 1
+            s = connect(path)
+            lines = Lines(s)
+            s.sendall(encode({"id": 1, **HELLO}))
+            try:
+                reply = lines.next()
+            except (EOFError, ConnectionResetError) as exc:
+                reply = {"reply": "eof", "message": str(exc)}
+            if reply["reply"] == "hello":
+                held.append(s)
+                break
+            s.close()
+            assert reply.get("code") == "quota" and tries < 100, reply
+            time.sleep(0.05)
+        s = connect(path)
+        lines = Lines(s)
+        s.sendall(encode({"id": 1, **HELLO}))
+        again = lines.next()
+        return {"reopened": True, "tries": tries, "refused_again": again}
+
+    return run
+
+
+def test_a_uid_at_its_connection_cap_gets_quota_and_others_still_connect(
+    users: Users, open_dir: Path, spawn: Callable[[str, Callable[[Ctl], Any]], UserProc]
+) -> None:
+    b = start_broker(open_dir, users, f"max_connections_per_uid = {CONN_CAP}\n")
+    try:
+        hoarder = spawn(users.attacker, connection_hoarder(b.socket))
+        msg = hoarder.recv()
+        assert msg["refused"]["reply"] == "error" and msg["refused"]["code"] == "quota", msg
+        assert str(hoarder.uid) in msg["refused"]["message"]
+        assert msg["closed"]
+        # Another uid connects and leases while the hoarder sits at its cap ...
+        ports, _ = run_honest(spawn, users, b, cycles=3)
+        assert ports
+        # ... and so does root, uncapped: more connections than the cap.
+        roots = [Raw(b.socket) for _ in range(CONN_CAP + 5)]
+        assert roots[-1].call({"op": "lease", "count": 1})["reply"] == "granted"
+        for r in roots:
+            r.close()
+        hoarder.send({"close_one": True})
+        got = hoarder.result()
+        assert got["reopened"]
+        assert got["refused_again"]["code"] == "quota", got
+        no_traceback(b)
+    finally:
+        b.stop()
+
+
+# ---------------------------------------------------------------- slow-loris and long lines
+
+LORIS = 300
+PARTIAL = 8000
+"""Bytes of an unfinished line each slow-loris connection leaves buffered (MAX_LINE is 8192)."""
+
+
+def slow_loris(path: str) -> Callable[[Ctl], Any]:
+    def run(ctl: Ctl) -> Any:
+        conns = []
+        for i in range(LORIS):
+            s = connect(path)
+            lines = Lines(s)
+            assert call(s, lines, {"id": 0, **HELLO})["reply"] == "hello"
+            head = json.dumps({"id": i + 1, "op": "ping"}).encode()[:-1]  # no closing brace
+            line = head + b" " * (PARTIAL - len(head))
+            # In two writes, so the broker keeps a partial line across reads.
+            s.sendall(line[:PARTIAL // 2])
+            conns.append((s, lines, line[PARTIAL // 2:]))
+        for s, _, rest in conns:
+            s.sendall(rest)
+        ctl.send({"holding": LORIS})
+        ctl.recv(60)
+        # Finish every line: the broker kept them all and answers each one.
+        for s, _, _ in conns:
+            s.sendall(b"}\n")
+        pongs = 0
+        for i, (s, lines, _) in enumerate(conns):
+            reply = lines.next()
+            assert reply == {"id": i + 1, "reply": "pong"}, reply
+            pongs += 1
+            s.close()
+        return pongs
+
+    return run
+
+
+def test_slow_loris_partial_lines_do_not_starve_another_uid(
+    users: Users, open_dir: Path, spawn: Callable[[str, Callable[[Ctl], Any]], UserProc]
+) -> None:
+    b = start_broker(open_dir, users)
+    try:
+        assert b.proc is not None
+        loris = spawn(users.attacker, slow_loris(b.socket))
+        assert loris.expect("holding") == LORIS
+        _, rss = run_honest(spawn, users, b)
+        assert rss < RSS_LIMIT_KIB
+        loris.send({"finish": True})
+        assert loris.result() == LORIS
+        no_traceback(b)
+    finally:
+        b.stop()
+
+
+@pytest.mark.parametrize("newline", [False, True], ids=["unfinished", "finished"])
+def test_a_line_over_max_line_gets_line_too_long_and_a_close(
+    tmp_path: Path, port_range: str, newline: bool
+) -> None:
+    b = BrokerProc(tmp_path, range=port_range).start()
+    try:
+        r = Raw(b.socket)
+        lease = r.call({"op": "lease", "count": 1})
+        assert lease["reply"] == "granted"
+        head = b'{"id": 9, "op": "ping"'
+        # One byte over the limit: without a newline yet, or as a whole line in one write.
+        r.send(head + b" " * (p.MAX_LINE + 1 - len(head)) + (b"}\n" if newline else b""))
+        reply = r.line()
+        assert reply["reply"] == "error" and reply["code"] == "line-too-long", reply
+        assert r.closed_by_peer()
+        # The connection's lease went with it; the broker serves on.
+        other = Raw(b.socket)
+        status = other.call({"op": "status"})
+        assert status["summary"]["leases"] == 0, status  # type: ignore[index]
+        no_traceback(b)
+    finally:
+        b.stop()
+
+
+# ---------------------------------------------------------------- nesting bombs
+
+
+def nested_lines() -> list[tuple[bytes, int | None]]:
+    """~2 KB lines nesting deeply where no schema looks, with the id each carries (if any)."""
+    arrays = b"[" * 1000 + b"]" * 1000
+    objects = b'{"a":' * 400 + b"1" + b"}" * 400
+    return [
+        (b'{"id": 11, "op": "ping", "x": ' + arrays + b"}", 11),
+        (b'{"id": 12, "op": "lease", "count": 1, "junk": ' + objects + b"}", 12),
+        (b'{"id": 13, "op": "no-such-op", "x": ' + arrays + b"}", 13),
+        (b'{"x": ' + arrays + b', "id": 14, "op": "ping"}', None),
+        (arrays, None),
+    ]
+
+
+def test_deep_nesting_gets_an_error_reply_and_the_connection_and_its_lease_stay(
+    tmp_path: Path, port_range: str
+) -> None:
+    b = BrokerProc(tmp_path, range=port_range).start()
+    try:
+        before_hello = Raw(b.socket, hello=False)
+        r = Raw(b.socket)
+        lease = r.call({"op": "lease", "count": 1})
+        assert lease["reply"] == "granted"
+        for conn in (before_hello, r):
+            for _ in range(20):  # a burst, as a hostile client would send
+                for line, echoed in nested_lines():
+                    assert 1500 < len(line) < p.MAX_LINE
+                    conn.send(line + b"\n")
+                    reply = conn.line()
+                    assert reply["reply"] == "error", reply
+                    assert reply["code"] in CODES and reply["code"] != "internal", reply
+                    # The id is echoed when the decoder can still read it; too
+                    # deep a line gets a null id (never another request's).
+                    assert reply["id"] in (echoed, None), reply
+        assert r.call({"op": "ping"})["reply"] == "pong"
+        status = r.call({"op": "status"})
+        assert [x["ports"] for x in status["leases"]] == [lease["ports"]], status  # type: ignore[union-attr,index]
+        assert before_hello.call({"op": "ping"})["code"] == "hello-required"
+        assert b.proc is not None and b.proc.poll() is None
+        no_traceback(b)
+    finally:
+        b.stop()
+
+
+# ---------------------------------------------------------------- unsafe directories and planted symlinks
+
+
+def serve_once(
+    socket_path: Path, state_path: Path, timeout: float = 20.0
+) -> subprocess.CompletedProcess[str]:
+    """``portlease serve`` that must refuse; a broker that starts instead is killed at ``timeout``."""
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    return subprocess.run(
+        [PYTHON, "-m", "portlease.broker", "serve", "--socket", str(socket_path), "--state",
+         str(state_path), "--range", RANGE],
+        env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+
+
+UNSAFE = ["other-owner", "group-writable", "other-writable", "sticky-world-writable", "symlink"]
+
+
+def make_unsafe(kind: str, where: Path, users: Users) -> tuple[Path, Path, str]:
+    """An unsafe directory at ``where``; return it, the directory nothing may appear in, and
+    the reason the broker must give."""
+    if kind == "symlink":
+        target = where.parent / (where.name + "-target")
+        target.mkdir(mode=0o700)
+        where.symlink_to(target)
+        return where, target, "it is a symbolic link"
+    where.mkdir(mode=0o700)
+    if kind == "other-owner":
+        uid = pwd.getpwnam(users.attacker).pw_uid
+        os.chown(where, uid, -1)
+        return where, where, f"it is owned by uid {uid}"
+    mode = {"group-writable": 0o770, "other-writable": 0o703, "sticky-world-writable": 0o1777}[kind]
+    where.chmod(mode)
+    return where, where, "group or others may write to it"
+
+
+@pytest.mark.parametrize("which", ["socket", "state"])
+@pytest.mark.parametrize("kind", UNSAFE)
+def test_serve_refuses_an_unsafe_directory(
+    users: Users, open_dir: Path, kind: str, which: str
+) -> None:
+    good = open_dir / "good"
+    good.mkdir(mode=0o700)
+    bad, inside, reason = make_unsafe(kind, open_dir / "bad", users)
+    before = os.lstat(inside)
+    sock_dir, state_dir = (bad, good) if which == "socket" else (good, bad)
+    res = serve_once(sock_dir / "broker.sock", state_dir / "state.jsonl")
+    assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
+    assert f"refusing to use {bad}: {reason}" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert list(inside.iterdir()) == [], "the broker created files in a directory it refused"
+    after = os.lstat(inside)
+    assert (after.st_mode, after.st_uid, after.st_gid) == (before.st_mode, before.st_uid, before.st_gid)
+
+
+def test_a_symlink_planted_at_the_state_temporary_is_not_followed(tmp_path: Path, port_range: str) -> None:
+    victim_dir = tmp_path / "victim"
+    victim_dir.mkdir()
+    victim = victim_dir / "precious"
+    victim.write_text("the victim's data\n")
+    broker_dir = tmp_path / "broker"
+    broker_dir.mkdir(mode=0o700)
+    b = BrokerProc(broker_dir, range=port_range)
+    # A journal with a lease, so start-up compaction has something to write.
+    b.start()
+    r = Raw(b.socket)
+    assert r.call({"op": "lease", "count": 1, "detach": True, "ttl": 600})["reply"] == "granted"
+    r.close()
+    b.kill()
+    tmp = Path(b.state + ".tmp")
+    tmp.symlink_to(victim)
+    b.start()  # start-up compacts through <state>.tmp
+    try:
+        assert victim.read_text() == "the victim's data\n"
+        assert not tmp.is_symlink()
+        assert not Path(b.state).is_symlink()
+        status = Raw(b.socket).call({"op": "status"})
+        assert status["summary"]["leases"] == 1, status  # type: ignore[index]
+    finally:
+        b.stop()
+    assert victim.read_text() == "the victim's data\n"  # and the compaction at shutdown
+    no_traceback(b)
+
+
+@pytest.mark.parametrize("name", ["state", "state lock", "socket lock"])
+def test_a_symlink_planted_at_a_broker_file_is_refused(tmp_path: Path, name: str) -> None:
+    victim = tmp_path / "precious"
+    victim.write_text("the victim's data\n")
+    broker_dir = tmp_path / "broker"
+    broker_dir.mkdir(mode=0o700)
+    sock, state = broker_dir / "broker.sock", broker_dir / "state.jsonl"
+    planted, named = {"state": (state, state), "state lock": (Path(f"{state}.lock"), state),
+                      "socket lock": (Path(f"{sock}.lock"), sock)}[name]
+    planted.symlink_to(victim)
+    res = serve_once(sock, state)
+    assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
+    # O_NOFOLLOW's ELOOP: "Too many levels of symbolic links", after the path.
+    assert str(named) in res.stderr and "symbolic links" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert victim.read_text() == "the victim's data\n"
+    assert planted.is_symlink()
