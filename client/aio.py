@@ -235,8 +235,14 @@ class AsyncConnection:
                 self._tg.start_soon(self._flush)
 
     async def _flush(self) -> None:
-        """Send what the session wants sent (releases of abandoned grants)."""
-        with contextlib.suppress(*_BROKEN):
+        """Send what the session wants sent (releases of abandoned grants).
+
+        Shielded: it often runs just as the connection's task group is being
+        cancelled, and a detached grant it gives back would otherwise be held
+        until its TTL.
+        """
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout), \
+                contextlib.suppress(*_BROKEN):
             async with self._send_lock:
                 stream = self._stream
                 if stream is None:

@@ -7,7 +7,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 from .aio import AsyncConnection, connect, open_lease
+
+warnings.warn(
+    "portlease.client.trio_client is deprecated: import AsyncConnection, connect and "
+    "open_lease from portlease.client",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
 TrioConnection = AsyncConnection
 

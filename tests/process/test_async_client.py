@@ -18,6 +18,7 @@ import pytest
 
 from brokerproc import BrokerProc, Raw
 from portlease.client import (
+    AsyncConnection,
     BrokerUnavailable,
     ConnectionLost,
     Exhausted,
@@ -115,12 +116,19 @@ async def test_detach_renew_reclaim_release_and_errors(broker: BrokerProc) -> No
     assert [info["state"] for info in leases_of(broker.socket)] == ["detached"]
 
 
-async def test_cancelled_request_whose_grant_arrives_later_is_released(broker: BrokerProc) -> None:
+@pytest.mark.parametrize("detach", [False, True])
+async def test_cancelled_request_whose_grant_arrives_later_is_released(
+    broker: BrokerProc, detach: bool
+) -> None:
     # The broker is stopped while the request sits in its socket, so the
     # cancellation certainly lands after the send and before the reply: the
-    # window where a lease would otherwise be held by nobody.
+    # window where a lease would otherwise be held by nobody (a detached one
+    # even after the connection closed).
     assert broker.proc is not None
     pid = broker.proc.pid
+
+    async def lease_four(conn: AsyncConnection) -> None:
+        await conn.lease(4, detach=detach)
 
     async with connect(broker.socket) as conn:
         kept = await conn.lease(1)
@@ -128,7 +136,7 @@ async def test_cancelled_request_whose_grant_arrives_later_is_released(broker: B
         try:
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as nursery:
-                    nursery.start_soon(conn.lease, 4)
+                    nursery.start_soon(lease_four, conn)
                     await anyio.wait_all_tasks_blocked()
                     scope.cancel()
             assert scope.cancelled_caught
