@@ -27,6 +27,7 @@ from portlease.client import (
     NotFound,
     TooLarge,
     connect,
+    lease,
     open_lease,
 )
 
@@ -285,19 +286,22 @@ def test_no_event_loop_is_imported_by_the_sync_client_or_the_package(broker: Bro
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-async def test_hello_and_the_first_request_go_out_in_one_write(tmp_path: Path) -> None:
-    """One round trip on a new connection: a fake broker sees both lines in its first read."""
-    path = str(tmp_path / "fake.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
-    first: list[bytes] = []
+class OneShotFake:
+    """A fake broker for one connection that records its first read."""
 
-    def serve() -> None:
-        conn, _ = listener.accept()
+    def __init__(self, path: str) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(1)
+        self.first: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
         with conn:
             data = conn.recv(65536)
-            first.append(data)
+            self.first.append(data)
             hello, lease = (json.loads(line) for line in data.splitlines())
             conn.sendall(json.dumps({"reply": "hello", "id": hello["id"], "version": 1,
                                      "broker": "fake", "pid": 1}).encode() + b"\n"
@@ -305,17 +309,27 @@ async def test_hello_and_the_first_request_go_out_in_one_write(tmp_path: Path) -
                                        "token": "t", "ttl": 120.0}).encode() + b"\n")
             conn.recv(65536)  # until the client hangs up
 
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    try:
-        with anyio.fail_after(10):
-            async with open_lease(1, socket=path) as held:
-                assert held.ports == (40000,)
-    finally:
-        listener.close()
-    server.join(5)
-    (data,) = first
-    assert [json.loads(line)["op"] for line in data.splitlines()] == ["hello", "lease"]
+    def first_write(self) -> list[str]:
+        self.listener.close()
+        self.thread.join(5)
+        (data,) = self.first
+        return [json.loads(line)["op"] for line in data.splitlines()]
+
+
+async def test_hello_and_the_first_request_go_out_in_one_write(tmp_path: Path) -> None:
+    """One round trip on a new connection: a fake broker sees both lines in its first read."""
+    fake = OneShotFake(str(tmp_path / "fake.sock"))
+    with anyio.fail_after(10):
+        async with open_lease(1, socket=str(tmp_path / "fake.sock")) as held:
+            assert held.ports == (40000,)
+    assert fake.first_write() == ["hello", "lease"]
+
+
+def test_the_sync_client_also_says_hello_in_its_first_write(tmp_path: Path) -> None:
+    fake = OneShotFake(str(tmp_path / "fake.sock"))
+    with lease(1, socket=str(tmp_path / "fake.sock"), timeout=10) as held:
+        assert held.ports == (40000,)
+    assert fake.first_write() == ["hello", "lease"]
 
 
 async def test_an_async_server_serves_on_the_leased_socket(
