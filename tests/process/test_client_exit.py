@@ -187,3 +187,43 @@ def test_the_detached_lease_recipe_of_the_docs_leaves_nothing_behind(
     while (left := _session_members(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert left == [], "the renew loop (or its sleep) outlived the script"
+
+
+def test_close_returns_even_if_a_frozen_thread_holds_every_lock(broker: BrokerProc) -> None:
+    """The mechanism of the hang: a daemon thread frozen at finalization while holding a lock.
+
+    Here a thread takes the connection's I/O lock and the watcher's lock and
+    never lets go; close() must still return (it gives up on the watcher's
+    bookkeeping after half a second) and end the lease.
+    """
+    import threading
+
+    from portlease.client import Connection
+    from portlease.client import sync as sync_module
+
+    conn = Connection(broker.socket)
+    held = conn.lease(1)
+    watcher = sync_module._watcher()
+    taken, release = threading.Event(), threading.Event()
+
+    def freeze() -> None:
+        with conn._io, watcher._lock:
+            taken.set()
+            release.wait(60)
+
+    frozen = threading.Thread(target=freeze, daemon=True)
+    frozen.start()
+    assert taken.wait(10)
+    try:
+        done = threading.Event()
+        closer = threading.Thread(target=lambda: (conn.close(), done.set()), daemon=True)
+        closer.start()
+        assert done.wait(10), "close() blocked on a lock held by a frozen thread"
+        assert held.released
+        deadline = time.monotonic() + 10
+        while _held_by(broker.socket, os.getpid()):
+            assert time.monotonic() < deadline, "the broker still holds the lease"
+            time.sleep(0.02)
+    finally:
+        release.set()
+        frozen.join(10)
