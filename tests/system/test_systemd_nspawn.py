@@ -244,6 +244,18 @@ def reload(c: Container) -> str:
     return cursor
 
 
+@pytest.fixture(autouse=True)
+def service_not_failed(request: pytest.FixtureRequest) -> None:
+    """Fail at once, not after every client's timeout, once the broker is down for good."""
+    if "container" not in request.fixturenames:
+        return
+    c: Container = request.getfixturevalue("container")
+    props = show(c, SERVICE, "ActiveState", "Result")
+    if props["ActiveState"] == "failed":
+        pytest.fail(f"portlease.service failed earlier (Result={props['Result']}); "
+                    "the first failing check and its journal lines say why")
+
+
 @pytest.fixture(scope="module")
 def holders(container: Container) -> dict[str, Wrapper]:
     """Two wrappers that keep their leases across the restart checks."""
