@@ -91,5 +91,8 @@ def default_state_path(socket_path: str) -> str:
     state_dir = os.environ.get("STATE_DIRECTORY")
     if state_dir:
         # systemd may pass several colon-separated directories; the first is ours.
-        return os.path.join(state_dir.split(":")[0], "state.jsonl")
+        # Under DynamicUser=yes it is a root-owned symlink into /var/lib/private/,
+        # which systemd made and others cannot change; the broker refuses to
+        # create files through a symlink, so it works in the real directory.
+        return os.path.join(os.path.realpath(state_dir.split(":")[0]), "state.jsonl")
     return socket_path + ".state"
