@@ -10,8 +10,11 @@ holds the lease: the child must neither hang nor end the parent's lease.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -78,8 +81,10 @@ TRIES = 20
 
 def _holder(broker: BrokerProc, style: str) -> tuple[subprocess.Popen[str], int]:
     code = FORK_PARENT if style == "fork" else HOLDER
+    # A session of its own, so that a hung forked child can be killed with it.
     proc = subprocess.Popen([sys.executable, "-c", code, broker.socket, style],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
     assert proc.stdout is not None
     line = proc.stdout.readline().split()
     assert line[:1] == ["ready"], line
@@ -91,12 +96,17 @@ def _restart_without_waiting(broker: BrokerProc) -> None:
     broker.start(wait=False)
 
 
+def _kill_all(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def _finish(proc: subprocess.Popen[str], what: str) -> None:
     try:
         code = proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        _kill_all(proc)
         pytest.fail(f"{what}: the process hung at exit")
     assert code == 0, f"{what}: exit status {code}"
 
@@ -133,7 +143,11 @@ def test_a_forked_child_exiting_neither_hangs_nor_ends_the_parents_lease(
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(f"{delay}\n")
         proc.stdin.flush()
-        assert proc.stdout.readline().strip() == "child-exited", f"try {i}: the child hung"
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        if not ready:
+            _kill_all(proc)
+            pytest.fail(f"try {i}: the forked child hung at exit")
+        assert proc.stdout.readline().strip() == "child-exited"
         wait_for_socket(broker.socket, proc=broker.proc)
         # The parent still holds its port: reclaimed by its own watcher, not
         # released by the child's exit.
