@@ -29,9 +29,14 @@ import traceback
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
-import anyio
-import anyio.abc
-import anyio.lowlevel
+try:
+    import anyio
+    import anyio.abc
+    import anyio.lowlevel
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "the async portlease client needs anyio: pip install 'portlease[async]'"
+    ) from exc
 
 from . import paths
 from . import protocol as p
