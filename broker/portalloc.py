@@ -26,6 +26,7 @@ bind checks alone.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -388,18 +389,22 @@ def merge(
     # Live foreign entries as one disjoint, sorted cover: each run below is cut
     # against it with a pointer that only moves forward.
     foreign = _union((b, b + e.size) for b, e in keys.items() if e.size > 0 and e.live(now))
-    runs: list[tuple[int, int, float | None]] = [(b, n, left) for b, (n, left) in ours.items()]
+    # Sorted by base (the keys are distinct, so the tuples never compare further);
+    # the claim goes after a lease at the same base, as if it came later.
+    runs: list[tuple[int, tuple[int, float | None]]] = sorted(ours.items())
     if claim is not None:
-        runs.append((claim.start, claim.count, None))
-    runs.sort(key=lambda r: (r[0], r[1]))
+        bisect.insort(runs, (claim.start, (claim.count, None)), key=lambda r: r[0])
     wanted: list[tuple[int, int, int]] = []  # (start, end, expires), ascending and disjoint
     covered = 0  # every port below this is published already or foreign
     attached = math.ceil(now + horizon)
     j = 0
-    for base, count, left in runs:
+    nforeign = len(foreign)
+    for base, (count, left) in runs:
         if count <= 0 or (left is not None and left <= 0):
             continue  # nothing to reserve, or the lease has already lapsed
-        end = min(base + count, U16_MAX)  # the crate's u16 `base + size` must not overflow
+        end = base + count
+        if end > U16_MAX:
+            end = U16_MAX  # the crate's u16 `base + size` must not overflow
         if base < 1 or base >= end:
             problems.append(f"lease {base}+{count} cannot be written in the table; skipped")
             continue
@@ -407,11 +412,11 @@ def merge(
             problems.append(f"lease {base}+{count}: ports from {U16_MAX} on are not published")
         expires = attached if left is None else math.ceil(now + min(left, horizon))
         cur = base if base > covered else covered
-        while j < len(foreign) and foreign[j][1] <= cur:
+        while j < nforeign and foreign[j][1] <= cur:
             j += 1  # ends before this run, so before every later one too
         k = j
         while cur < end:
-            if k < len(foreign) and foreign[k][0] < end:
+            if k < nforeign and foreign[k][0] < end:
                 s, e = foreign[k]
                 problems.append(
                     f"lease {base}+{count} overlaps live fedimint-portalloc entries on "
