@@ -241,3 +241,35 @@ def test_close_returns_even_if_a_frozen_thread_holds_every_lock(broker: BrokerPr
     finally:
         release.set()
         frozen.join(10)
+
+
+def test_a_forked_child_cannot_use_or_end_the_parents_connection(broker: BrokerProc) -> None:
+    from portlease.client import Connection, ConnectionLost
+
+    with Connection(broker.socket) as conn:
+        held = conn.lease(1)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                try:
+                    conn.ping()
+                    os.write(w, b"used")
+                except ConnectionLost as exc:
+                    os.write(w, str(exc).encode())
+                try:
+                    conn.release(held)
+                    os.write(w, b" released")
+                except ConnectionLost:
+                    pass
+                conn.close()  # must not end the parent's lease
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            said = f.read().decode()
+        os.waitpid(pid, 0)
+        assert "a forked child must open its own" in said and "released" not in said
+        conn.ping()  # the parent's connection is intact
+        (mine,) = _held_by(broker.socket, os.getpid())
+        assert mine["ports"] == list(held.ports) and mine["state"] == "attached"
