@@ -475,10 +475,7 @@ class _Watcher:
             except OSError:
                 return
             self._by_fd[fd] = (weakref.ref(conn), sock)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="portlease-reclaim",
-                                                daemon=True)
-                self._thread.start()
+            self._start_locked()
 
     def forget(self, sock: _socket.socket) -> None:
         """Stop watching ``sock`` (before it is closed: its fd number may be reused)."""
@@ -497,10 +494,7 @@ class _Watcher:
     def schedule(self, conn: Connection, at: float) -> None:
         with self._lock:
             self._due[conn] = at
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="portlease-reclaim",
-                                                daemon=True)
-                self._thread.start()
+            self._start_locked()
         with contextlib.suppress(OSError):
             os.eventfd_write(self._wake, 1)
 
@@ -516,6 +510,13 @@ class _Watcher:
                         self._ep.unregister(fd)
         finally:
             self._lock.release()
+
+    def _start_locked(self) -> None:
+        # Once per process (per forked child): never joined, it dies with the process.
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="portlease-reclaim",
+                                            daemon=True)
+            self._thread.start()
 
     def _acquire(self) -> bool:
         # Bounded: at interpreter exit a frozen daemon thread may hold the lock
