@@ -10,6 +10,7 @@ when nothing answers on it, and the directory is checked (see
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -81,7 +82,8 @@ def bind_unix_socket(path: str, mode: int, group: str | None) -> Listening:
     try:
         lock_fd = open_file(path + ".lock", os.O_RDWR | os.O_CREAT)
     except OSError as exc:
-        raise StartupError(f"cannot create {path}.lock: {exc.strerror}") from None
+        why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+        raise StartupError(f"cannot create {path}.lock: {why}") from None
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

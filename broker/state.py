@@ -138,7 +138,8 @@ class Journal:
         try:
             self._lock_fd = open_file(self.path + ".lock", os.O_RDWR | os.O_CREAT)
         except OSError as exc:
-            raise StartupError(f"cannot open state {self.path}: {exc.strerror}") from None
+            why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            raise StartupError(f"cannot open state lock {self.path}.lock: {why}") from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -152,7 +153,8 @@ class Journal:
         try:
             self._fd = open_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         except OSError as exc:
-            raise StartupError(f"cannot open state {self.path}: {exc.strerror}") from None
+            why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            raise StartupError(f"cannot open state {self.path}: {why}") from None
         self._records_written = len(loaded.records) + loaded.bad_lines
         return loaded
 
@@ -163,7 +165,8 @@ class Journal:
         except FileNotFoundError:
             return Loaded([], 0, set())
         except OSError as exc:
-            raise StartupError(f"cannot read state {self.path}: {exc.strerror}") from None
+            why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            raise StartupError(f"cannot read state {self.path}: {why}") from None
         live: dict[str, _Grant] = {}
         bad = 0
         for line in data.split(b"\n"):
