@@ -2,12 +2,14 @@
 """portlease against Google's portserver and the I/O floors of this machine, in one run.
 
     python bench/run.py --quick     # every section, few samples (CI: checks only that it runs)
-    python bench/run.py --full      # the figures for docs/performance.md (about 5-10 minutes)
+    python bench/run.py --full      # the published figures (about 2 minutes here)
 
 Writes ``bench/results/<mode>.md`` (the tables and targets), ``<mode>.json``
 (every figure, the machine, the calibration) and ``<mode>.png`` (the chart;
-needs matplotlib), and prints the tables. Nothing here asserts on a number:
-targets are reported as met or missed.
+needs matplotlib), and prints the tables; ``--full`` also puts the tables into
+docs/performance.md between its result markers. Nothing here asserts on a
+number: targets are reported as met or missed. ``--quick`` exits 1 only when
+a section failed to run.
 
 Why interleaved rounds: this VM's speed drifts by up to 2x within a minute.
 Every figure that enters a ratio is taken in short rounds that alternate the
@@ -931,8 +933,9 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="few samples, under a minute (CI)")
     group.add_argument("--full", action="store_true", help="the published figures (the default)")
-    parser.add_argument("--docs", action="store_true",
-                        help="also replace the results section of docs/performance.md")
+    parser.add_argument("--no-docs", action="store_true",
+                        help="with --full: leave docs/performance.md alone (by default its "
+                        "results section is replaced when writing to bench/results)")
     parser.add_argument("--out", type=Path, default=HERE / "results",
                         help="output directory (default bench/results)")
     parser.add_argument("--only", action="append", default=[],
@@ -964,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{mode.name}.json").write_text(
         json.dumps({"mode": mode.name, "skipped": r.skipped, **r.data}, indent=1) + "\n")
     png = chart(r, args.out / f"{mode.name}.png")
-    if args.docs:
+    if mode.name == "full" and not args.no_docs and args.out.resolve() == (HERE / "results"):
         update_docs(md)
     print(md)
     log(f"done in {r.data['seconds']} s; wrote {args.out}/{mode.name}.md/.json"
