@@ -459,6 +459,10 @@ def hostile_neighbour(args: argparse.Namespace, short: Path, figures: dict[str, 
         "broker_rss_idle_mib": rss_idle / 1024, "broker_rss_peak_mib": peak[0] / 1024,
         "broker_vmhwm_mib": status.get("VmHWM", 0) / 1024, "broker_alive": alive,
         "targets": {"honest_p99_ms": 50, "rss_mib": 256},
+        "commit": subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+                                 capture_output=True, text=True).stdout.strip(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "seconds": args.hostile_seconds, "load_average": os.getloadavg(),
     }
     figures["hostile"] = row
     ok_p99 = loaded["all"].get("p99_ms", float("inf")) <= 50
