@@ -362,16 +362,6 @@ class LineFramer:
         self._scanned = 0
 
 
-def take_line(buf: bytearray) -> bytes | None:
-    """Transitional: the old clients' framer, until they use :class:`LineFramer`."""
-    nl = buf.find(b"\n")
-    if nl < 0:
-        return None
-    line = bytes(buf[:nl])
-    del buf[: nl + 1]
-    return line
-
-
 def to_builtins(message: Any) -> Any:
     """Plain dicts/lists for printing (``--json`` output)."""
     return msgspec.to_builtins(message)

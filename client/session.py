@@ -30,11 +30,6 @@ from .grant import Lease, LostCallback, report_lost
 
 T = TypeVar("T")
 
-MAX_REPLY_LINE = 16 * 1024 * 1024
-"""Longest reply line read. Far above what a broker sends (a full ``status``
-page is well under 1 MiB), and only there so that a peer that never sends a
-newline cannot make a client buffer without end."""
-
 RECONNECT_FIRST_DELAY = 0.02
 """First pause before retrying a broker that went away."""
 RECONNECT_MAX_DELAY = 0.1
@@ -145,7 +140,7 @@ class Session:
         self._pending: dict[p.RequestId, Call[Any]] = {}
         self._handshake: _Handshake | None = None
         self._hello_due = False
-        self._framer = p.LineFramer(MAX_REPLY_LINE)
+        self._framer = p.LineFramer(p.MAX_REPLY_LINE)
         self._undos: list[Call[Any]] = []
         self.leases: dict[str, Lease] = {}
         """Leases bound to the connection, by token: what a reconnect reclaims."""

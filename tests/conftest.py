@@ -11,6 +11,10 @@ from brokerproc import BrokerProc
 # The client must never start a background broker during this project's tests
 # unless a test asks for it explicitly.
 os.environ.setdefault("PORTLEASE_AUTOSTART", "0")
+# Nor may a system deployment on the host running the tests (/run/portlease,
+# /etc/portlease/config.toml) switch every client to the system socket.
+os.environ.setdefault("PORTLEASE_SYSTEM_DIR", "/nonexistent/portlease-test-system")
+os.environ.setdefault("PORTLEASE_SYSTEM_CONFIG", "/nonexistent/portlease-test-system.toml")
 
 _next_range = [0]
 
