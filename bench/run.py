@@ -364,6 +364,17 @@ class RawBroker:
         self.open.sendall(PING)
         read_line(self.open)
 
+    def lease(self) -> bytes:
+        """``lease`` count 1 on the open connection; returns its token (for :meth:`release`)."""
+        self.open.sendall(b'{"op":"lease","id":3,"count":1}\n')
+        line = read_line(self.open)
+        token: str = json.loads(line)["token"]
+        return token.encode()
+
+    def release(self, token: bytes) -> None:
+        self.open.sendall(b'{"op":"release","id":4,"token":"%s"}\n' % token)
+        read_line(self.open)
+
     def stop(self) -> None:
         self.open.close()
 
@@ -434,6 +445,8 @@ H2H_ROWS: list[tuple[str, str, str]] = [
     ("ps", "portpicker portserver", "one request (connect, pid line, port, close)"),
     ("pl_raw_cc", "portlease broker, raw client", "connect, hello + `ping` in one write, close"),
     ("pl_raw_rtt", "portlease broker, raw client", "`ping` round trip on an open connection"),
+    ("pl_raw_lease", "portlease broker, raw client", "`lease` count 1 on an open connection "
+     "(release untimed)"),
     ("epoll_cc", "floor: raw `select.epoll` loop", "connect + one line + close"),
     ("epoll_rtt", "floor: raw `select.epoll` loop", "round trip on an open connection"),
     ("asyncio_cc", "floor: asyncio streams", "connect + one line + close"),
@@ -465,6 +478,7 @@ def head_to_head(r: Results, mode: Mode, wd: Path) -> None:
             "pl_cycle": Op(lambda: conn.release(conn.lease(1))),
             "pl_raw_cc": Op(raw.connect_request_close),
             "pl_raw_rtt": Op(raw.round_trip),
+            "pl_raw_lease": Op(raw.lease, after=raw.release),
         }
         if os.path.exists(PORTSERVER):
             low, high = mode.ps_pool
