@@ -165,6 +165,25 @@ def test_listen_host_must_be_an_address(broker: BrokerProc) -> None:
     assert out.returncode == 2 and "--listen-host 'localhost': not an IPv4 or IPv6 address" in out.stderr
 
 
+def test_a_taken_port_is_a_clear_bind_error() -> None:
+    from portlease.broker.listeners import BindError, bind_listener, bind_placeholder
+
+    squat = socket.socket()
+    squat.bind(("127.0.0.1", 0))
+    squat.listen()
+    port = squat.getsockname()[1]
+    try:
+        for bind in (lambda: bind_listener(port, udp=False, host=None), lambda: bind_placeholder(port)):
+            with pytest.raises(BindError) as info:
+                bind()
+            assert info.value.errno == errno.EADDRINUSE
+            assert info.value.strerror == (
+                f"cannot bind leased port {port}/tcp: Address already in use; a process outside "
+                "portlease holds it (see `portlease status --squatters`)")
+    finally:
+        squat.close()
+
+
 def test_listen_works_with_uvicorn_fd(broker: BrokerProc, tmp_path: Path) -> None:
     pytest.importorskip("uvicorn")
     (tmp_path / "app.py").write_text(
