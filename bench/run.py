@@ -862,7 +862,9 @@ def chart(r: Results, path: Path) -> bool:
         if not s:
             continue
         group = "portserver" if key == "ps" else "floor" if who.startswith("floor") else "portlease"
-        labels.append(f"{who.replace('floor: ', '')}: {what}"[:70].replace("`", ""))
+        short_who = (who.replace("floor: ", "").replace("portlease, ", "")
+                     .replace("portlease broker, ", "broker, "))
+        labels.append(f"{short_who}: {what.split(' (')[0]}".replace("`", ""))
         vals.append(s["p50_us"])
         colors.append(groups[group])
     ypos = list(range(len(vals)))[::-1]
