@@ -17,8 +17,8 @@ treats that table as a second source of truth:
   hands out a port a portlease client holds but has not bound yet.
 
 The module has a pure part (parse, classify, merge, render: no clock, no files) and a
-small I/O part: :class:`PortallocTable` (blocking, for a worker thread) and
-:class:`AsyncPortallocTable` (the trio wrapper the server uses). Nothing in here
+small blocking I/O part, :class:`PortallocTable`, for a worker thread; the broker
+drives it through :class:`portlease.broker.share.PortallocShare`. Nothing in here
 raises on a bad table or a stuck lock holder: problems come back in
 :class:`SyncResult` for the caller to log, and the broker keeps serving on its
 bind checks alone.
@@ -39,8 +39,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Literal, Protocol, TypeVar
-
-import trio
 
 LOW: Final = 10000
 """Where the crate starts when ``next`` is absent, and where it wraps to."""
@@ -800,35 +798,3 @@ class PortallocTable:
             self._seen = (fid, merged.table)
         self._published = merged.published
         return SyncResult("ok", foreign, chosen, True, wrote, held.waited, tuple(problems))
-
-
-class AsyncPortallocTable:
-    """The trio face of :class:`PortallocTable`, for the broker's event loop.
-
-    One sync at a time: the snapshot of our leases is taken inside a trio lock,
-    so a sync can never remove an entry that a later grant published. The file
-    work runs in a worker thread; ``choose`` runs back on the trio thread (via
-    ``trio.from_thread.run_sync``) while the worker holds the crate's lock, so it
-    may use the allocator and lease table freely. The event loop is never blocked:
-    at worst a grant waits ``lock_timeout`` and proceeds on bind checks alone.
-    """
-
-    def __init__(self, table: PortallocTable) -> None:
-        self.table = table
-        self._lock = trio.Lock()
-
-    async def sync(
-        self,
-        snapshot: Callable[[], Mapping[int, tuple[int, float | None]]],
-        choose: Callable[[list[Span]], C | None] | None = None,
-    ) -> SyncResult[C]:
-        async with self._lock:
-            ours = dict(snapshot())
-            if choose is None:
-                return await trio.to_thread.run_sync(self.table.sync, ours)
-            pick = choose
-
-            def choose_on_loop(foreign: list[Span]) -> C | None:
-                return trio.from_thread.run_sync(pick, foreign)
-
-            return await trio.to_thread.run_sync(self.table.sync, ours, choose_on_loop)

@@ -64,15 +64,6 @@ Snapshot = Callable[[], dict[int, tuple[int, float | None]]]
 """``{start: (count, seconds left, or None while attached)}`` for every live lease."""
 
 
-def seconds_left(expires: float | None, now: float) -> float | None:
-    """One value of a :data:`Snapshot` from a lease's end on the broker's own clock.
-
-    The broker's clock is monotonic and the crate's table is in Unix seconds, so
-    only a duration crosses over: the share adds it to ``time.time()``.
-    """
-    return None if expires is None else expires - now
-
-
 class PortallocShare:
     """The crate's table as a second source of truth around the broker's grant.
 

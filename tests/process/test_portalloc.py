@@ -440,31 +440,6 @@ def test_files_created_are_shared_like_the_directory(tmp_path: Path) -> None:
     assert stat.S_IMODE((d / "fm-portalloc.json").stat().st_mode) == 0o664
 
 
-def test_async_wrapper_runs_choose_on_the_trio_thread(tmp_path: Path) -> None:
-    import trio
-
-    d = tmp_path / "pa"
-    table = pa.AsyncPortallocTable(pa.PortallocTable(str(d)))
-    leases: dict[int, tuple[int, float | None]] = {}
-    threads: list[int] = []
-
-    def choose(foreign: list[tuple[int, int]]) -> pa.Run:
-        threads.append(threading.get_ident())
-        leases[10000] = (3, None)  # safe: we are on the trio thread
-        return pa.Run(10000, 3)
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            for _ in range(5):
-                nursery.start_soon(table.sync, lambda: leases)
-            r = await table.sync(lambda: leases, choose)
-            assert r.locked and r.chosen == pa.Run(10000, 3)
-
-    trio.run(main)
-    assert threads == [threading.get_ident()]
-    assert table_of(d)["keys"]["10000"]["size"] == 3
-
-
 def test_table_replaced_or_edited_in_place_is_read_again(tmp_path: Path) -> None:
     d = tmp_path / "pa"
     t = pa.PortallocTable(str(d))
