@@ -364,6 +364,23 @@ class RawBroker:
         self.open.sendall(PING)
         read_line(self.open)
 
+    def lease_on_new_connection(self) -> None:
+        """What ``with lease(1)`` does on the wire: hello + lease in one write, close."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(self.path)
+            s.sendall(HELLO + b'{"op":"lease","id":2,"count":1}\n')
+            buf = read_line(s)
+            while buf.count(b"\n") < 2:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed")
+                buf += chunk
+            if b'"granted"' not in buf:
+                raise RuntimeError(f"lease refused: {buf[:200]!r}")
+        finally:
+            s.close()  # the broker releases the lease with the connection
+
     def lease(self) -> bytes:
         """``lease`` count 1 on the open connection; returns its token (for :meth:`release`)."""
         self.open.sendall(b'{"op":"lease","id":3,"count":1}\n')
@@ -439,11 +456,13 @@ class Results:
 H2H_ROWS: list[tuple[str, str, str]] = [
     # (key, who, what)
     ("pl_fresh", "portlease, sync client", "`with lease(1)` on a new connection "
-     "(connect, hello + lease, release, close)"),
+     "(connect, hello + lease, close)"),
     ("pl_lease", "portlease, sync client", "`lease(1)` on an open connection"),
     ("pl_cycle", "portlease, sync client", "`lease(1)` + `release` on an open connection"),
     ("ps", "portpicker portserver", "one request (connect, pid line, port, close)"),
     ("pl_raw_cc", "portlease broker, raw client", "connect, hello + `ping` in one write, close"),
+    ("pl_raw_lease_cc", "portlease broker, raw client", "connect, hello + `lease` in one write, "
+     "close (what `with lease(1)` sends)"),
     ("pl_raw_rtt", "portlease broker, raw client", "`ping` round trip on an open connection"),
     ("pl_raw_lease", "portlease broker, raw client", "`lease` count 1 on an open connection "
      "(release untimed)"),
@@ -477,6 +496,7 @@ def head_to_head(r: Results, mode: Mode, wd: Path) -> None:
             "pl_lease": Op(lambda: conn.lease(1), after=conn.release),
             "pl_cycle": Op(lambda: conn.release(conn.lease(1))),
             "pl_raw_cc": Op(raw.connect_request_close),
+            "pl_raw_lease_cc": Op(raw.lease_on_new_connection),
             "pl_raw_rtt": Op(raw.round_trip),
             "pl_raw_lease": Op(raw.lease, after=raw.release),
         }
