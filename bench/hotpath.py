@@ -207,8 +207,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("-n", type=int, default=20000, help="operations per row (over 5 rounds)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--cpu", type=int, default=0, help="pin to this CPU, as bench/run.py does "
+                    "(-1: no pinning)")
     args = ap.parse_args()
-    data: dict[str, Any] = {"machine": run.machine()}
+    if args.cpu >= 0:
+        os.sched_setaffinity(0, {args.cpu})  # see bench/run.py: same-CPU wake-ups for every row
+    data: dict[str, Any] = {"machine": run.machine(), "cpu_pinned": args.cpu}
     with tempfile.TemporaryDirectory(prefix="plprof-") as wd:
         data["cpu_mix"] = cpu_mix(Path(wd), args.n)
         data["cprofile"] = cprofile_fresh(Path(wd), 5000)

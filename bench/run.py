@@ -414,10 +414,12 @@ def _forked(body: Callable[[], None]) -> int:
 class SocketPair:
     """A line's round trip to an echoing child process over a socket pair: the IPC floor."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpu: int | None = None) -> None:
         self.a, b = socket.socketpair()
 
         def echo() -> None:
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
             self.a.close()
             while True:
                 data = b.recv(4096)
@@ -708,8 +710,19 @@ def calibrate() -> dict[str, Any]:
         rtt = timed(pair.round_trip, 3000)
     finally:
         pair.stop()
-    return {"python_loop_ms": round(loop_ms, 1), "socketpair_p50_us": round(pct(rtt, 50) * 1e6, 1),
-            "busy_cores": round(busy_cores(), 2), "load": loadavg()}
+    out: dict[str, Any] = {"python_loop_ms": round(loop_ms, 1),
+                           "socketpair_p50_us": round(pct(rtt, 50) * 1e6, 1)}
+    mine = os.sched_getaffinity(0)
+    other = sorted(set(range(os.cpu_count() or 1)) - mine)
+    if len(mine) == 1 and other:
+        # What an unpinned run risks per round trip: the peer on another CPU.
+        pair = SocketPair(cpu=other[0])
+        try:
+            out["socketpair_cross_cpu_p50_us"] = round(pct(timed(pair.round_trip, 3000), 50) * 1e6, 1)
+        finally:
+            pair.stop()
+    out.update(busy_cores=round(busy_cores(), 2), load=loadavg())
+    return out
 
 
 # ---------------------------------------------------------------- report
@@ -783,14 +796,20 @@ def render(r: Results, cmdline: str) -> str:
     lines = [f"# portlease benchmark ({r.mode})", ""]
     lines.append(f"`{cmdline}` at commit `{m['commit']}`, {m['date']}, {d.get('seconds', '?')} s; "
                  f"{m['cores']} {X} {m['cpu']}, {m['memory']}, Linux {m['kernel']}, "
-                 f"Python {m['python']}; temp dir on {m['filesystem of the temp dir']}.")
+                 f"Python {m['python']}; temp dir on {m['filesystem of the temp dir']}; "
+                 + (f"client and every server pinned to CPU {d['cpu_pinned']}."
+                    if d.get("cpu_pinned") is not None else "no CPU pinning."))
     lines.append("")
     lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".")
     lines.append("")
     c0, c1 = d["calibration_start"], d.get("calibration_end", d["calibration_start"])
     lines.append(f"Calibration (before → after): 10⁶-step Python loop {c0['python_loop_ms']} → "
                  f"{c1['python_loop_ms']} ms; socket pair round trip p50 {c0['socketpair_p50_us']} → "
-                 f"{c1['socketpair_p50_us']} µs; other load {c0['busy_cores']} → "
+                 f"{c1['socketpair_p50_us']} µs"
+                 + (f" (with the peer on another CPU: {c0['socketpair_cross_cpu_p50_us']} → "
+                    f"{c1.get('socketpair_cross_cpu_p50_us', '-')} µs)"
+                    if "socketpair_cross_cpu_p50_us" in c0 else "")
+                 + f"; other load {c0['busy_cores']} → "
                  f"{c1['busy_cores']} cores busy, load average {c0['load']} → {c1['load']}.")
     lines.append("")
 
@@ -974,12 +993,24 @@ def main(argv: list[str] | None = None) -> int:
                         "results section is replaced when writing to bench/results)")
     parser.add_argument("--out", type=Path, default=HERE / "results",
                         help="output directory (default bench/results)")
+    parser.add_argument("--cpu", type=int, default=0,
+                        help="pin this process and every server it starts to this CPU "
+                        "(default 0; -1: no pinning)")
     parser.add_argument("--only", action="append", default=[],
                         help="run only this section (repeatable): " + ", ".join(SECTIONS))
     args = parser.parse_args(argv)
     mode = MODES["quick" if args.quick else "full"]
     cmdline = "python bench/run.py --" + mode.name
     r = Results(mode.name)
+    if args.cpu >= 0:
+        # One CPU for the client and every server (children inherit the mask).
+        # Unpinned, each process lands on a CPU of the scheduler's choosing and
+        # tends to stay there: a server that sits on the other CPU pays a
+        # cross-CPU wake-up per request (about 50 µs on this VM when that CPU is
+        # idle, against 5 µs on the same CPU), which favours whichever contender
+        # happened to land next to the client. Pinned, all pay the same switch.
+        os.sched_setaffinity(0, {args.cpu})
+    r.put("cpu_pinned", args.cpu if args.cpu >= 0 else None)
     started = time.monotonic()
     r.put("machine", machine())
     r.put("calibration_start", calibrate())
