@@ -2,7 +2,7 @@
 """portlease against Google's portserver and the I/O floors of this machine, in one run.
 
     python bench/run.py --quick     # every section, few samples (CI: checks only that it runs)
-    python bench/run.py --full      # the published figures (about 2 minutes here)
+    python bench/run.py --full      # the published figures (about a minute here)
 
 Writes ``bench/results/<mode>.md`` (the tables and targets), ``<mode>.json``
 (every figure, the machine, the calibration) and ``<mode>.png`` (the chart;
@@ -88,8 +88,8 @@ class Mode:
 MODES = {
     "quick": Mode("quick", rounds=3, h2h_n=300, ps_pool=(10000, 11999), held=10000, scale_n=300,
                   release_n=20, pa_levels=(0, 2000), pa_n=30, crate_n=15),
-    "full": Mode("full", rounds=10, h2h_n=5000, ps_pool=RANGE, held=10000, scale_n=5000,
-                 release_n=300, pa_levels=(0, 500, 2000), pa_n=400, crate_n=200),
+    "full": Mode("full", rounds=10, h2h_n=10000, ps_pool=RANGE, held=10000, scale_n=10000,
+                 release_n=500, pa_levels=(0, 500, 2000), pa_n=600, crate_n=300),
 }
 
 
