@@ -25,6 +25,7 @@ import contextlib
 import functools
 import socket as _socket
 import sys
+import time
 import traceback
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -166,6 +167,7 @@ class AsyncConnection:
 
     async def _call(self, call: Call[T]) -> T:
         retried = False
+        backoff: Backoff | None = None
         while True:
             stream = await self._connected(retried)
             fresh = self._s.hello_due
@@ -175,8 +177,19 @@ class AsyncConnection:
             except Dropped:
                 # Once: the reader is reconnecting (and reclaiming), or an
                 # autostarted broker at its idle exit closed just as we came.
-                if retried or self._closed or not (self._reclaim or fresh):
+                # A new stream that drops before its hello is answered met a
+                # broker on its way down: with reclaim on, such tries go on, on
+                # the reconnect schedule (as in the sync client).
+                if self._closed or not (self._reclaim or fresh):
                     raise ConnectionLost(self._down) from None
+                if retried:
+                    if not (fresh and self._reclaim):
+                        raise ConnectionLost(self._down) from None
+                    backoff = backoff or self._s.reconnect_backoff(time.monotonic())
+                    delay = backoff.next_delay(time.monotonic())
+                    if delay is None:
+                        raise ConnectionLost(self._down) from None
+                    await anyio.sleep(delay)
                 retried = True
                 call.error = None
 

@@ -203,6 +203,7 @@ class Connection:
 
     def _run(self, call: Call[T]) -> T:
         retried = False
+        backoff: Backoff | None = None
         while True:
             self._usable()
             sock = self._sock
@@ -215,10 +216,22 @@ class Connection:
             try:
                 return self._exchange(sock, call)
             except Dropped as exc:
-                # Once: an autostarted broker at its idle exit may close just as
-                # we arrive, and a restarting broker drops what was in flight.
-                if retried or self._closed or not (self._reclaim or fresh):
+                # An autostarted broker at its idle exit may close just as we
+                # arrive, and a restarting broker drops what was in flight: worth
+                # one more try. A new socket that drops before its hello is
+                # answered reached a broker on its way down (socket activation
+                # queues connections for one that is being replaced): with
+                # reclaim on, such tries go on, on the reconnect schedule.
+                if self._closed or not (self._reclaim or fresh):
                     raise ConnectionLost(str(exc)) from None
+                if retried:
+                    if not (fresh and self._reclaim):
+                        raise ConnectionLost(str(exc)) from None
+                    backoff = backoff or self._s.reconnect_backoff(time.monotonic())
+                    delay = backoff.next_delay(time.monotonic())
+                    if delay is None:
+                        raise ConnectionLost(str(exc)) from None
+                    time.sleep(delay)
                 retried = True
                 call.error = None
 

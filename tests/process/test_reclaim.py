@@ -298,3 +298,59 @@ def test_many_connections_in_one_process_are_all_reclaimed_by_the_one_watcher(
         for c in conns:
             c.close()
     wait_for(lambda: status(broker.socket) == [], "closing released everything")
+
+
+def test_a_call_survives_a_broker_that_goes_down_twice_under_it(tmp_path: Path) -> None:
+    """A renew in flight when the broker dies, whose retry then lands in the queue of a
+    listener that is going away too (socket activation replacing the broker): the
+    call waits for the next broker instead of failing."""
+    import socket as _socket
+    import struct
+    import threading
+
+    path = str(tmp_path / "broker.sock")
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+    state = str(tmp_path / "state.jsonl")
+    cmd = [PYTHON, "-m", "portlease.broker", "serve", "--state", state, "--range", "31810-31819"]
+    fd = listener.fileno()
+    first = subprocess.Popen(  # socket activation by hand: the listener as fd 3
+        ["bash", "-c", f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "bash", *cmd],
+        pass_fds=[fd], stdin=subprocess.DEVNULL,
+    )
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        conn = Connection(path, timeout=20)
+        held = conn.lease(2, detach=True, ttl=30)
+        first.kill()
+        first.wait()
+        result: dict[str, object] = {}
+
+        def renew() -> None:
+            try:
+                result["expires"] = conn.renew(held)
+            except Exception as exc:
+                result["error"] = exc
+
+        caller = threading.Thread(target=renew)
+        caller.start()
+        # The retry reaches the old listener's queue; the "broker" that takes it dies at once.
+        listener.settimeout(10)  # the broker left the shared file description non-blocking
+        queued, _ = listener.accept()
+        queued.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, struct.pack("ii", 1, 0))
+        queued.recv(65536)
+        queued.close()  # a reset, as from a broker killed with requests queued
+        listener.close()
+        os.unlink(path)
+        second = subprocess.Popen([*cmd, "--socket", path], stdin=subprocess.DEVNULL)
+        caller.join(30)
+        assert not caller.is_alive()
+        assert "error" not in result, result
+        assert isinstance(result["expires"], float)
+        conn.close()
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
