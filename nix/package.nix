@@ -50,6 +50,7 @@ python3Packages.buildPythonApplication {
     python3Packages.build
     python3Packages.setuptools
     python3Packages.prometheus-client
+    python3Packages.uvicorn
   ];
 
   # The build sandbox has loopback networking, so the unit, in-process and

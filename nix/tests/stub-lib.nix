@@ -225,6 +225,7 @@ let
     "anyio"
     "build"
     "prometheus-client"
+    "uvicorn"
   ] (name: drv "python3-${name}");
 
   pkgs = {
