@@ -635,12 +635,49 @@ def portalloc_share(r: Results, mode: Mode, wd: Path) -> None:
                                        after=lambda base, d=d: filelock_alloc.release(d, base),
                                        n=mode.crate_n)
         samples = interleaved(ops, mode.pa_n, mode.rounds)
+        beside = crate_beside_broker(mode, b, str(shared))
     out: dict[str, Any] = {k: summary(v) for k, v in samples.items()}
     out["levels"] = list(mode.pa_levels)
+    out["crate_beside"] = beside
     r.put("portalloc", out)
     log("portalloc grant p50: " + ", ".join(
         f"{lv} held {out[f'grant_{lv}']['p50_us'] / 1000:.2f} ms "
         f"(crate {out[f'crate_{lv}']['p50_us'] / 1000:.2f} ms)" for lv in mode.pa_levels))
+
+
+def crate_beside_broker(mode: Mode, b: Broker, shared: str) -> dict[str, Any]:
+    """The crate's own call in the broker's table, with the broker idle and while another
+    process leases and releases on it in a loop: what a crate caller pays for the share.
+
+    Alternating phases in rounds; the grants come from a forked process so that
+    they do not share this process's GIL with the timed crate calls.
+    """
+    idle: list[float] = []
+    busy: list[float] = []
+    per = max(1, mode.crate_n // mode.rounds)
+
+    def crate_call() -> int:
+        return filelock_alloc.allocate(shared, 1)
+
+    def forget(base: int) -> None:
+        filelock_alloc.release(shared, base)
+
+    def hammer() -> None:
+        c = Connection(b.socket, autostart=False)
+        while True:
+            c.release(c.lease(1))
+
+    for _ in range(mode.rounds):
+        idle += timed(crate_call, per, after=forget, warmup=2)
+        pid = _forked(hammer)
+        try:
+            time.sleep(0.05)
+            busy += timed(crate_call, per, after=forget, warmup=2)
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    return {"held": int(Path(shared).name.rsplit("-", 1)[1]), "idle": summary(idle),
+            "while_granting": summary(busy)}
 
 
 # ---------------------------------------------------------------- machine
@@ -869,6 +906,14 @@ def render(r: Results, cmdline: str) -> str:
             lines.append(f"| {level:,} | {_us(g['p50_us'])} / {_us(g['p99_us'])} | "
                          f"{_us(c['p50_us'])} / {_us(c['p99_us'])} |")
         lines.append("")
+        cb = pa.get("crate_beside")
+        if cb:
+            i, w = cb["idle"], cb["while_granting"]
+            lines.append(f"A crate caller in the broker's own table ({cb['held']:,} leases held): "
+                         f"p50 / p99 {_us(i['p50_us'])} / {_us(i['p99_us'])} with the broker idle, "
+                         f"{_us(w['p50_us'])} / {_us(w['p99_us'])} while another process leases "
+                         "and releases on the broker in a loop.")
+            lines.append("")
 
     lines += ["## Targets (issue 13)", "", "| target | measured | ratio / note | met |",
               "|---|---|---|---|"]
