@@ -1,6 +1,7 @@
 """Short versions of the chaos and load runs, and regressions for what they found.
 
-``bench/chaos.py --short`` and ``bench/load.py --short`` run as subprocesses
+``bench/chaos.py --short``, ``bench/load.py --short`` and ``bench/load.py --hostile
+--short`` (root only) run as subprocesses
 and must exit 0 (their own safety checks passed); their reports are printed
 (``pytest -s`` shows them). Timings are reported there, never asserted here.
 The long runs are documented in docs/reliability.md.
@@ -47,6 +48,25 @@ def test_chaos_short(tmp_path: Path) -> None:
 def test_load_short(tmp_path: Path) -> None:
     proc = run_bench("load.py", "--short", "--out", str(tmp_path / "load"), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creates two users and runs clients as them")
+def test_hostile_neighbour_short(tmp_path: Path) -> None:
+    """One uid at its caps (connections, long-note leases, pipelined status, slow-loris)
+    while another uid leases: the cap holds, the honest client is always served, the
+    broker survives. Its latencies and RSS are the bench's to report, not asserted."""
+    import json
+
+    proc = run_bench("load.py", "--hostile", "--short", "--results", str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads((tmp_path / "hostile-short.json").read_text())["hostile"]
+    assert figures["broker_alive"]
+    flooder = figures["flooder"]
+    assert flooder["connections"] == 1024  # max_connections_per_uid's default, no more
+    assert flooder["refused"].get("quota", 0) > 0
+    assert flooder["leases"] == figures["leases_asked"] and not flooder["lease_errors"]
+    honest = figures["during_flood"]
+    assert honest["errors"] == {} and honest["open"]["n"] > 0 and honest["fresh"]["n"] > 0
 
 
 # ---------------------------------------------------------------- regressions
