@@ -376,12 +376,20 @@ def ensure_user(name: str) -> tuple[int, int]:
     """A real second (and third) uid for the hostile-neighbour run: ``useradd`` if missing."""
     import pwd
 
-    try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        name], check=True)
-        pw = pwd.getpwnam(name)
+    for attempt in range(10):
+        try:
+            pw = pwd.getpwnam(name)
+            return pw.pw_uid, pw.pw_gid
+        except KeyError:
+            pass
+        # useradd fails while another one (a concurrent test's) holds /etc/passwd's lock.
+        done = subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                               "/usr/sbin/nologin", name], capture_output=True, text=True)
+        if done.returncode not in (0, 9):  # 9: created meanwhile by someone else
+            if attempt == 9:
+                raise RuntimeError(f"useradd {name}: {done.stderr.strip()}")
+            time.sleep(0.3)
+    pw = pwd.getpwnam(name)
     return pw.pw_uid, pw.pw_gid
 
 
