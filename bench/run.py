@@ -621,9 +621,7 @@ def portalloc_share(r: Results, mode: Mode, wd: Path) -> None:
             stack.callback(b.stop)
             if level:
                 t0 = time.perf_counter()
-                # One at a time: pipelined leases behind a shared grant stall in the
-                # broker at the time of writing (reported to the lead).
-                stack.callback(b.hold(level, batch=1).close)
+                stack.callback(b.hold(level).close)
                 log(f"portalloc: {level} leases held (and published) in "
                     f"{time.perf_counter() - t0:.1f} s")
             conn = b.connect()

@@ -29,6 +29,7 @@ import collections
 import contextlib
 import errno
 import logging
+import os
 import select
 import socket
 from collections.abc import Awaitable, Callable
@@ -115,6 +116,9 @@ class Driver:
         self._ready: collections.deque[Conn] = collections.deque()
         """Connections with complete lines still buffered (their turn ended early)."""
         self._ep = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        """Written when a task outside the loop queues work (a reply the share produced),
+        so that a loop parked on the epoll fd serves it."""
         self._next_id = 0
         self._accepting = True
         self._accept_resume = 0.0
@@ -128,6 +132,7 @@ class Driver:
         self.listener.setblocking(False)
         lfd = self.listener.fileno()
         self._ep.register(lfd, select.EPOLLIN)
+        self._ep.register(self._wake, select.EPOLLIN)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -136,6 +141,7 @@ class Driver:
             for conn in list(self.conns.values()):
                 self._drop(conn, notify=False)
             self._ep.close()
+            os.close(self._wake)
 
     async def _loop(self, lfd: int) -> None:
         ep = self._ep
@@ -156,6 +162,10 @@ class Driver:
             for fd, ev in events:
                 if fd == lfd:
                     self._accept(lfd)
+                    continue
+                if fd == self._wake:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(self._wake)
                     continue
                 conn = self.conns.get(fd)
                 if conn is None:
@@ -277,6 +287,8 @@ class Driver:
                 return
             conn.out += reply
             self._flush(conn)
+            if conn.queued:
+                os.eventfd_write(self._wake, 1)  # the loop may be parked on the epoll fd
 
         self._nursery.start_soon(answer)
 

@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from brokerproc import BrokerProc
 from portlease.client import Connection
 
@@ -109,12 +107,6 @@ def test_stuck_lock_holder_does_not_stall_the_broker(tmp_path: Path) -> None:
         b.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker/connections.py: lines pipelined behind a shared grant wait for new input "
-    "(the answer task queues the connection while the driver sleeps on epoll); drop this mark "
-    "with the fix",
-)
 def test_pipelined_leases_behind_a_shared_grant_are_all_answered(tmp_path: Path) -> None:
     shared = tmp_path / "fm"
     b = BrokerProc(tmp_path, ["--portalloc-dir", str(shared)], range=f"{LOW}-{HIGH}").start()
