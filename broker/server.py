@@ -214,7 +214,9 @@ class Broker:
         try:
             with self._cancel:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._signals)
+                    # Signal handlers first: a SIGTERM that arrives right after the
+                    # first reply must stop the broker cleanly, not kill it.
+                    await nursery.start(self._signals)
                     nursery.start_soon(self._tick)
                     nursery.start_soon(self._watchdog)
                     if self.share is not None:
@@ -380,8 +382,9 @@ class Broker:
 
     # -------------------------------------------------------- periodic work
 
-    async def _signals(self) -> None:
+    async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     self.reload()

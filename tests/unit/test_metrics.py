@@ -326,6 +326,9 @@ def test_a_real_broker_counts_what_happened(tmp_path: Path, port_range: str,
     try:
         # Two squatters at the bottom of the range, where the first grant is looked for.
         tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # SO_REUSEADDR: an earlier test's TIME_WAIT on this port must not fail the
+        # bind; the socket still squats (the broker's probe binds without it).
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         tcp.bind(("127.0.0.1", base))
         held.append(tcp)
         udp = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
