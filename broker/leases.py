@@ -56,17 +56,27 @@ class Peer:
     process that happens to get the same pid."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Instant:
     """One moment on both clocks: ``mono`` for every duration, ``wall`` for display
-    and the journal."""
+    and the journal.
+
+    ``offset`` is wall minus monotonic time. The broker keeps it fixed until the
+    wall clock really moves, so that an expiry shown twice shows the same number.
+    """
 
     mono: float
     wall: float
+    offset: float
+
+    def __init__(self, mono: float, wall: float, offset: float | None = None) -> None:
+        object.__setattr__(self, "mono", mono)
+        object.__setattr__(self, "wall", wall)
+        object.__setattr__(self, "offset", wall - mono if offset is None else offset)
 
     def to_wall(self, mono: float) -> float:
         """The wall time of monotonic time ``mono``, as the clocks stand now."""
-        return self.wall + (mono - self.mono)
+        return mono + self.offset
 
 
 @dataclass(frozen=True, slots=True)

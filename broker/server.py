@@ -53,6 +53,9 @@ LARGE_STATE = 4 << 20
 """Bytes of journal above which start-up asks systemd for more time."""
 JOURNAL_RETRY = 30.0
 """Seconds between compaction attempts while the state file cannot be written."""
+WALL_JITTER = 0.01
+"""Seconds the wall clock may seem to move against the monotonic one before the
+broker follows it (reading the two clocks is not one instant)."""
 LOG_EVERY = 1.0
 """Seconds between two log lines about the same kind of client fault or refusal."""
 
@@ -133,6 +136,7 @@ class Broker:
     _idle_since: float = 0.0
     _last_status: str = ""
     _metrics_written: float = -1e9
+    _wall_offset: float = 0.0
     _cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
     _compact_after: float = 0.0
     _identify_soon: list[Session] = field(default_factory=list)
@@ -168,7 +172,13 @@ class Broker:
         return self.core.table
 
     def now(self) -> Instant:
-        return Instant(self.clock(), self.wall_clock())
+        mono, wall = self.clock(), self.wall_clock()
+        offset = wall - mono
+        # Kept until the wall clock moves by more than a little: a step (NTP) is
+        # followed, the few microseconds between reading two clocks are not.
+        if abs(offset - self._wall_offset) > WALL_JITTER:
+            self._wall_offset = offset
+        return Instant(mono, wall, self._wall_offset)
 
     def _kernel_bind_ok(self, port: int) -> bool:
         failure = kernel.bind_failure(port)

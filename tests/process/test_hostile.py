@@ -418,6 +418,12 @@ def test_pipelined_status_flood_neither_starves_another_uid_nor_grows_the_broker
 CONN_CAP = 20
 
 
+def send_tolerant(s: socket.socket, data: bytes) -> None:
+    """Write to a connection the broker may already have refused and closed."""
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        s.sendall(data)
+
+
 def connection_hoarder(path: str) -> Callable[[Ctl], Any]:
     def admitted(s: socket.socket, lines: Lines) -> dict[str, Any]:
         s.sendall(encode({"id": 1, **HELLO}))
@@ -431,10 +437,11 @@ def connection_hoarder(path: str) -> Callable[[Ctl], Any]:
             reply = admitted(s, lines)
             assert reply["reply"] == "hello", reply
             held.append(s)
-        # The cap is checked at accept: the refusal is the first (and only) line.
+        # The cap is checked at accept: the refusal is the first (and only) line,
+        # and the broker may have closed before our hello is even written.
         s = connect(path)
         lines = Lines(s)
-        s.sendall(encode({"id": 1, **HELLO}))
+        send_tolerant(s, encode({"id": 1, **HELLO}))
         refusal = lines.next()
         closed = lines.eof()
         ctl.send({"refused": refusal, "closed": closed})
@@ -446,7 +453,7 @@ def connection_hoarder(path: str) -> Callable[[Ctl], Any]:
             tries += 1
             s = connect(path)
             lines = Lines(s)
-            s.sendall(encode({"id": 1, **HELLO}))
+            send_tolerant(s, encode({"id": 1, **HELLO}))
             try:
                 reply = lines.next()
             except (EOFError, ConnectionResetError) as exc:
@@ -459,7 +466,7 @@ def connection_hoarder(path: str) -> Callable[[Ctl], Any]:
             time.sleep(0.05)
         s = connect(path)
         lines = Lines(s)
-        s.sendall(encode({"id": 1, **HELLO}))
+        send_tolerant(s, encode({"id": 1, **HELLO}))
         again = lines.next()
         return {"reopened": True, "tries": tries, "refused_again": again}
 
