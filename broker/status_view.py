@@ -122,6 +122,8 @@ def render_status(reply: p.StatusReply, now: float, *, self_clients: int = 0) ->
         f"{s.range[0]}-{s.range[1]}, largest free run {s.largest_free_run}, "
         f"{plural(clients, 'client')}, ttl {s.ttl:g}s"
     )
+    if s.notice:
+        lines.append(f"note: {escape(s.notice)}")
     return "\n".join(lines)
 
 

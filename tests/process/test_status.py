@@ -9,8 +9,10 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
-from brokerproc import PYTHON, BrokerProc, portlease
+from brokerproc import PYTHON, BrokerProc, Raw, portlease
+from portlease.broker import kernel
 from portlease.broker.cli import render_status
 from portlease.client import Connection
 from portlease.client import protocol as p
@@ -161,3 +163,20 @@ def test_status_squatters_lists_unleased_binds_with_pid_and_command(broker: Brok
     for line in rows.values():
         assert line.endswith("squat\\x1b[2Jter")  # the command line, escaped
     assert lines[-1] == "3 squatters (bound in the range, no lease)"
+
+
+def test_a_range_inside_the_kernels_ephemeral_range_says_so(tmp_path: Path) -> None:
+    """Nothing can be granted there, and the error and status say why (not only the start-up log)."""
+    low, _high = kernel.ephemeral_range() or (32768, 60999)
+    b = BrokerProc(tmp_path, range=f"{low + 100}-{low + 109}").start()
+    try:
+        refused = Raw(b.socket).call({"op": "lease", "count": 1})
+        assert refused["code"] == "exhausted", refused
+        assert "ephemeral range" in refused["message"], refused  # type: ignore[operator]
+        summary = Raw(b.socket).call({"op": "status"})["summary"]
+        assert "ephemeral range" in summary["notice"]  # type: ignore[index]
+        out = portlease("status", "--socket", b.socket)
+        assert out.returncode == 0, out.stderr
+        assert "note: " in out.stdout and "ephemeral range" in out.stdout, out.stdout
+    finally:
+        b.stop()
