@@ -1,7 +1,8 @@
-"""A bare protocol connection for the bench scripts: JSON lines over the Unix socket.
+"""A bare protocol connection: JSON lines over the Unix socket, for the tests and the benches.
 
-The benches speak the wire protocol directly (not through portlease.client) so
-that what they measure or provoke is the broker, not the client library.
+Both speak the wire protocol directly, not through portlease.client, so that what
+they measure or provoke is the broker, not the client library. This is the one
+such helper: ``tests/brokerproc.py`` re-exports it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ import socket
 from typing import Any
 
 
+class Closed(ConnectionError, EOFError):
+    """The broker closed the connection (a ``ConnectionError`` and an ``EOFError``)."""
+
+
 class Raw:
-    """One connection; ``hello`` sends (and checks) the hello exchange first."""
+    """One connection; with ``hello`` the hello exchange is made (and checked) first."""
 
     def __init__(self, path: str, timeout: float = 10.0, *, hello: bool = True) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -30,24 +35,37 @@ class Raw:
                 self.sock.close()
                 raise ConnectionError(f"hello refused: {reply}")
 
+    def send(self, data: bytes) -> None:
+        """Write raw bytes (lines, or anything else)."""
+        self.sock.sendall(data)
+
     def call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and return its reply (or an error the broker could not tie to it)."""
+        """Send one request (the next id) and return its reply, or an error the broker
+        could not tie to a request (``"id": null``)."""
         self.n += 1
-        self.sock.sendall(json.dumps({"id": self.n, **msg}).encode() + b"\n")
+        self.send(json.dumps({"id": self.n, **msg}).encode() + b"\n")
         while True:
             reply = self.line()
             if reply.get("id") in (self.n, None):
                 return reply
 
     def line(self) -> dict[str, Any]:
+        """The next reply line, decoded."""
         while b"\n" not in self.buf:
             chunk = self.sock.recv(1 << 22)
             if not chunk:
-                raise ConnectionError("closed")
+                raise Closed(f"the broker closed the connection; pending {self.buf[:200]!r}")
             self.buf += chunk
         line, self.buf = self.buf.split(b"\n", 1)
         out: dict[str, Any] = json.loads(line)
         return out
+
+    def closed_by_peer(self) -> bool:
+        """Whether the broker has closed the connection (reads one byte)."""
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
 
     def close(self) -> None:
         self.sock.close()

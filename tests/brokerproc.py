@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import select
@@ -16,7 +15,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from portlease.client import protocol as p
+# The one raw protocol helper lives with the benches, which use it too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from rawproto import Closed, Raw
+
+__all__ = ["PYTHON", "BrokerProc", "Closed", "Raw", "broker", "portlease", "read_log", "wait_for_socket"]
 
 PYTHON = sys.executable
 
@@ -140,50 +143,6 @@ class BrokerProc:
     def restart(self) -> BrokerProc:
         self.kill()
         return self.start()
-
-
-class Raw:
-    """A raw protocol connection: send lines, read replies as dicts."""
-
-    def __init__(self, path: str, hello: bool = True) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(path)
-        self.buf = b""
-        self._id = 0
-        if hello:
-            reply = self.call({"op": "hello", "version": p.PROTOCOL_VERSION})
-            assert reply["reply"] == "hello", reply
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> dict[str, object]:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(f"closed; pending {self.buf!r}")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        out: dict[str, object] = json.loads(line)
-        return out
-
-    def call(self, msg: dict[str, object]) -> dict[str, object]:
-        self._id += 1
-        msg = {"id": self._id, **msg}
-        self.send(json.dumps(msg).encode() + b"\n")
-        reply = self.line()
-        assert reply["id"] == self._id, reply
-        return reply
-
-    def closed_by_peer(self) -> bool:
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @contextlib.contextmanager
