@@ -56,23 +56,24 @@ class Peer:
     process that happens to get the same pid."""
 
 
-@dataclass(frozen=True, slots=True, init=False)
 class Instant:
     """One moment on both clocks: ``mono`` for every duration, ``wall`` for display
     and the journal.
 
     ``offset`` is wall minus monotonic time. The broker keeps it fixed until the
     wall clock really moves, so that an expiry shown twice shows the same number.
+    A plain class, not a dataclass: the shell makes a few per request.
     """
 
-    mono: float
-    wall: float
-    offset: float
+    __slots__ = ("mono", "offset", "wall")
 
     def __init__(self, mono: float, wall: float, offset: float | None = None) -> None:
-        object.__setattr__(self, "mono", mono)
-        object.__setattr__(self, "wall", wall)
-        object.__setattr__(self, "offset", wall - mono if offset is None else offset)
+        self.mono = mono
+        self.wall = wall
+        self.offset = wall - mono if offset is None else offset
+
+    def __repr__(self) -> str:
+        return f"Instant(mono={self.mono!r}, wall={self.wall!r}, offset={self.offset!r})"
 
     def to_wall(self, mono: float) -> float:
         """The wall time of monotonic time ``mono``, as the clocks stand now."""
