@@ -21,7 +21,6 @@ Ports 5000-7499 are used by no other test module.
 from __future__ import annotations
 
 import contextlib
-import grp
 import json
 import os
 import pwd
@@ -41,6 +40,7 @@ import msgspec
 import pytest
 
 from brokerproc import PYTHON, BrokerProc, Raw
+from localusers import temporary_users
 from portlease.client import protocol as p
 
 RANGE = "5000-7499"
@@ -61,42 +61,10 @@ class Users:
     honest: str
 
 
-def _group_exists(name: str) -> bool:
-    try:
-        grp.getgrnam(name)
-    except KeyError:
-        return False
-    return True
-
-
-def _run(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def users() -> Iterator[Users]:
-    if os.geteuid() != 0:
-        pytest.skip("creating users needs root")
-    for tool in ("groupadd", "useradd", "userdel", "groupdel"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is missing (Debian package passwd)")
-    primary = next((g for g in ("nogroup", "nobody") if _group_exists(g)), None)
-    if primary is None:
-        pytest.skip("no nogroup/nobody group to give the test users")
-    base = f"plhos{os.getpid() % 100000}"
-    names = Users(group=base, attacker=base + "a", honest=base + "b")
-    made: list[str] = []
-    try:
-        _run("groupadd", base)
-        for user in (names.attacker, names.honest):
-            _run("useradd", "--no-create-home", "--no-user-group", "--gid", primary,
-                 "--groups", base, "--shell", "/usr/sbin/nologin", user)
-            made.append(user)
-        yield names
-    finally:
-        for user in made:
-            subprocess.run(["userdel", user], capture_output=True, timeout=30)
-        subprocess.run(["groupdel", base], capture_output=True, timeout=30)
+    with temporary_users("plhos", {"a": True, "b": True}) as (group, names):
+        yield Users(group=group, attacker=names["a"], honest=names["b"])
 
 
 class Ctl:

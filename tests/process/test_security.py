@@ -21,7 +21,6 @@ import secrets
 import shutil
 import socket
 import stat
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from typing import Any
 import pytest
 
 from brokerproc import BrokerProc, Raw, wait_for_socket
+from localusers import temporary_users
 from portlease.broker import server
 from portlease.broker.config import Config
 from portlease.broker.core import Session
@@ -56,43 +56,11 @@ class Users:
     outsider: str
 
 
-def _group_exists(name: str) -> bool:
-    try:
-        grp.getgrnam(name)
-    except KeyError:
-        return False
-    return True
-
-
-def _run(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-
-
 @pytest.fixture(scope="module")
 def users() -> Iterator[Users]:
-    if os.geteuid() != 0:
-        pytest.skip("creating users needs root")
-    for tool in ("groupadd", "useradd", "userdel", "groupdel"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is missing (Debian package passwd)")
-    primary = next((g for g in ("nogroup", "nobody") if _group_exists(g)), None)
-    if primary is None:
-        pytest.skip("no nogroup/nobody group to give the test users")
-    base = f"plsec{os.getpid() % 100000}"
-    names = Users(group=base, gid=-1, member=base + "a", member2=base + "b", outsider=base + "x")
-    made: list[str] = []
-    try:
-        _run("groupadd", base)
-        for user, member in ((names.member, True), (names.member2, True), (names.outsider, False)):
-            _run("useradd", "--no-create-home", "--no-user-group", "--gid", primary,
-                 "--shell", "/usr/sbin/nologin", *(["--groups", base] if member else []), user)
-            made.append(user)
-        names.gid = grp.getgrnam(base).gr_gid
-        yield names
-    finally:
-        for user in made:
-            subprocess.run(["userdel", user], capture_output=True)
-        subprocess.run(["groupdel", base], capture_output=True)
+    with temporary_users("plsec", {"a": True, "b": True, "x": False}) as (group, names):
+        yield Users(group=group, gid=grp.getgrnam(group).gr_gid, member=names["a"],
+                    member2=names["b"], outsider=names["x"])
 
 
 def as_user(user: str, fn: Callable[[], Any], *, ready: Callable[[], None] | None = None) -> Any:
