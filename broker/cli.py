@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="list sockets bound to ports in the range that no lease covers, "
                         "with pid and command where /proc shows them")
 
+    metrics = _sub(sub, "metrics", "print the broker's metrics (OpenMetrics text, for Prometheus)")
+    _socket_arg(metrics)
+
     wait = _sub(sub, "wait", "wait until each PORT has a listener")
     wait.add_argument("ports", metavar="PORT", nargs="+", type=int, help="TCP port to wait for")
     wait.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
@@ -233,6 +236,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _status(args)
         if args.command == "wait":
             return _wait(args)
+        if args.command == "metrics":
+            return _metrics(args)
     except BrokerUnavailable as exc:
         print(f"portlease: {exc}", file=sys.stderr)
         return EXIT_BROKER
@@ -512,6 +517,14 @@ def _watch_status(args: argparse.Namespace) -> int:
 
 WAIT_POLL = 0.05
 """Seconds between looks at the kernel's socket tables."""
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    with Connection(args.socket, reclaim=False, client="portlease-cli", autostart=False) as conn:
+        text = conn.metrics()
+    sys.stdout.write(text)  # a closed pipe is main()'s business
+    sys.stdout.flush()
+    return 0
 
 
 def _wait(args: argparse.Namespace) -> int:

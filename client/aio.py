@@ -133,6 +133,10 @@ class AsyncConnection:
         """Round trip to the broker (reconnecting first if it restarted)."""
         await self._call(self._s.ping())
 
+    async def metrics(self) -> str:
+        """The broker's metrics, in the OpenMetrics text format (ends with ``# EOF``)."""
+        return await self._call(self._s.metrics())
+
     @property
     def leases(self) -> list[Lease]:
         """Leases currently bound to this connection."""

@@ -412,6 +412,10 @@ class Session:
         """A ``ping`` call."""
         return Call(p.Ping(id=0), _ignore, p.Pong)
 
+    def metrics(self) -> Call[str]:
+        """A ``metrics`` call: the broker's metrics in the OpenMetrics text format."""
+        return Call(p.Metrics(id=0), _metrics_text, p.MetricsReply)
+
     def close(self) -> list[Lease]:
         """The connection is closed for good: every bound lease ended with it."""
         ended = list(self.leases.values())
@@ -432,6 +436,10 @@ class Dropped(ConnectionLost):
 
 def _ignore(reply: Any) -> None:
     return None
+
+
+def _metrics_text(reply: p.MetricsReply) -> str:
+    return reply.text
 
 
 def _same(reply: T) -> T:

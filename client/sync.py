@@ -179,6 +179,10 @@ class Connection:
         """Round trip to the broker (reconnecting first if it restarted)."""
         self._run(self._s.ping())
 
+    def metrics(self) -> str:
+        """The broker's metrics, in the OpenMetrics text format (ends with ``# EOF``)."""
+        return self._run(self._s.metrics())
+
     @property
     def leases(self) -> list[Lease]:
         """Leases currently bound to this connection."""

@@ -319,3 +319,19 @@ def test_status_json_watch_prints_one_object_per_refresh(broker: BrokerProc) -> 
     assert watch.returncode == 0
     assert first["summary"]["leases"] == 0 and "\x1b" not in rest
     assert all(json.loads(x)["reply"] == "status" for x in rest.splitlines())
+
+
+def test_metrics_prints_openmetrics_text_that_counts_grants(broker: BrokerProc) -> None:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    with Connection(broker.socket) as conn:
+        conn.lease(3)
+        out = portlease("metrics", "--socket", broker.socket)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.endswith("# EOF\n")
+        families = {f.name: f for f in text_string_to_metric_families(out.stdout)}
+        grants = {s.name: s.value for s in families["portlease_grants"].samples}
+        assert grants["portlease_grants_total"] == 1
+        held = {s.labels["state"]: s.value for s in families["portlease_ports"].samples}
+        assert held["held"] == 3
+        assert "portlease_grants_total 1" in conn.metrics()  # the same counters through the client
