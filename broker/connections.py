@@ -108,13 +108,11 @@ class Driver:
         self,
         listener: socket.socket,
         handler: Handler,
-        peer_of: Callable[[socket.socket], object],
         session_for: Callable[[int, socket.socket], Session],
     ) -> None:
         self.listener = listener
         self.handler = handler
         self._session_for = session_for
-        self._peer_of = peer_of
         self.conns: dict[int, Conn] = {}
         self._ready: collections.deque[Conn] = collections.deque()
         """Connections with complete lines still buffered (their turn ended early)."""

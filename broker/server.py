@@ -219,7 +219,7 @@ class Broker:
         self, listener: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve ``listener`` until :meth:`stop`; leases stay in the journal after."""
-        self.driver = Driver(listener, self, peer_of, self._session_for)
+        self.driver = Driver(listener, self, self._session_for)
         self._idle_since = self.clock()
         try:
             with self._cancel:
