@@ -10,7 +10,6 @@ when nothing answers on it, and the directory is checked (see
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from . import activation
 from .config import Config
 from .errors import ConfigError, StartupError
-from .safedir import check_directory, open_file
+from .safedir import check_directory, open_failure, open_file
 
 log = logging.getLogger("portlease.broker")
 
@@ -82,8 +81,7 @@ def bind_unix_socket(path: str, mode: int, group: str | None) -> Listening:
     try:
         lock_fd = open_file(path + ".lock", os.O_RDWR | os.O_CREAT)
     except OSError as exc:
-        why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
-        raise StartupError(f"cannot create {path}.lock: {why}") from None
+        raise StartupError(f"cannot create {path}.lock: {open_failure(exc)}") from None
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -10,6 +10,7 @@ every file with ``O_NOFOLLOW`` (and temporaries with ``O_EXCL``).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -60,4 +61,11 @@ def open_file(path: str, flags: int, mode: int = 0o600) -> int:
     return os.open(path, flags | NOFOLLOW, mode)
 
 
-__all__ = ["check_directory", "directory_problem", "open_file"]
+def open_failure(exc: OSError) -> str:
+    """Why :func:`open_file` failed, in words: ELOOP there means a symlink was planted."""
+    if exc.errno == errno.ELOOP:
+        return "it is a symbolic link"
+    return str(exc.strerror)
+
+
+__all__ = ["check_directory", "directory_problem", "open_failure", "open_file"]

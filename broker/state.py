@@ -41,7 +41,7 @@ import msgspec
 
 from .errors import StartupError
 from .leases import Instant, LeaseRecord, Peer
-from .safedir import check_directory, open_file
+from .safedir import check_directory, open_failure, open_file
 
 
 class _Grant(msgspec.Struct, tag="grant", omit_defaults=True):
@@ -138,8 +138,7 @@ class Journal:
         try:
             self._lock_fd = open_file(self.path + ".lock", os.O_RDWR | os.O_CREAT)
         except OSError as exc:
-            why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
-            raise StartupError(f"cannot open state lock {self.path}.lock: {why}") from None
+            raise StartupError(f"cannot open state lock {self.path}.lock: {open_failure(exc)}") from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -153,8 +152,7 @@ class Journal:
         try:
             self._fd = open_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         except OSError as exc:
-            why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
-            raise StartupError(f"cannot open state {self.path}: {why}") from None
+            raise StartupError(f"cannot open state {self.path}: {open_failure(exc)}") from None
         self._records_written = len(loaded.records) + loaded.bad_lines
         return loaded
 
@@ -165,8 +163,7 @@ class Journal:
         except FileNotFoundError:
             return Loaded([], 0, set())
         except OSError as exc:
-            why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
-            raise StartupError(f"cannot read state {self.path}: {why}") from None
+            raise StartupError(f"cannot read state {self.path}: {open_failure(exc)}") from None
         live: dict[str, _Grant] = {}
         bad = 0
         for line in data.split(b"\n"):
