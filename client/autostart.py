@@ -43,7 +43,7 @@ DEFAULT_IDLE_EXIT: Final = 600.0
 LOG_NAME: Final = "broker.log"
 
 # What a broker that lost the race to another (non-autostarted) broker prints;
-# see bind_unix_socket in portlease.broker.server.
+# see bind_unix_socket in portlease.broker.listening.
 _LOST_RACE: Final = (b"another portlease broker is serving", b"another broker is already serving")
 
 # Variables that describe *our* service manager context; a detached broker
