@@ -119,12 +119,6 @@ def choose_socket(cli_value: str | None = None) -> SocketChoice:
     return SocketChoice(user_socket(), "per-user")
 
 
-def resolve_socket(cli_value: str | None = None) -> tuple[str, bool]:
-    """The chosen path, and whether it was configured explicitly."""
-    choice = choose_socket(cli_value)
-    return choice.path, choice.explicit
-
-
 # ---------------------------------------------------------------- safety
 
 
