@@ -541,7 +541,7 @@ def _wait(args: argparse.Namespace) -> int:
     wanted = set(args.ports)
     deadline = time.monotonic() + args.timeout
     while True:
-        missing = wanted - _listening(wanted, args.pid)
+        missing = wanted - procnet.listening(wanted, args.pid)
         if not missing:
             return 0
         if args.pid is not None and not procnet.descendants(args.pid):
@@ -554,16 +554,3 @@ def _wait(args: argparse.Namespace) -> int:
                   f"port {', '.join(map(str, sorted(missing)))}", file=sys.stderr)
             return 1
         time.sleep(WAIT_POLL)
-
-
-def _listening(ports: set[int], pid: int | None) -> set[int]:
-    """The ports among ``ports`` with a TCP listener (owned by ``pid``'s tree when given)."""
-    from . import procnet as pn
-
-    found = [s for s in pn.sockets(range(min(ports), max(ports) + 1))
-             if s.proto == "tcp" and s.listening and s.port in ports]
-    if pid is None:
-        return {s.port for s in found}
-    tree = pn.descendants(pid)
-    owners = pn.all_owners(s.inode for s in found)
-    return {s.port for s in found if owners.get(s.inode, set()) & tree}

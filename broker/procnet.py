@@ -23,10 +23,12 @@ import bisect
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
-__all__ = ["NetSocket", "all_owners", "cmdline", "descendants", "owners", "sockets", "squatters"]
+__all__ = [
+    "NetSocket", "all_owners", "cmdline", "descendants", "listening", "owners", "sockets", "squatters",
+]
 
 _PROC_NET = "/proc/net"
 
@@ -229,6 +231,23 @@ def descendants(pid: int) -> set[int]:
                 tree.add(child)
                 todo.append(child)
     return tree
+
+
+def listening(ports: Collection[int], pid: int | None = None) -> set[int]:
+    """The ports among ``ports`` that a TCP socket listens on.
+
+    With ``pid``, only sockets that ``pid`` or one of its live descendants
+    holds count; the process tree is read only when some port has a listener.
+    """
+    if not ports:
+        return set()
+    found = [s for s in sockets(range(min(ports), max(ports) + 1))
+             if s.proto == "tcp" and s.listening and s.port in ports]
+    if pid is None or not found:
+        return {s.port for s in found}
+    tree = descendants(pid)
+    holders = all_owners(s.inode for s in found)
+    return {s.port for s in found if holders.get(s.inode, set()) & tree}
 
 
 def cmdline(pid: int) -> str | None:

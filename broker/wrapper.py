@@ -319,16 +319,8 @@ def _release_held(pid: int, holds: dict[int, socket.socket], until: float) -> No
                   "the placeholder is gone", file=sys.stderr)
         holds.clear()
         return
-    low, high = min(holds), max(holds)
-    found = [s for s in procnet.sockets(range(low, high + 1))
-             if s.proto == "tcp" and s.listening and s.port in holds]
-    if not found:
-        return
-    tree = procnet.descendants(pid)
-    owners = procnet.all_owners(s.inode for s in found)
-    for s in found:
-        if s.port in holds and owners.get(s.inode, set()) & tree:
-            holds.pop(s.port).close()
+    for port in procnet.listening(holds, pid):
+        holds.pop(port).close()
 
 
 def exit_code(status: int) -> int:
