@@ -171,6 +171,11 @@ class Broker:
     def table(self) -> LeaseTable:
         return self.core.table
 
+    @property
+    def clients(self) -> int:
+        """Open client connections (0 before :meth:`serve`)."""
+        return len(self.driver) if self.driver is not None else 0
+
     def now(self) -> Instant:
         mono, wall = self.clock(), self.wall_clock()
         offset = wall - mono
@@ -247,6 +252,8 @@ class Broker:
         self._cancel.cancel()
 
     def shutdown(self) -> None:
+        """Leave the journal as a snapshot of the leases (for the next run) and close it
+        and the notification socket; :meth:`serve` ends with this."""
         self._stopping = True
         self._identify_pending()
         with contextlib.suppress(OSError):
@@ -279,6 +286,7 @@ class Broker:
         return None
 
     def closed(self, session: Session) -> None:
+        """A connection is gone: its count drops and its bound leases end."""
         uid = session.peer.uid
         left = self._conns_by_uid.get(uid, 1) - 1
         if left > 0:
@@ -289,6 +297,7 @@ class Broker:
             self._apply(self.core.closed(session), self.now())
 
     def request(self, conn: Conn, line: bytes) -> Reply:
+        """The reply to one line, or (a lease while the portalloc share is on) a task that makes it."""
         session = conn.session
         if self.share is not None and session.hello and b'"lease"' in line:
             return functools.partial(self._shared_request, conn, line)
@@ -303,8 +312,7 @@ class Broker:
             request = _try_decode(line)
             if isinstance(request, p.Metrics) and session.hello:
                 return p.encode(p.MetricsReply(id=request.id, text=self.metrics_text()))
-        clients = len(self.driver) if self.driver is not None else 0
-        outcome = self.core.handle_line(session, line, now, clients)
+        outcome = self.core.handle_line(session, line, now, self.clients)
         return p.encode(self._finish(session, outcome, now))
 
     async def _shared_request(self, conn: Conn, line: bytes) -> bytes:
@@ -500,19 +508,18 @@ class Broker:
         self._update_status()
         for limited in (self._faults, self._refusals, self._journal_errors):
             limited.flush()
-        clients = len(self.driver) if self.driver is not None else 0
-        if clients or len(self.table):
+        if self.clients or len(self.table):
             self._idle_since = now.mono
         elif self.config.idle_exit and now.mono - self._idle_since >= self.config.idle_exit:
             log.info("idle for %g s with no lease: exiting", self.config.idle_exit)
             self.stop()
 
     def status_text(self) -> str:
+        """The one-line summary sent to systemd as STATUS."""
         a = self.table.allocator
-        clients = len(self.driver) if self.driver is not None else 0
         return (
             f"{_n(len(self.table), 'lease')}, {self.table.ports_held} ports held, "
-            f"{_n(clients, 'client')}, {a.free_count} free, largest free run {a.largest_free_run}"
+            f"{_n(self.clients, 'client')}, {a.free_count} free, largest free run {a.largest_free_run}"
         )
 
     def _update_status(self, *, force: bool = False) -> None:
@@ -533,7 +540,7 @@ class Broker:
             ports_held=self.table.ports_held, ports_free=a.free_count,
             ports_quarantined=a.quarantined_count, ports_excluded=a.excluded_count,
             largest_free_run=a.largest_free_run, leases=by_state,
-            clients=len(self.driver) if self.driver is not None else 0,
+            clients=self.clients,
             squatted_ports=squatted, range_low=a.low, range_high=a.high,
         )
         return self.metrics.render(snapshot, openmetrics=openmetrics)
