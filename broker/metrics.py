@@ -5,7 +5,7 @@ Two text formats come out of the same numbers:
 - OpenMetrics 1.0 (``render(snapshot)``), the answer to the protocol's
   ``metrics`` op and to ``portlease metrics``; it ends in ``# EOF``.
 - The classic Prometheus text format (``render(snapshot, openmetrics=False)``,
-  or :func:`to_classic` of the OpenMetrics text) for node_exporter's textfile
+  which is :func:`to_classic` of the OpenMetrics text) for node_exporter's textfile
   collector, which parses only that format: in it a counter's ``TYPE`` line
   names the sample with its ``_total`` suffix, and it has no ``UNIT`` lines and
   no ``# EOF``. :func:`write_textfile` converts OpenMetrics text it is given.
@@ -64,7 +64,7 @@ class Snapshot:
 @dataclass
 class _Histogram:
     bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
+    counts: list[int] = field(init=False)
     total: float = 0.0
     n: int = 0
 
@@ -126,7 +126,7 @@ class Metrics:
 
     def render(self, snapshot: Snapshot, *, openmetrics: bool = True) -> str:
         """The metrics as text: OpenMetrics (ending ``# EOF``), or else the classic Prometheus format."""
-        out = _Writer(openmetrics)
+        out = _Writer()
         s = snapshot
         out.family("portlease_ports", "gauge", "Ports of the range by state.", [
             ({"state": "held"}, s.ports_held), ({"state": "free"}, s.ports_free),
@@ -158,7 +158,8 @@ class Metrics:
                     [({}, self._orphan_expiries)])
         out.histogram("portlease_lease_duration_seconds", "How long leases were held, counted when they end.",
                       self._duration)
-        return out.finish()
+        text = out.finish()
+        return text if openmetrics else to_classic(text)
 
 
 def _escape(value: str) -> str:
@@ -180,14 +181,15 @@ def _number(value: float) -> str:
 
 
 class _Writer:
-    def __init__(self, openmetrics: bool) -> None:
-        self.openmetrics = openmetrics
+    """OpenMetrics text, family by family; :func:`to_classic` derives the other format."""
+
+    def __init__(self) -> None:
         self.lines: list[str] = []
 
     def _head(self, name: str, kind: str, help_: str, unit: str | None = None) -> None:
         self.lines.append(f"# HELP {name} {_escape(help_)}")
         self.lines.append(f"# TYPE {name} {kind}")
-        if unit and self.openmetrics:
+        if unit:
             self.lines.append(f"# UNIT {name} {unit}")
 
     def family(self, name: str, kind: str, help_: str,
@@ -196,8 +198,8 @@ class _Writer:
         self.lines.extend(f"{name}{_labels(lb)} {_number(v)}" for lb, v in samples)
 
     def counter(self, name: str, help_: str, samples: Iterable[tuple[Mapping[str, str], float]]) -> None:
-        # OpenMetrics names the family without the suffix; the classic format names the sample.
-        self._head(name if self.openmetrics else f"{name}_total", "counter", help_)
+        # OpenMetrics names the family without the suffix, the sample with it.
+        self._head(name, "counter", help_)
         self.lines.extend(f"{name}_total{_labels(lb)} {_number(v)}" for lb, v in samples)
 
     def histogram(self, name: str, help_: str, h: _Histogram) -> None:
@@ -211,8 +213,7 @@ class _Writer:
         self.lines.append(f"{name}_count {h.n}")
 
     def finish(self) -> str:
-        if self.openmetrics:
-            self.lines.append("# EOF")
+        self.lines.append("# EOF")
         return "\n".join(self.lines) + "\n"
 
 
