@@ -35,7 +35,6 @@ from collections.abc import Generator
 from typing import Final
 
 from . import paths
-from .errors import UnsafeSocket
 
 DEFAULT_IDLE_EXIT: Final = 600.0
 """Seconds an autostarted broker lingers with no connection and no lease."""
@@ -135,11 +134,8 @@ def _private_dir(path: str) -> None:
         os.mkdir(directory, mode=0o700)
     problem = paths.directory_problem(directory)
     if problem is not None:
-        raise UnsafeSocket(
-            f"not starting a portlease broker at {path}: its directory {directory}: {problem}. "
-            f"Remove {directory} if it is not yours, or set PORTLEASE_SOCKET",
-            paths=(path,),
-        )
+        raise paths.unsafe_directory(f"not starting a portlease broker at {path}", path,
+                                     directory, problem)
 
 
 @contextlib.contextmanager

@@ -78,14 +78,6 @@ def user_socket() -> str:
     return os.path.join("/tmp", f"portlease-{os.getuid()}", SOCKET_NAME)
 
 
-def explicit_socket(cli_value: str | None = None) -> str | None:
-    """The socket the caller configured (flag, then ``$PORTLEASE_SOCKET``), if any."""
-    if cli_value:
-        return cli_value
-    env = os.environ.get("PORTLEASE_SOCKET")
-    return env or None
-
-
 @dataclass(frozen=True, slots=True)
 class SocketChoice:
     """A socket path and why it was chosen."""
@@ -107,13 +99,25 @@ class SocketChoice:
         return self.source == "system"
 
 
-def choose_socket(cli_value: str | None = None) -> SocketChoice:
-    """Pick the socket by the rule in the module docstring."""
+def _configured(cli_value: str | None) -> SocketChoice | None:
+    # Steps 1 and 2 of the rule: the socket the caller configured.
     if cli_value:
         return SocketChoice(cli_value, "argument")
     env = os.environ.get("PORTLEASE_SOCKET")
-    if env:
-        return SocketChoice(env, "PORTLEASE_SOCKET")
+    return SocketChoice(env, "PORTLEASE_SOCKET") if env else None
+
+
+def explicit_socket(cli_value: str | None = None) -> str | None:
+    """The socket the caller configured (flag, then ``$PORTLEASE_SOCKET``), if any."""
+    configured = _configured(cli_value)
+    return configured.path if configured is not None else None
+
+
+def choose_socket(cli_value: str | None = None) -> SocketChoice:
+    """Pick the socket by the rule in the module docstring."""
+    configured = _configured(cli_value)
+    if configured is not None:
+        return configured
     if system_deployment():
         return SocketChoice(system_socket(), "system")
     return SocketChoice(user_socket(), "per-user")
@@ -151,11 +155,20 @@ def check_directory(choice: SocketChoice) -> None:
     directory = os.path.dirname(choice.path)
     problem = directory_problem(directory)
     if problem is not None:
-        raise UnsafeSocket(
-            f"refusing the portlease socket {choice.path}: its directory {directory}: {problem}. "
-            f"Remove {directory} if it is not yours, or set PORTLEASE_SOCKET",
-            paths=(choice.path,),
-        )
+        raise unsafe_directory(f"refusing the portlease socket {choice.path}", choice.path,
+                               directory, problem)
+
+
+def unsafe_directory(refusing: str, path: str, directory: str, problem: str) -> UnsafeSocket:
+    """The :class:`UnsafeSocket` for the socket ``path`` whose ``directory`` has ``problem``.
+
+    ``refusing`` opens the message: what is not done because of it.
+    """
+    return UnsafeSocket(
+        f"{refusing}: its directory {directory}: {problem}. "
+        f"Remove {directory} if it is not yours, or set PORTLEASE_SOCKET",
+        paths=(path,),
+    )
 
 
 def peer_uid(sock: _socket.socket) -> tuple[int, int]:
