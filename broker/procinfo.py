@@ -84,11 +84,13 @@ def read_cmdline(pid: int | None, limit: int = 4096) -> str | None:
 
 
 def identify(peer: Peer) -> Peer:
-    """``peer`` with its command line and start time read from /proc."""
-    return Peer(
-        pid=peer.pid, uid=peer.uid, gid=peer.gid,
-        cmdline=read_cmdline(peer.pid), started=process_started(peer.pid),
-    )
+    """``peer`` with its command line read from /proc, and its start time unless known.
+
+    The start time read at the first grant is kept: read again later, it could
+    be a later process's that got the pid, or gone with a holder that exited.
+    """
+    started = peer.started if peer.started is not None else process_started(peer.pid)
+    return Peer(pid=peer.pid, uid=peer.uid, gid=peer.gid, cmdline=read_cmdline(peer.pid), started=started)
 
 
 @functools.lru_cache(maxsize=1024)
