@@ -35,7 +35,7 @@ the bind checks and the last foreign entries seen, and the share says so in the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol, TypeVar
 
 import trio
@@ -134,7 +134,7 @@ class PortallocShare:
                 raise
             # finish() always releases the lock; it cannot be cancelled half-way
             # (a worker thread is never abandoned here), so the flock cannot leak.
-            result = await trio.to_thread.run_sync(self._finish, held, ours)
+            result: pa.SyncResult[pa.Run] = await trio.to_thread.run_sync(self.table.finish, held, ours)
             self.last = result
             self._report(result.status, result.problems, result.waited)
             return granted
@@ -155,21 +155,14 @@ class PortallocShare:
     async def sync(self) -> pa.SyncResult[pa.Run]:
         """One exchange without a grant: publish what is live, drop what ended."""
         async with self._lock:
-            result = await trio.to_thread.run_sync(self._publish, self._snapshot())
+            result: pa.SyncResult[pa.Run] = await trio.to_thread.run_sync(self.table.sync, self._snapshot())
             if result.status == "ok":
-                self._hold_foreign(list(result.foreign))
+                self._hold_foreign(result.foreign)
             self.last = result
             self._report(result.status, result.problems, result.waited)
             return result
 
-    def _finish(self, held: pa.Locked, ours: dict[int, tuple[int, float | None]]
-                ) -> pa.SyncResult[pa.Run]:
-        return self.table.finish(held, ours)
-
-    def _publish(self, ours: dict[int, tuple[int, float | None]]) -> pa.SyncResult[pa.Run]:
-        return self.table.sync(ours)
-
-    def _hold_foreign(self, spans: list[pa.Span]) -> None:
+    def _hold_foreign(self, spans: Iterable[pa.Span]) -> None:
         """Make ``spans`` the allocator's foreign holds, changing only what changed.
 
         A set difference, not release-all-then-hold-all: with 2,000 crate entries
