@@ -43,7 +43,7 @@ from . import paths
 from . import protocol as p
 from .errors import BrokerUnavailable, ConnectionLost, LeaseError, PortleaseError, UnsafeSocket
 from .grant import Lease, LostCallback
-from .session import RECONNECT_MAX_DELAY, Backoff, Call, Dropped, Session
+from .session import RECONNECT_MAX_DELAY, Backoff, Call, Dropped, Retry, Session
 
 __all__ = ["AsyncConnection", "connect", "open_lease"]
 
@@ -170,31 +170,20 @@ class AsyncConnection:
     # -------------------------------------------------------- requests
 
     async def _call(self, call: Call[T]) -> T:
-        retried = False
-        backoff: Backoff | None = None
+        retry = Retry(self._s, reclaim=self._reclaim)
         while True:
-            stream = await self._connected(retried)
+            stream = await self._connected(retry.tried)
             fresh = self._s.hello_due
             try:
                 await self._request(stream, call)
                 return call.result()
             except Dropped:
-                # Once: the reader is reconnecting (and reclaiming), or an
-                # autostarted broker at its idle exit closed just as we came.
-                # A new stream that drops before its hello is answered met a
-                # broker on its way down: with reclaim on, such tries go on, on
-                # the reconnect schedule (as in the sync client).
-                if self._closed or not (self._reclaim or fresh):
+                # Meanwhile the reader is reconnecting (and reclaiming).
+                delay = None if self._closed else retry.after_drop(fresh=fresh, now=time.monotonic())
+                if delay is None:
                     raise ConnectionLost(self._down) from None
-                if retried:
-                    if not (fresh and self._reclaim):
-                        raise ConnectionLost(self._down) from None
-                    backoff = backoff or self._s.reconnect_backoff(time.monotonic())
-                    delay = backoff.next_delay(time.monotonic())
-                    if delay is None:
-                        raise ConnectionLost(self._down) from None
+                if delay:
                     await anyio.sleep(delay)
-                retried = True
                 call.error = None
 
     async def _connected(self, redial: bool = False) -> anyio.abc.SocketStream:

@@ -116,6 +116,44 @@ class Backoff:
         return delay
 
 
+class Retry:
+    """Whether a request that met a dropped socket goes out again, for both shells.
+
+    One more try is worth it, with ``reclaim`` on or when the request opened
+    a new socket (``fresh``): an autostarted broker at its idle exit may close
+    just as the request arrives, and a restarting broker drops what was in
+    flight. After that only a fresh socket with ``reclaim`` on goes on, on the
+    reconnect schedule: a new socket that drops before its hello is answered
+    reached a broker on its way down (socket activation queues connections
+    for one that is being replaced).
+    """
+
+    __slots__ = ("_backoff", "_reclaim", "_session", "tried")
+
+    def __init__(self, session: Session, *, reclaim: bool) -> None:
+        self._session = session
+        self._reclaim = reclaim
+        self._backoff: Backoff | None = None
+        self.tried = False
+        """A retry was granted: the shell may dial a new socket even without ``reclaim``."""
+
+    def after_drop(self, *, fresh: bool, now: float) -> float | None:
+        """Seconds to wait before sending again (0 for at once), or None to give up."""
+        if not (self._reclaim or fresh):
+            return None
+        delay = 0.0
+        if self.tried:
+            if not (fresh and self._reclaim):
+                return None
+            self._backoff = self._backoff or self._session.reconnect_backoff(now)
+            next_delay = self._backoff.next_delay(now)
+            if next_delay is None:
+                return None
+            delay = next_delay
+        self.tried = True
+        return delay
+
+
 @dataclass(slots=True)
 class _Handshake:
     hello_id: p.RequestId

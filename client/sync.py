@@ -47,7 +47,7 @@ from . import paths
 from . import protocol as p
 from .errors import BrokerUnavailable, ConnectionLost, LeaseError, UnsafeSocket
 from .grant import Lease, LostCallback
-from .session import RECONNECT_MAX_DELAY, Backoff, Call, Dropped, Session, default_note
+from .session import RECONNECT_MAX_DELAY, Backoff, Call, Dropped, Retry, Session, default_note
 
 __all__ = ["RECONNECT_MAX_DELAY", "Connection", "default_note", "lease"]
 
@@ -206,13 +206,12 @@ class Connection:
             )
 
     def _run(self, call: Call[T]) -> T:
-        retried = False
-        backoff: Backoff | None = None
+        retry = Retry(self._s, reclaim=self._reclaim)
         while True:
             self._usable()
             sock = self._sock
             if sock is None:
-                if not (self._reclaim or retried):
+                if not (self._reclaim or retry.tried):
                     raise ConnectionLost(self._down)
                 self._reconnect_blocking()
                 continue
@@ -220,23 +219,11 @@ class Connection:
             try:
                 return self._exchange(sock, call)
             except Dropped as exc:
-                # An autostarted broker at its idle exit may close just as we
-                # arrive, and a restarting broker drops what was in flight: worth
-                # one more try. A new socket that drops before its hello is
-                # answered reached a broker on its way down (socket activation
-                # queues connections for one that is being replaced): with
-                # reclaim on, such tries go on, on the reconnect schedule.
-                if self._closed or not (self._reclaim or fresh):
+                delay = None if self._closed else retry.after_drop(fresh=fresh, now=time.monotonic())
+                if delay is None:
                     raise ConnectionLost(str(exc)) from None
-                if retried:
-                    if not (fresh and self._reclaim):
-                        raise ConnectionLost(str(exc)) from None
-                    backoff = backoff or self._s.reconnect_backoff(time.monotonic())
-                    delay = backoff.next_delay(time.monotonic())
-                    if delay is None:
-                        raise ConnectionLost(str(exc)) from None
+                if delay:
                     time.sleep(delay)
-                retried = True
                 call.error = None
 
     def _exchange(self, sock: _socket.socket, call: Call[T]) -> T:

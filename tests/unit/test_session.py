@@ -22,7 +22,7 @@ from portlease.client.errors import (
     VersionMismatch,
 )
 from portlease.client.grant import Lease
-from portlease.client.session import RECONNECT_MAX_DELAY, Backoff, Call, Dropped, Session
+from portlease.client.session import RECONNECT_MAX_DELAY, Backoff, Call, Dropped, Retry, Session
 
 
 def lines(data: bytes) -> list[dict[str, Any]]:
@@ -203,6 +203,26 @@ def test_backoff_deadline_is_the_longest_ttl_and_at_least_the_timeout() -> None:
     s.leases["a"] = Lease((1,), "a", 30.0)
     s.leases["b"] = Lease((2,), "b", 120.0)
     assert s.reconnect_backoff(100.0).deadline == 220.0
+
+
+def test_a_dropped_request_is_retried_once_then_only_on_fresh_sockets_until_the_deadline() -> None:
+    s = Session("t", timeout=1.0)
+    for reclaim, fresh in ((True, False), (False, True)):
+        retry = Retry(s, reclaim=reclaim)
+        assert not retry.tried
+        assert retry.after_drop(fresh=fresh, now=0.0) == 0.0 and retry.tried
+        assert retry.after_drop(fresh=fresh, now=0.0) is None
+    assert Retry(s, reclaim=False).after_drop(fresh=False, now=0.0) is None
+
+    retry = Retry(s, reclaim=True)
+    assert retry.after_drop(fresh=True, now=0.0) == 0.0
+    now, waits = 0.0, []
+    while (delay := retry.after_drop(fresh=True, now=now)) is not None:
+        assert delay > 0
+        waits.append(delay)
+        now += delay
+    assert waits[0] < waits[-1] <= RECONNECT_MAX_DELAY
+    assert now == pytest.approx(1.0)  # the schedule ends at the deadline: the timeout here
 
 
 @given(st.floats(min_value=0.1, max_value=300), st.lists(st.floats(min_value=0, max_value=1),
