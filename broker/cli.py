@@ -238,10 +238,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _wait(args)
         if args.command == "metrics":
             return _metrics(args)
-    except BrokerUnavailable as exc:
-        print(f"portlease: {exc}", file=sys.stderr)
-        return EXIT_BROKER
-    except LeaseError as exc:
+    except (BrokerUnavailable, LeaseError) as exc:
         print(f"portlease: {exc}", file=sys.stderr)
         return EXIT_BROKER
     except (ConfigError, StartupError) as exc:
@@ -387,7 +384,7 @@ def _lease(args: argparse.Namespace) -> int:
 
 
 def _detached(args: argparse.Namespace, env_offsets: dict[str, int]) -> int:
-    with Connection(args.socket, reclaim=False, client="portlease-cli") as conn:
+    with _connect(args, autostart=True) as conn:
         lease = conn.lease(args.count, ttl=args.ttl, note=args.note or default_note(),
                            detach=True)
     if args.json:
@@ -405,14 +402,20 @@ def _detached(args: argparse.Namespace, env_offsets: dict[str, int]) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- renew / release / status
+# ---------------------------------------------------------------- renew / release / status / metrics
+
+
+def _connect(args: argparse.Namespace, *, autostart: bool = False) -> Connection:
+    # One request and gone: no reclaim thread. Only `lease` starts a broker when
+    # none answers; a new broker has no lease to show, renew or release.
+    return Connection(args.socket, reclaim=False, client="portlease-cli", autostart=autostart)
 
 
 def _token_op(args: argparse.Namespace) -> int:
     if not 1 <= len(args.token) <= _TOKEN_MAX or not args.token.isprintable():
         raise ConfigError(f"TOKEN {args.token[:40]!r}: not a lease token (32 hex digits, as "
                           "`portlease lease --detach` prints it)")
-    with Connection(args.socket, reclaim=False, client="portlease-cli", autostart=False) as conn:
+    with _connect(args) as conn:
         if args.command == "renew":
             expires = conn.renew(args.token)
             if expires is not None:
@@ -443,7 +446,7 @@ def _status(args: argparse.Namespace) -> int:
         if not (math.isfinite(args.watch) and args.watch > 0):
             raise ConfigError("--watch SECONDS must be a positive number")
         return _watch_status(args)
-    with Connection(args.socket, reclaim=False, client="portlease-cli", autostart=False) as conn:
+    with _connect(args) as conn:
         reply = _full_status(conn)
     if args.squatters:
         print(_squatters_table(reply))
@@ -480,8 +483,7 @@ def _watch_status(args: argparse.Namespace) -> int:
         while True:
             try:
                 if conn is None:
-                    conn = Connection(args.socket, reclaim=False, client="portlease-cli",
-                                      autostart=False)
+                    conn = _connect(args)
                 reply = _full_status(conn)
                 text = (json.dumps(p.to_builtins(reply)) if args.json
                         else render_status(reply, time.time(), self_clients=1))
@@ -512,19 +514,19 @@ def _watch_status(args: argparse.Namespace) -> int:
             conn.close()
 
 
+def _metrics(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        text = conn.metrics()
+    sys.stdout.write(text)  # a closed pipe is main()'s business
+    sys.stdout.flush()
+    return 0
+
+
 # ---------------------------------------------------------------- wait
 
 
 WAIT_POLL = 0.05
 """Seconds between looks at the kernel's socket tables."""
-
-
-def _metrics(args: argparse.Namespace) -> int:
-    with Connection(args.socket, reclaim=False, client="portlease-cli", autostart=False) as conn:
-        text = conn.metrics()
-    sys.stdout.write(text)  # a closed pipe is main()'s business
-    sys.stdout.flush()
-    return 0
 
 
 def _wait(args: argparse.Namespace) -> int:
