@@ -311,15 +311,6 @@ def _check_ttl(ttl: float | None) -> None:
         )
 
 
-def _check_address(host: str) -> None:
-    import socket
-
-    try:
-        socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)
-    except socket.gaierror:
-        raise ConfigError(f"--listen-host {host!r}: not an IPv4 or IPv6 address") from None
-
-
 def _parse_env(specs: list[str], count: int) -> dict[str, int]:
     out = {}
     for spec in specs:
@@ -341,7 +332,7 @@ def _parse_env(specs: list[str], count: int) -> dict[str, int]:
 
 
 def _lease(args: argparse.Namespace) -> int:
-    from .listeners import parse_hold, parse_listen
+    from .listeners import check_host, parse_hold, parse_listen
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -356,7 +347,7 @@ def _lease(args: argparse.Namespace) -> int:
     if args.listen_host is not None:
         if not listen:
             raise ConfigError("--listen-host applies to --listen only")
-        _check_address(args.listen_host)
+        check_host(args.listen_host)
     both = {s.offset for s in listen if not s.udp} & set(hold)
     if both:
         raise ConfigError(f"--hold {min(both)}: that port is already bound by --listen")

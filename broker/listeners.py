@@ -94,6 +94,20 @@ def _wildcard_socket(kind: int) -> tuple[socket.socket, str]:
     return sock, "::"
 
 
+def _numeric_host(host: str, kind: int) -> tuple[int, str]:
+    try:
+        info = socket.getaddrinfo(host, None, type=kind, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        raise ConfigError(f"--listen-host {host!r}: not an IPv4 or IPv6 address") from None
+    family, _, _, _, sockaddr = info[0]
+    return family, str(sockaddr[0])
+
+
+def check_host(host: str) -> None:
+    """ConfigError (exit 2) unless ``host`` is a numeric IPv4 or IPv6 address (``--listen-host``)."""
+    _numeric_host(host, socket.SOCK_STREAM)
+
+
 class BindError(OSError):
     """A leased port could not be bound (something outside portlease took it)."""
 
@@ -115,13 +129,8 @@ def bind_listener(port: int, *, udp: bool, host: str | None) -> socket.socket:
     if host is None:
         sock, addr = _wildcard_socket(kind)
     else:
-        try:
-            info = socket.getaddrinfo(host, port, type=kind, flags=socket.AI_NUMERICHOST)
-        except socket.gaierror:
-            raise ConfigError(f"--listen-host {host!r}: not an IPv4 or IPv6 address") from None
-        family, _, _, _, sockaddr = info[0]
+        family, addr = _numeric_host(host, kind)
         sock = socket.socket(family, kind)
-        addr = str(sockaddr[0])
     try:
         if not udp:
             # What servers set on their own listeners: a restart of CMD's server
