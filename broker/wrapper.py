@@ -62,6 +62,7 @@ from typing import NoReturn
 
 from portlease.client.sync import Connection
 
+from .cli import EXIT_CANNOT_RUN, EXIT_NOT_FOUND
 from .listeners import BindError, ListenSpec, bind_listener, bind_placeholder, close_all
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
@@ -69,8 +70,6 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signa
 """Signals the wrapper passes on to CMD's process group."""
 _WAITED = (*FORWARDED, signal.SIGCHLD)
 
-EXIT_CANNOT_RUN = 126
-EXIT_NOT_FOUND = 127
 EXIT_BIND = 1
 
 HOLD_POLL = 0.05
