@@ -20,7 +20,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -139,10 +139,10 @@ class Broker:
     _wall_offset: float = 0.0
     _cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
     _compact_after: float = 0.0
-    _identify_soon: list[Session] = field(default_factory=list)
-    """Sessions granted a detached lease: /proc is read right after the reply leaves."""
-    _identify_later: list[Session] = field(default_factory=list)
-    """Sessions granted bound leases: /proc is read at the next tick or ``status``, if still open."""
+    _identify_soon: dict[int, Session] = field(default_factory=dict)
+    """Sessions granted a detached lease, by id: /proc is read right after the reply leaves."""
+    _identify_later: dict[int, Session] = field(default_factory=dict)
+    """Sessions granted bound leases, by id: /proc is read at the next tick or ``status``, if still open."""
     _faults: _RateLimited = field(init=False)
     _refusals: _RateLimited = field(init=False)
     _journal_errors: _RateLimited = field(init=False)
@@ -339,10 +339,10 @@ class Broker:
         elif isinstance(reply, p.Reclaimed):
             self.metrics.reclaimed()
         if session.unidentified and not session.identified:
-            if any(r.connection is None for r in session.unidentified):
-                self._identify_soon.append(session)
-            else:
-                self._identify_later.append(session)
+            # Only the newest lease can change which queue is due: after an
+            # earlier detached one the session is queued to be read this turn.
+            detached = session.unidentified[-1].connection is None
+            (self._identify_soon if detached else self._identify_later)[session.id] = session
         if log.isEnabledFor(logging.DEBUG):
             peer = session.peer
             log.debug("connection %d (pid %s uid %s): %s -> %s", session.id, peer.pid, peer.uid,
@@ -384,18 +384,18 @@ class Broker:
         closed its connection and there is nothing left to read it for.
         """
         if self._identify_soon:
-            sessions, self._identify_soon = self._identify_soon, []
-            self._identify(sessions)
+            sessions, self._identify_soon = self._identify_soon, {}
+            self._identify(sessions.values())
 
-    def _identify(self, sessions: list[Session]) -> None:
+    def _identify(self, sessions: Iterable[Session]) -> None:
         now = self.now()
         for session in sessions:
             if not session.identified and session.unidentified:
                 self._apply(self.core.identified(session, identify(session.peer)), now)
 
     def _identify_pending(self) -> None:
-        sessions = self._identify_soon + self._identify_later
-        self._identify_soon, self._identify_later = [], []
+        sessions = [*self._identify_soon.values(), *self._identify_later.values()]
+        self._identify_soon, self._identify_later = {}, {}
         self._identify(sessions)
 
     # -------------------------------------------------------- periodic work
