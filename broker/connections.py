@@ -2,8 +2,9 @@
 
 Why not trio's task per connection: a one-shot lease (connect, hello + lease,
 release, close) is mostly per-connection set-up, and trio's ``serve_listeners``
-spends about a hundred microseconds more per connection than a plain epoll loop
-on this path (a task, a stream, a cancel scope, wakeups through the run queue).
+spends several times what a plain epoll loop does per connection on this path
+(a task, a stream, a cancel scope, wakeups through the run queue; the floors in
+docs/performance.md measure both).
 Ports are leased by the thousand in a test suite's first second, so that cost is
 the product. Here each connection is a small object with a non-blocking socket,
 and one task waits on an epoll fd (``trio.lowlevel.wait_readable``), then serves
