@@ -452,6 +452,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _squatters_table(reply: p.StatusReply) -> str:
     from . import procnet
+    from .procinfo import read_cmdline
 
     low, high = reply.summary.range
     found = procnet.squatters(low, high, [(i.ports[0], len(i.ports)) for i in reply.leases])
@@ -460,7 +461,7 @@ def _squatters_table(reply: p.StatusReply) -> str:
     for s in found:
         pid = owners.get(s.inode)
         rows.append((s.proto + ("6" if s.family == 6 else ""), s.port, s.address, pid, s.uid,
-                     procnet.cmdline(pid) if pid else None))
+                     read_cmdline(pid)))
     return render_squatters(rows)
 
 

@@ -26,9 +26,7 @@ import struct
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
-__all__ = [
-    "NetSocket", "all_owners", "cmdline", "descendants", "listening", "owners", "sockets", "squatters",
-]
+__all__ = ["NetSocket", "all_owners", "descendants", "listening", "owners", "sockets", "squatters"]
 
 _PROC_NET = "/proc/net"
 
@@ -248,18 +246,6 @@ def listening(ports: Collection[int], pid: int | None = None) -> set[int]:
     tree = descendants(pid)
     holders = all_owners(s.inode for s in found)
     return {s.port for s in found if holders.get(s.inode, set()) & tree}
-
-
-def cmdline(pid: int) -> str | None:
-    """The process's command line, arguments joined by spaces; None if it is gone or hidden."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    if not raw:  # a kernel thread, or a zombie
-        return None
-    return " ".join(arg.decode(errors="replace") for arg in raw.rstrip(b"\0").split(b"\0"))
 
 
 def squatters(low: int, high: int, leased: Iterable[tuple[int, int]]) -> list[NetSocket]:

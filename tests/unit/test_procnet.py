@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from portlease.broker import kernel, procnet
+from portlease.broker.procinfo import read_cmdline
 
 V6 = kernel.has_ipv6()
 KERNEL = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
@@ -132,13 +133,13 @@ def test_owners_and_all_owners_name_a_child_process(base: int, held: list[socket
         mine = bind(held, socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1", base + 11)
         assert procnet.all_owners([sock.inode, inode(mine), 0]) == {
             sock.inode: {child.pid}, inode(mine): {os.getpid()}}
-        cmd = procnet.cmdline(child.pid)
+        cmd = read_cmdline(child.pid)
         assert cmd is not None and cmd.startswith(sys.executable + " -c import socket")
     finally:
         child.kill()
         child.wait()
     assert procnet.owners([sock.inode]) == {}
-    assert procnet.cmdline(child.pid) is None
+    assert read_cmdline(child.pid) is None
 
 
 def test_a_socket_shared_across_fork_has_every_holder(base: int, held: list[socket.socket]) -> None:
