@@ -267,28 +267,21 @@ class AsyncConnection:
     async def _dial(self, wait: float | None = None) -> anyio.abc.SocketStream:
         """Connect to the chosen socket, checked before and after; may wait or autostart."""
         choice = self._choice
-        deadline = anyio.current_time() + (self.timeout if wait is None else wait)
-        autostart_on = _autostart_enabled(self._autostart)
-        tried = False
-        delay = 0.005
+        dialing = paths.Dialing(
+            choice, autostart=self._autostart, max_delay=RECONNECT_MAX_DELAY,
+            deadline=anyio.current_time() + (self.timeout if wait is None else wait),
+        )
         while True:
             paths.check_directory(choice)
             try:
                 stream = await anyio.connect_unix(choice.path)
             except OSError as exc:
-                action = paths.on_connect_error(choice, exc, autostart_on=autostart_on,
-                                                autostart_tried=tried)
-                if action == "autostart":
-                    tried = True
+                step = dialing.after_error(exc, anyio.current_time())
+                if step == "autostart":
                     await self._autostart_broker()
-                    continue
-                if action == "wait" and anyio.current_time() + delay < deadline:
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, RECONNECT_MAX_DELAY)
-                    continue
-                if action == "wait":
-                    action = paths.unavailable(choice, exc, autostart_on=autostart_on)
-                raise action from None
+                else:
+                    await anyio.sleep(step)
+                continue
             try:
                 paths.check_peer(_raw(stream), choice)
             except BaseException:
@@ -437,12 +430,6 @@ def _raw(stream: anyio.abc.SocketStream) -> _socket.socket:
 async def _aclose(stream: anyio.abc.SocketStream) -> None:
     with anyio.CancelScope(shield=True), contextlib.suppress(*_BROKEN):
         await stream.aclose()
-
-
-def _autostart_enabled(flag: bool | None) -> bool:
-    from . import autostart
-
-    return autostart.enabled(flag)
 
 
 @contextlib.asynccontextmanager

@@ -225,6 +225,51 @@ def on_connect_error(
     return unavailable(choice, exc, autostart_on=autostart_on)
 
 
+class Dialing:
+    """One attempt of a client to reach the broker at ``choice``: what each failed connect leads to.
+
+    Both clients drive it, each with its own clock and sleep. ``autostart`` is
+    the client's setting (None: ``$PORTLEASE_AUTOSTART``), read only once a
+    connect has failed; a system broker that is down is waited for until
+    ``deadline``, with pauses growing to ``max_delay``.
+    """
+
+    __slots__ = ("_autostart", "_autostart_on", "_autostart_tried", "_delay", "_max_delay",
+                 "choice", "deadline")
+
+    def __init__(self, choice: SocketChoice, *, autostart: bool | None, deadline: float,
+                 max_delay: float) -> None:
+        self.choice = choice
+        self.deadline = deadline
+        self._autostart = autostart
+        self._autostart_on: bool | None = None
+        self._autostart_tried = False
+        self._delay = 0.005
+        self._max_delay = max_delay
+
+    def after_error(self, exc: OSError, now: float) -> Literal["autostart"] | float:
+        """``"autostart"`` (start the per-user broker), or seconds to wait before connecting again.
+
+        Raises the :class:`BrokerUnavailable` to report once neither is left.
+        """
+        if self._autostart_on is None:
+            from .autostart import enabled  # not at the top: autostart imports this module
+
+            self._autostart_on = enabled(self._autostart)
+        action = on_connect_error(self.choice, exc, autostart_on=self._autostart_on,
+                                  autostart_tried=self._autostart_tried)
+        if action == "autostart":
+            self._autostart_tried = True
+            return action
+        if action == "wait" and now + self._delay < self.deadline:
+            delay = self._delay
+            self._delay = min(delay * 2, self._max_delay)
+            return delay
+        if action == "wait":
+            action = unavailable(self.choice, exc, autostart_on=self._autostart_on)
+        raise action from None
+
+
 def unavailable(choice: SocketChoice, exc: OSError, *, autostart_on: bool) -> BrokerUnavailable:
     """The :class:`BrokerUnavailable` for a socket that did not answer with ``exc``."""
     reason = exc.strerror or str(exc)

@@ -266,27 +266,19 @@ class Connection:
         """
         choice = self._choice
         deadline = time.monotonic() + (self.timeout if wait is None else wait)
-        autostart_on = _autostart_enabled(self._autostart)
-        tried = False
-        delay = 0.005
+        dialing = paths.Dialing(choice, autostart=self._autostart, deadline=deadline,
+                                max_delay=RECONNECT_MAX_DELAY)
         while True:
             paths.check_directory(choice)
             try:
                 sock = _connect(choice.path, deadline)
             except OSError as exc:
-                action = paths.on_connect_error(choice, exc, autostart_on=autostart_on,
-                                                autostart_tried=tried)
-                if action == "autostart":
-                    tried = True
+                step = dialing.after_error(exc, time.monotonic())
+                if step == "autostart":
                     self._autostart_broker()
-                    continue
-                if action == "wait" and time.monotonic() + delay < deadline:
-                    time.sleep(delay)
-                    delay = min(delay * 2, RECONNECT_MAX_DELAY)
-                    continue
-                if action == "wait":
-                    action = paths.unavailable(choice, exc, autostart_on=autostart_on)
-                raise action from None
+                else:
+                    time.sleep(step)
+                continue
             try:
                 paths.check_peer(sock, choice)
             except BaseException:
@@ -413,12 +405,6 @@ class Connection:
                 return None
             return time.monotonic() + delay
         return None
-
-
-def _autostart_enabled(flag: bool | None) -> bool:
-    from .autostart import enabled
-
-    return enabled(flag)
 
 
 def _connect(path: str, deadline: float) -> _socket.socket:

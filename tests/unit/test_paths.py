@@ -92,3 +92,28 @@ def test_what_to_do_when_connect_fails() -> None:
     assert "$PORTLEASE_SOCKET" in str(env)
     arg = paths.unavailable(SocketChoice("/a.sock", "argument"), refused, autostart_on=True)
     assert "PORTLEASE_SOCKET" not in str(arg) and "/a.sock" in str(arg)
+
+
+def test_a_dial_autostarts_once_and_waits_for_a_system_broker_until_its_deadline() -> None:
+    missing = FileNotFoundError(errno.ENOENT, "No such file or directory")
+    user = paths.Dialing(SocketChoice("/r/portlease/portlease.sock", "per-user"), autostart=True,
+                         deadline=10.0, max_delay=0.1)
+    assert user.after_error(missing, 0.0) == "autostart"
+    with pytest.raises(BrokerUnavailable, match="no portlease broker answers"):
+        user.after_error(missing, 0.0)  # the broker it started did not answer either
+
+    system = paths.Dialing(SocketChoice("/run/portlease/portlease.sock", "system"), autostart=True,
+                           deadline=1.0, max_delay=0.1)
+    now, waits = 0.0, []
+    with pytest.raises(BrokerUnavailable, match="system portlease broker is down"):
+        while True:
+            wait = system.after_error(missing, now)
+            assert isinstance(wait, float)
+            waits.append(wait)
+            now += wait
+    assert waits[0] < waits[-1] <= 0.1 and now < 1.0  # never waits past the deadline
+
+    off = paths.Dialing(SocketChoice("/r/portlease/portlease.sock", "per-user"), autostart=False,
+                        deadline=10.0, max_delay=0.1)
+    with pytest.raises(BrokerUnavailable, match="autostart is off"):
+        off.after_error(missing, 0.0)
