@@ -184,18 +184,9 @@ class LeaseTable:
             )
         if count > self.allocator.size:
             raise TooLarge(f"count {count} is larger than the whole range ({self.allocator.size})")
-        held = self._ports_by_uid.get(peer.uid, 0)
-        if held + count > limits.max_ports_per_uid:
-            raise QuotaExceeded(
-                f"uid {peer.uid} holds {held} ports; {count} more would pass the "
-                f"per-uid limit of {limits.max_ports_per_uid}"
-            )
+        self._check_uid_room(peer.uid, count)
         if connection is not None:
-            n = len(self._by_connection.get(connection, ()))
-            if n >= limits.max_leases_per_connection:
-                raise QuotaExceeded(
-                    f"this connection holds {n} leases, the per-connection limit"
-                )
+            self._check_connection_room(connection)
         if token in self._by_token:
             raise ValueError("token reused")
         start = self.allocator.allocate(count, bind_ok, now)
@@ -250,16 +241,9 @@ class LeaseTable:
             return record
         if record.connection is not None:
             raise InUse("the lease is held by another live connection")
-        n = len(self._by_connection.get(connection, ()))
-        if n >= self.limits.max_leases_per_connection:
-            raise QuotaExceeded(f"this connection holds {n} leases, the per-connection limit")
+        self._check_connection_room(connection)
         if peer is not None and peer.uid != record.peer.uid:
-            held = self._ports_by_uid.get(peer.uid, 0)
-            if held + record.count > self.limits.max_ports_per_uid:
-                raise QuotaExceeded(
-                    f"uid {peer.uid} holds {held} ports; this lease's {record.count} more would "
-                    f"pass the per-uid limit of {self.limits.max_ports_per_uid}"
-                )
+            self._check_uid_room(peer.uid, record.count, reclaimed=True)
             self._uncount(record)
             record.peer = peer
             self._count(record)
@@ -366,6 +350,23 @@ class LeaseTable:
         if record is None:
             raise NotFound("no lease has this token (released, expired or never granted)")
         return record
+
+    def _check_uid_room(self, uid: int | None, count: int, *, reclaimed: bool = False) -> None:
+        """Raise :class:`QuotaExceeded` unless ``uid`` may hold ``count`` more ports
+        (a new grant's, or a ``reclaimed`` lease's)."""
+        held = self._ports_by_uid.get(uid, 0)
+        if held + count > self.limits.max_ports_per_uid:
+            what = f"this lease's {count} more" if reclaimed else f"{count} more"
+            raise QuotaExceeded(
+                f"uid {uid} holds {held} ports; {what} would pass the "
+                f"per-uid limit of {self.limits.max_ports_per_uid}"
+            )
+
+    def _check_connection_room(self, connection: int) -> None:
+        """Raise :class:`QuotaExceeded` when ``connection`` holds its limit of leases."""
+        n = len(self._by_connection.get(connection, ()))
+        if n >= self.limits.max_leases_per_connection:
+            raise QuotaExceeded(f"this connection holds {n} leases, the per-connection limit")
 
     def _overlaps_lease(self, start: int, count: int) -> bool:
         # Leases are the only holders at restore time apart from the permanent

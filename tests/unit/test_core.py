@@ -102,6 +102,7 @@ def test_reclaim_by_another_uid_moves_the_holder_and_the_quota() -> None:
     core.handle_line(thief, line(op="lease", count=2), T0, 2)  # thief holds 2 of its 4
     over = core.handle_line(thief, line(op="reclaim", token=granted.token), T0, 2).reply
     assert isinstance(over, p.Error) and over.code is p.ErrorCode.QUOTA
+    assert over.message == "uid 2000 holds 2 ports; this lease's 3 more would pass the per-uid limit of 4"
     core.closed(thief)
     thief = session(3, uid=2000, pid=78)
     out = core.handle_line(thief, line(op="reclaim", token=granted.token), T0, 2)
