@@ -35,6 +35,8 @@ whose end the journal missed (a full disk) cannot outlive the owner's session.""
 
 
 class LeaseState(enum.StrEnum):
+    """What ``status`` shows a lease as; derived from the record, never stored."""
+
     ATTACHED = "attached"
     """Bound to a live connection; released when it closes."""
     DETACHED = "detached"
@@ -82,6 +84,8 @@ class Instant:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """The configured limits (see :class:`~.config.Config`) the table enforces."""
+
     max_ports_per_request: int = 256
     max_ports_per_uid: int = 4096
     max_leases_per_connection: int = 1024
@@ -89,6 +93,8 @@ class Limits:
 
 @dataclass(slots=True)
 class LeaseRecord:
+    """One lease: its ports, its holder, and what binds it or when it lapses."""
+
     token: str
     start: int
     count: int
@@ -109,10 +115,12 @@ class LeaseRecord:
 
     @property
     def ports(self) -> list[int]:
+        """Every port of the lease, in order."""
         return list(range(self.start, self.start + self.count))
 
     @property
     def state(self) -> LeaseState:
+        """Attached, detached or orphaned, from ``connection`` and ``orphaned``."""
         if self.connection is not None:
             return LeaseState.ATTACHED
         return LeaseState.ORPHANED if self.orphaned else LeaseState.DETACHED
