@@ -1,7 +1,8 @@
 """The ``portlease`` command: ``serve`` runs the broker; the rest are clients.
 
-Only ``serve`` imports trio (lazily): ``portlease lease -- CMD`` starts in a
-few tens of milliseconds because it loads nothing but the sync client.
+Only ``serve`` imports trio (lazily): ``portlease lease -- CMD`` loads nothing
+but the sync client, which keeps its start-up short (``bench/clients.py``
+measures ``portlease lease -- true``).
 
 Arguments are checked here, against the protocol's own bounds, before anything
 is sent: a person who typed ``-n 70000`` gets a sentence and exit status 2, not

@@ -36,13 +36,10 @@ them; it follows CMD when CMD stops and continues.
 
 The process is started with ``fork`` + ``exec`` rather than ``posix_spawn``:
 ``PR_SET_PDEATHSIG``, the ``getppid()`` check after it, the terminal hand-over
-and ``LISTEN_PID`` (CMD's own pid) can only be done in the child. Measured on
-the 2-core CI machine (median of 300, a process with the sync client loaded and
-one extra thread): fork + exec 2.1 ms, ``posix_spawn`` of a
-``sh -c 'LISTEN_PID=$$ exec "$@"'`` trampoline 1.4 ms, plain ``posix_spawn``
-0.7 ms. The trampoline would save 0.7 ms of the 80-100 ms a whole
-``portlease lease -- true`` takes there, but it cannot set the death signal or
-check the parent, so fork it is.
+and ``LISTEN_PID`` (CMD's own pid) can only be done in the child. A
+``posix_spawn`` of a ``sh -c 'LISTEN_PID=$$ exec "$@"'`` trampoline is cheaper
+than fork + exec and would give CMD its ``LISTEN_PID``, but it cannot set the
+death signal or check the parent, so fork it is.
 """
 
 from __future__ import annotations
