@@ -107,11 +107,12 @@ def _required(config: pytest.Config) -> bool:
 
 
 def _note(nodeid: str) -> str:
-    from .sync import default_note
+    from .protocol import MAX_NOTE
+    from .session import default_note
 
     ci = default_note()
     note = f"{nodeid} {ci}" if ci else nodeid
-    return note[:1024]  # the protocol's limit; long parametrized ids get cut
+    return note[:MAX_NOTE]  # long parametrized ids get cut
 
 
 @pytest.fixture(scope="session")
