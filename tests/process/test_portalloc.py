@@ -2,7 +2,7 @@
 
 The crate's part is played by ``tests/portalloc_crate.py`` (stdlib only, run as its own
 process). The broker's part in the multi-process test is played by this file run as a
-script (``python tests/test_portalloc.py worker …``): a minimal broker that grants runs
+script (``python tests/process/test_portalloc.py worker …``): a minimal broker that grants runs
 through :meth:`PortallocTable.sync` and never binds, so the table is the only thing
 keeping the two worlds apart.
 """
