@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from .allocator import PORTS
 from .errors import StartupError
 from .leases import Instant, LeaseRecord, Peer
 from .safedir import check_directory, open_failure, open_file
@@ -89,6 +90,11 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(_Entry)
 
 
+def _attached(record: LeaseRecord) -> bool:
+    """Whether the lease comes back as an orphan after a restart (see ``attached``)."""
+    return record.connection is not None or record.orphaned
+
+
 def _grant_entry(record: LeaseRecord, at: Instant, boot: str) -> _Grant:
     peer = record.peer
     return _Grant(
@@ -97,7 +103,7 @@ def _grant_entry(record: LeaseRecord, at: Instant, boot: str) -> _Grant:
         expires=None if record.expires is None else at.to_wall(record.expires),
         pid=peer.pid, uid=peer.uid, gid=peer.gid, cmdline=peer.cmdline, started=peer.started,
         note=record.note, boot=boot, mexp=record.expires, since=record.since,
-        attached=record.connection is not None or record.orphaned,
+        attached=_attached(record),
     )
 
 
@@ -194,7 +200,7 @@ class Journal:
                 peer=Peer(pid=g.pid, uid=g.uid, gid=g.gid, cmdline=g.cmdline, started=g.started),
             )
             for g in live.values()
-            if g.count >= 1 and g.start > 0 and g.start + g.count <= 65536 and g.ttl > 0
+            if g.count >= 1 and g.start > 0 and g.start + g.count <= PORTS and g.ttl > 0
         ]
         bad += len(live) - len(records)
         detached = {g.token for g in live.values() if not g.attached}
@@ -227,22 +233,27 @@ class Journal:
         self._torn = False
 
     def granted(self, record: LeaseRecord, at: Instant) -> None:
+        """Journal a new lease."""
         self._append(_grant_entry(record, at, self.boot))
 
     def ended(self, record: LeaseRecord) -> None:
+        """Journal that a lease ended: released, expired or its connection closed."""
         self._append(_End(record.token))
 
     def expiry_changed(self, record: LeaseRecord, at: Instant) -> None:
+        """Journal a lease's new expiry, and whether it is bound now."""
         expires = record.expires
         self._append(_Expiry(
             record.token, None if expires is None else at.to_wall(expires), expires,
-            attached=record.connection is not None or record.orphaned,
+            attached=_attached(record),
         ))
 
     def identified(self, record: LeaseRecord) -> None:
+        """Journal the holder's command line and start time, read after the grant."""
         self._append(_Identity(record.token, record.peer.cmdline, record.peer.started))
 
     def needs_compaction(self, live: int) -> bool:
+        """Whether the file holds enough dead records, against ``live`` leases, to rewrite it."""
         return self._records_written > 2 * live + self._compact_slack
 
     def compact(self, records: Iterable[LeaseRecord], at: Instant) -> None:
@@ -277,6 +288,7 @@ class Journal:
         self._records_written = body.count(b"\n")
 
     def close(self) -> None:
+        """Close the journal and drop its lock."""
         for fd in (self._fd, self._lock_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
