@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from brokerproc import BrokerProc
+from brokerproc import BrokerProc, Raw
 from portlease.client import Connection
 
 CRATE = str(Path(__file__).resolve().parents[1] / "portalloc_crate.py")
@@ -48,10 +48,19 @@ def wait_until(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-
         time.sleep(0.02)
 
 
-def test_broker_and_crate_never_hand_out_the_same_port(tmp_path: Path) -> None:
-    shared = tmp_path / "fm"
+@contextlib.contextmanager
+def sharing_broker(tmp_path: Path, shared: Path) -> Iterator[BrokerProc]:
+    """A broker on LOW-HIGH that shares its range through ``shared``."""
     b = BrokerProc(tmp_path, ["--portalloc-dir", str(shared)], range=f"{LOW}-{HIGH}").start()
     try:
+        yield b
+    finally:
+        b.stop()
+
+
+def test_broker_and_crate_never_hand_out_the_same_port(tmp_path: Path) -> None:
+    shared = tmp_path / "fm"
+    with sharing_broker(tmp_path, shared) as b:
         theirs = crate_alloc(shared, 3, repeat=4)
         their_ports = {p for r in theirs for p in r}
         with Connection(b.socket) as conn:
@@ -66,15 +75,12 @@ def test_broker_and_crate_never_hand_out_the_same_port(tmp_path: Path) -> None:
         # The connection closed: our entries leave the table, the crate's stay.
         wait_until(lambda: not (our_ports & live_ports(shared)))
         assert their_ports <= live_ports(shared)
-    finally:
-        b.stop()
 
 
 def test_corrupt_table_is_survived_and_repaired_for_the_crate(tmp_path: Path) -> None:
     shared = tmp_path / "fm"
     shared.mkdir()
-    b = BrokerProc(tmp_path, ["--portalloc-dir", str(shared)], range=f"{LOW}-{HIGH}").start()
-    try:
+    with sharing_broker(tmp_path, shared) as b:
         assert crate(shared, "corrupt").returncode == 0
         assert crate(shared, "check").returncode != 0  # the crate itself is now stuck
         with Connection(b.socket) as conn:
@@ -83,52 +89,38 @@ def test_corrupt_table_is_survived_and_repaired_for_the_crate(tmp_path: Path) ->
             assert set(held.ports) <= live_ports(shared)
             assert not set(crate_alloc(shared, 2)[0]) & set(held.ports)
         assert "portalloc:" in b.log.read_text()
-    finally:
-        b.stop()
 
 
 def test_stuck_lock_holder_does_not_stall_the_broker(tmp_path: Path) -> None:
     shared = tmp_path / "fm"
     shared.mkdir()
-    b = BrokerProc(tmp_path, ["--portalloc-dir", str(shared)], range=f"{LOW}-{HIGH}").start()
-    holder = subprocess.Popen(
-        [sys.executable, CRATE, "--dir", str(shared), "hold", "20"], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        with Connection(b.socket) as conn:
-            held = conn.lease(1)  # granted on bind checks alone, after the lock timeout
-            assert LOW <= held.port <= HIGH
-            conn.ping()
-        assert "was busy" in b.log.read_text()
-    finally:
-        holder.kill()
-        holder.wait()
-        b.stop()
+    with sharing_broker(tmp_path, shared) as b:
+        holder = subprocess.Popen(
+            [sys.executable, CRATE, "--dir", str(shared), "hold", "20"], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+            with Connection(b.socket) as conn:
+                held = conn.lease(1)  # granted on bind checks alone, after the lock timeout
+                assert LOW <= held.port <= HIGH
+                conn.ping()
+            assert "was busy" in b.log.read_text()
+        finally:
+            holder.kill()
+            holder.wait()
 
 
 def test_pipelined_leases_behind_a_shared_grant_are_all_answered(tmp_path: Path) -> None:
-    shared = tmp_path / "fm"
-    b = BrokerProc(tmp_path, ["--portalloc-dir", str(shared)], range=f"{LOW}-{HIGH}").start()
-    try:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(5)
-        s.connect(str(b.socket))
-        # One write: hello, three leases, a ping. Every line must get its reply
-        # without the client sending anything more.
-        s.sendall(b'{"op":"hello","id":1,"version":1}\n'
-                  + b"".join(b'{"op":"lease","id":%d,"count":1}\n' % i for i in (2, 3, 4))
-                  + b'{"op":"ping","id":5}\n')
-        buf = b""
-        with contextlib.suppress(TimeoutError):
-            while buf.count(b"\n") < 5:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        replies = [json.loads(line) for line in buf.splitlines()]
-        assert [r["id"] for r in replies] == [1, 2, 3, 4, 5]
-        assert [r["reply"] for r in replies[1:4]] == ["granted"] * 3
-        s.close()
-    finally:
-        b.stop()
+    with sharing_broker(tmp_path, tmp_path / "fm") as b:
+        raw = Raw(str(b.socket), timeout=5, hello=False)
+        try:
+            # One write: hello, three leases, a ping. Every line must get its reply
+            # without the client sending anything more.
+            raw.send(b'{"op":"hello","id":1,"version":1}\n'
+                     + b"".join(b'{"op":"lease","id":%d,"count":1}\n' % i for i in (2, 3, 4))
+                     + b'{"op":"ping","id":5}\n')
+            replies = [raw.line() for _ in range(5)]
+            assert [r["id"] for r in replies] == [1, 2, 3, 4, 5]
+            assert [r["reply"] for r in replies[1:4]] == ["granted"] * 3
+        finally:
+            raw.close()
