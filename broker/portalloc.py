@@ -72,7 +72,7 @@ class Run:
 
 
 class Claim(Protocol):
-    """What ``choose`` returns: anything with the run it took (e.g. the lead's LeaseRecord)."""
+    """What ``choose`` returns: anything with the run it took (a :class:`Run`, a LeaseRecord)."""
 
     @property
     def start(self) -> int: ...
