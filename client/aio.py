@@ -170,15 +170,16 @@ class AsyncConnection:
     # -------------------------------------------------------- requests
 
     async def _call(self, call: Call[T]) -> T:
-        retry = Retry(self._s, reclaim=self._reclaim)
+        retry: Retry | None = None  # made once the socket drops under this call
         while True:
-            stream = await self._connected(retry.tried)
+            stream = await self._connected(redial=retry is not None)
             fresh = self._s.hello_due
             try:
                 await self._request(stream, call)
                 return call.result()
             except Dropped:
                 # Meanwhile the reader is reconnecting (and reclaiming).
+                retry = retry or Retry(self._s, reclaim=self._reclaim)
                 delay = None if self._closed else retry.after_drop(fresh=fresh, now=time.monotonic())
                 if delay is None:
                     raise ConnectionLost(self._down) from None

@@ -126,23 +126,25 @@ class Retry:
     reconnect schedule: a new socket that drops before its hello is answered
     reached a broker on its way down (socket activation queues connections
     for one that is being replaced).
+
+    A shell makes one when a call first meets a drop, so that the calls that
+    never do pay nothing for it.
     """
 
-    __slots__ = ("_backoff", "_reclaim", "_session", "tried")
+    __slots__ = ("_backoff", "_reclaim", "_session", "_tried")
 
     def __init__(self, session: Session, *, reclaim: bool) -> None:
         self._session = session
         self._reclaim = reclaim
         self._backoff: Backoff | None = None
-        self.tried = False
-        """A retry was granted: the shell may dial a new socket even without ``reclaim``."""
+        self._tried = False
 
     def after_drop(self, *, fresh: bool, now: float) -> float | None:
         """Seconds to wait before sending again (0 for at once), or None to give up."""
         if not (self._reclaim or fresh):
             return None
         delay = 0.0
-        if self.tried:
+        if self._tried:
             if not (fresh and self._reclaim):
                 return None
             self._backoff = self._backoff or self._session.reconnect_backoff(now)
@@ -150,7 +152,7 @@ class Retry:
             if next_delay is None:
                 return None
             delay = next_delay
-        self.tried = True
+        self._tried = True
         return delay
 
 

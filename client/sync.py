@@ -206,12 +206,12 @@ class Connection:
             )
 
     def _run(self, call: Call[T]) -> T:
-        retry = Retry(self._s, reclaim=self._reclaim)
+        retry: Retry | None = None  # made once the socket drops under this call
         while True:
             self._usable()
             sock = self._sock
             if sock is None:
-                if not (self._reclaim or retry.tried):
+                if not (self._reclaim or retry is not None):
                     raise ConnectionLost(self._down)
                 self._reconnect_blocking()
                 continue
@@ -219,6 +219,7 @@ class Connection:
             try:
                 return self._exchange(sock, call)
             except Dropped as exc:
+                retry = retry or Retry(self._s, reclaim=self._reclaim)
                 delay = None if self._closed else retry.after_drop(fresh=fresh, now=time.monotonic())
                 if delay is None:
                     raise ConnectionLost(str(exc)) from None
