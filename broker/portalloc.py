@@ -605,12 +605,15 @@ class PortallocTable:
         held: Locked,
         ours: Mapping[int, tuple[int, float | None]],
         *,
-        claim: Run | None = None,
         chosen: C | None = None,
     ) -> SyncResult[C]:
-        """Publish ``ours`` (taken after the grant, so it includes it) and release the lock."""
+        """Publish ``ours`` (taken after the grant, so it includes it) and release the lock.
+
+        ``chosen``, a run granted under this lock hold that is not in ``ours``, is
+        published too and comes back in the result.
+        """
         try:
-            return self._finish_locked(held, ours, claim, chosen)
+            return self._finish_locked(held, ours, chosen)
         finally:
             os.close(held.fd)  # closing our only fd on that open file releases the flock
             self._mutex.release()
@@ -645,8 +648,7 @@ class PortallocTable:
         except BaseException:
             self.abandon(held)
             raise
-        claim = Run(chosen.start, chosen.count) if chosen is not None else None
-        return self.finish(held, ours, claim=claim, chosen=chosen)
+        return self.finish(held, ours, chosen=chosen)
 
     # -------------------------------------------------------------- internals
 
@@ -768,10 +770,10 @@ class PortallocTable:
             raise
 
     def _finish_locked(
-        self, held: Locked, ours: Mapping[int, tuple[int, float | None]], claim: Run | None,
-        chosen: C | None,
+        self, held: Locked, ours: Mapping[int, tuple[int, float | None]], chosen: C | None,
     ) -> SyncResult[C]:
         parsed = held.parsed
+        claim = Run(chosen.start, chosen.count) if chosen is not None else None
         merged = merge(parsed.table, held.wall, ours, held.owned, claim=claim,
                        horizon=self.horizon, slack=self.slack)
         problems = parsed.problems + merged.problems
