@@ -1,6 +1,6 @@
 """Another local user must never reach your leases: planted per-user directories and sockets.
 
-As root the module creates a throw-away user (the attacker) with useradd. Its
+As root the module creates a throw-away user (the attacker) with tests/localusers.py. Its
 fake broker runs under that uid through ``setpriv --reuid`` with the system's
 own ``/usr/bin/python3`` (stdlib only), answers hello and lease like a broker
 would, and prints every byte it receives. The victim (this process, root) uses
@@ -27,6 +27,7 @@ import anyio
 import pytest
 
 from brokerproc import BrokerProc, wait_for_socket
+from localusers import temporary_users
 from portlease.client import BrokerUnavailable, Connection, LeaseLost, UnsafeSocket, open_lease
 from portlease.client.paths import user_socket
 
@@ -74,21 +75,13 @@ class Attacker:
 
 @pytest.fixture(scope="module")
 def attacker() -> Iterator[Attacker]:
-    if os.geteuid() != 0:
-        pytest.skip("creating a second user needs root")
-    for tool in ("useradd", "userdel", "setpriv"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is missing")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv is missing")
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.skip(f"{SYSTEM_PYTHON} is missing (the attacker's interpreter)")
-    name = f"plsock{os.getpid() % 100000}"
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                   check=True, capture_output=True)
-    try:
-        pw = pwd.getpwnam(name)
-        yield Attacker(name, pw.pw_uid, pw.pw_gid)
-    finally:
-        subprocess.run(["userdel", name], capture_output=True)
+    with temporary_users("plsock", {"a": False}) as (_group, names):
+        pw = pwd.getpwnam(names["a"])
+        yield Attacker(pw.pw_name, pw.pw_uid, pw.pw_gid)
 
 
 @pytest.fixture
