@@ -169,7 +169,7 @@ in
         example = "/var/lib/prometheus-node-exporter-text-files/portlease.prom";
         description = ''
           File the broker rewrites (atomically) every few seconds with its
-          metrics in OpenMetrics text, for node_exporter's textfile collector
+          metrics in the classic Prometheus text format, for node_exporter's textfile collector
           (config key `metrics_textfile`). The broker gets write access to
           the file's directory. null: no file; `portlease metrics` still
           prints them.
