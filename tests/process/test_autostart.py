@@ -194,13 +194,13 @@ def test_disabled_autostart_is_a_clear_error(user_sock: str) -> None:
 def test_a_broker_that_cannot_start_is_reported_with_its_log(user_sock: str) -> None:
     os.makedirs(os.path.dirname(user_sock), mode=0o700)
     Path(user_sock).write_text("not a socket")
-    started = time.monotonic()
     with pytest.raises(BrokerUnavailable) as exc:
         Connection()
     message = str(exc.value)
     assert "starting one failed" in message and "is not a socket" in message
     assert "broker.log" in message
-    assert time.monotonic() - started < 10  # reported when the broker exits, not at the timeout
+    # Reported when the broker exits, not at the timeout (which says "did not answer within").
+    assert "exited with status" in message and "did not answer within" not in message
 
 
 def test_a_directory_owned_by_someone_else_is_refused(user_sock: str) -> None:
