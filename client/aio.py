@@ -149,6 +149,7 @@ class AsyncConnection:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` ran (or the :func:`connect` block ended)."""
         return self._closed
 
     def close(self) -> None:

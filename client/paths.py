@@ -92,10 +92,12 @@ class SocketChoice:
 
     @property
     def per_user(self) -> bool:
+        """The per-user socket: checked as the caller's own, and the only one autostarted."""
         return self.source == "per-user"
 
     @property
     def system(self) -> bool:
+        """The system socket: its broker is waited for when down, never replaced."""
         return self.source == "system"
 
 

@@ -77,6 +77,7 @@ class Call(Generic[T]):
 
     @property
     def done(self) -> bool:
+        """A reply or an error is in: :meth:`result` no longer waits on anything."""
         return self.reply is not None or self.error is not None
 
     def result(self) -> T:
