@@ -94,6 +94,25 @@ def _text(value: str | None) -> str | None:
     return value[: p.STATUS_TEXT_MAX - 1] + "…"
 
 
+def decode_line(line: bytes) -> p.AnyRequest | Outcome:
+    """The request on ``line``, or the error reply's outcome when it does not decode. Never raises.
+
+    The shell decides what it answers itself (``metrics``, a lease that waits on
+    the share) from what this returns, never from the line's bytes: JSON may
+    spell an op with escapes.
+    """
+    try:
+        return p.decode_request(line)
+    except Exception as exc:
+        try:
+            return Outcome(p.error_for_bad_line(line, exc))
+        except Exception as exc2:
+            return Outcome(
+                p.Error(id=None, code=p.ErrorCode.BAD_REQUEST, message="cannot read request"),
+                fault=f"error_for_bad_line failed: {exc2!r}",
+            )
+
+
 @dataclass
 class BrokerCore:
     """The lease table and the rules for answering requests about it."""
@@ -117,16 +136,9 @@ class BrokerCore:
 
     def handle_line(self, session: Session, line: bytes, now: Instant, clients: int) -> Outcome:
         """Decode one request line and carry it out. Never raises."""
-        try:
-            request = p.decode_request(line)
-        except Exception as exc:
-            try:
-                return Outcome(p.error_for_bad_line(line, exc))
-            except Exception as exc2:
-                return Outcome(
-                    p.Error(id=None, code=p.ErrorCode.BAD_REQUEST, message="cannot read request"),
-                    fault=f"error_for_bad_line failed: {exc2!r}",
-                )
+        request = decode_line(line)
+        if isinstance(request, Outcome):
+            return request
         return self.handle(session, request, now, clients)
 
     def handle(self, session: Session, request: p.AnyRequest, now: Instant, clients: int) -> Outcome:
@@ -297,5 +309,5 @@ class BrokerCore:
 
 __all__ = [
     "BROKER_NAME", "BrokerCore", "Change", "ExpiryChanged", "Identified", "LeaseEnded", "NewLease",
-    "Outcome", "Session",
+    "Outcome", "Session", "decode_line",
 ]

@@ -31,7 +31,17 @@ from . import kernel
 from .allocator import Allocator, BindCheck
 from .config import Config, default_state_path
 from .connections import Conn, Driver, Reply
-from .core import BrokerCore, Change, ExpiryChanged, Identified, LeaseEnded, NewLease, Outcome, Session
+from .core import (
+    BrokerCore,
+    Change,
+    ExpiryChanged,
+    Identified,
+    LeaseEnded,
+    NewLease,
+    Outcome,
+    Session,
+    decode_line,
+)
 from .errors import ConfigError
 from .leases import Instant, LeaseRecord, LeaseTable, Limits
 from .listening import open_listener
@@ -299,25 +309,30 @@ class Broker:
     def request(self, conn: Conn, line: bytes) -> Reply:
         """The reply to one line, or (a lease while the portalloc share is on) a task that makes it."""
         session = conn.session
-        if self.share is not None and session.hello and b'"lease"' in line:
-            return functools.partial(self._shared_request, conn, line)
-        return self.answer(session, line)
+        request = decode_line(line)
+        if self.share is not None and session.hello and isinstance(request, p.Lease):
+            return functools.partial(self._shared_request, session, request)
+        return self._answer(session, request)
 
     def answer(self, session: Session, line: bytes) -> bytes:
         """Carry out one request line: the core decides, the journal records, then the reply."""
-        if b'"status"' in line:
+        return self._answer(session, decode_line(line))
+
+    def _answer(self, session: Session, request: p.AnyRequest | Outcome) -> bytes:
+        if isinstance(request, p.Status):
             self._identify_pending()  # status shows every holder's command line
         now = self.now()
-        if b'"metrics"' in line:
-            request = _try_decode(line)
-            if isinstance(request, p.Metrics) and session.hello:
-                return p.encode(p.MetricsReply(id=request.id, text=self.metrics_text()))
-        outcome = self.core.handle_line(session, line, now, self.clients)
+        if isinstance(request, Outcome):  # the line did not decode
+            outcome = request
+        elif isinstance(request, p.Metrics) and session.hello:
+            return p.encode(p.MetricsReply(id=request.id, text=self.metrics_text()))
+        else:
+            outcome = self.core.handle(session, request, now, self.clients)
         return p.encode(self._finish(session, outcome, now))
 
-    async def _shared_request(self, conn: Conn, line: bytes) -> bytes:
+    async def _shared_request(self, session: Session, request: p.Lease) -> bytes:
         assert self.share is not None
-        return await self.share.around_grant(functools.partial(self.answer, conn.session, line))
+        return await self.share.around_grant(functools.partial(self._answer, session, request))
 
     def _finish(self, session: Session, outcome: Outcome, now: Instant) -> p.Reply:
         reply = outcome.reply
@@ -550,13 +565,6 @@ class Broker:
         return {
             r.start: (r.count, None if r.expires is None else r.expires - now) for r in self.table
         }
-
-
-def _try_decode(line: bytes) -> p.AnyRequest | None:
-    try:
-        return p.decode_request(line)
-    except Exception:
-        return None
 
 
 def _n(count: int, word: str) -> str:
