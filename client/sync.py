@@ -296,18 +296,17 @@ class Connection:
         except OSError as exc:
             raise paths.autostart_failed(self._choice, exc) from None
 
-    def _install(self, sock: _socket.socket) -> bool:
+    def _install(self, sock: _socket.socket) -> None:
         """Make ``sock`` the connection's socket, unless another thread got there first."""
         with self._io:
             if self._closed or self._sock is not None:
                 sock.close()
-                return False
+                return
             self._sock = sock
             self._hung = None
             self._s.new_socket()
         if self._s.leases and self._reclaim:
             _watcher().watch(self, sock)
-        return True
 
     def _drop_locked(self, sock: _socket.socket, why: str, *, retry: bool) -> None:
         """Forget ``sock`` (caller holds the I/O lock); calls in flight fail."""
