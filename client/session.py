@@ -457,14 +457,13 @@ class Session:
         """A ``metrics`` call: the broker's metrics in the OpenMetrics text format."""
         return Call(p.Metrics(id=0), _metrics_text, p.MetricsReply)
 
-    def close(self) -> list[Lease]:
+    def close(self) -> None:
         """The connection is closed for good: every bound lease ended with it."""
         ended = list(self.leases.values())
         self.leases.clear()
         for held in ended:
             held.end()
         self._pending.clear()
-        return ended
 
     def _lose(self, lease: Lease, why: str) -> None:
         self.leases.pop(lease.token, None)
