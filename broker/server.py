@@ -45,6 +45,7 @@ from .core import (
 from .errors import ConfigError
 from .leases import Instant, LeaseRecord, LeaseTable, Limits
 from .listening import open_listener
+from .logs import set_level
 from .metrics import Metrics, Snapshot, write_textfile
 from .notify import Notifier
 from .procinfo import boot_id, identify, owner_alive, peer_of, process_started, user_name
@@ -455,8 +456,6 @@ class Broker:
         self.table.limits = limits_of(new)
         self.core.ttl = new.ttl
         if new.log_level != old.log_level:
-            from .logs import set_level
-
             set_level(new.log_level)
         self.config = new
         log.info("reloaded: range %d-%d, ttl %g s, log level %s", new.port_min, new.port_max,
