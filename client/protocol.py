@@ -162,6 +162,8 @@ class Reply(msgspec.Struct, tag_field="reply", omit_defaults=True):
 
 
 class Welcome(Reply, tag="hello"):
+    """The answer to ``hello``: the broker's protocol version, name and pid."""
+
     version: int
     broker: str
     pid: int
@@ -177,20 +179,28 @@ class Granted(Reply, tag="granted"):
 
 
 class Released(Reply, tag="released"):
+    """The lease is gone; ``ports`` were its ports."""
+
     ports: list[int]
 
 
 class Renewed(Reply, tag="renewed"):
+    """The lease's new expiry (null while it is bound to a live connection)."""
+
     ports: list[int]
     expires: float | None = None
 
 
 class Detached(Reply, tag="detached"):
+    """The lease now lives by its TTL alone, until ``expires`` unless renewed."""
+
     ports: list[int]
     expires: float
 
 
 class Reclaimed(Reply, tag="reclaimed"):
+    """The lease is bound to this connection again."""
+
     ports: list[int]
 
 
@@ -210,6 +220,8 @@ class LeaseInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class Summary(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The port range as ``status`` sees it, over every lease (not only those shown)."""
+
     range: tuple[int, int]
     leases: int
     ports_held: int
@@ -222,6 +234,8 @@ class Summary(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class StatusReply(Reply, tag="status"):
+    """The answer to ``status``: a summary and one page of leases."""
+
     summary: Summary
     leases: list[LeaseInfo]
     more: bool = False
@@ -229,12 +243,14 @@ class StatusReply(Reply, tag="status"):
 
 
 class MetricsReply(Reply, tag="metrics"):
+    """The answer to ``metrics``."""
+
     text: str
     """OpenMetrics exposition, ending in ``# EOF``."""
 
 
 class Pong(Reply, tag="pong"):
-    pass
+    """The answer to ``ping``."""
 
 
 class Error(Reply, tag="error"):
