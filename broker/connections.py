@@ -92,8 +92,8 @@ class Handler(Protocol):
     def opened(self, session: Session) -> bytes | None:
         """A new connection; return an error line to refuse it (then it is closed)."""
 
-    def request(self, conn: Conn, line: bytes) -> Reply:
-        """One request line of ``conn``; return the reply line (newline included)."""
+    def request(self, session: Session, line: bytes) -> Reply:
+        """One request line of the connection; return the reply line (newline included)."""
 
     def closed(self, session: Session) -> None:
         """The connection is gone (not called for connections dropped at shutdown)."""
@@ -271,7 +271,7 @@ class Driver:
                 break
             if not line.strip():
                 continue
-            reply = self.handler.request(conn, line)
+            reply = self.handler.request(conn.session, line)
             if isinstance(reply, bytes):
                 out += reply
             else:

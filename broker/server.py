@@ -30,7 +30,7 @@ from portlease.client import protocol as p
 from . import kernel
 from .allocator import Allocator, BindCheck
 from .config import Config, default_state_path
-from .connections import Conn, Driver, Reply
+from .connections import Driver, Reply
 from .core import (
     BrokerCore,
     Change,
@@ -307,9 +307,8 @@ class Broker:
         if not self._stopping:
             self._apply(self.core.closed(session), self.now())
 
-    def request(self, conn: Conn, line: bytes) -> Reply:
+    def request(self, session: Session, line: bytes) -> Reply:
         """The reply to one line, or (a lease while the portalloc share is on) a task that makes it."""
-        session = conn.session
         request = decode_line(line)
         if self.share is not None and session.hello and isinstance(request, p.Lease):
             return functools.partial(self._shared_request, session, request)
