@@ -159,10 +159,6 @@ class LeaseTable:
     def leases_of(self, connection: int) -> list[LeaseRecord]:
         return [self._by_token[t] for t in self._by_connection.get(connection, ())]
 
-    def next_expiry(self) -> float | None:
-        """When :meth:`expire` next has work to do (may be early, never late)."""
-        return self._expiries[0][0] if self._expiries else None
-
     # ------------------------------------------------------------ operations
 
     def grant(
