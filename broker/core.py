@@ -18,13 +18,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import assert_never
 
+from portlease import __version__
 from portlease.client import protocol as p
 from portlease.client.errors import Busy, LeaseError
 
 from .allocator import BindCheck
 from .leases import Instant, LeaseRecord, LeaseTable, Peer
 
-BROKER_NAME = "portlease/0.2.0"
+BROKER_NAME = f"portlease/{__version__}"
+"""What ``hello`` names the broker, with the one version of the package."""
 
 
 @dataclass(slots=True)

@@ -253,7 +253,7 @@ def victim_token_guess(token: str, how: str, i: int) -> str:
 @example(lines=[b'{"op":"lease","id":5,"count":2}'] * 3, hello=True, uid=0)  # duplicate ids
 # An op spelled with a JSON escape is the same op: the shell must not tell ops apart by bytes.
 @example(lines=[b'{"op":"metric\\u0073","id":1}', b'{"op":"statu\\u0073","id":2}'], hello=True, uid=0)
-def test_dispatch_survives_anything(inproc: InProc, lines: list[bytes], hello: bool, uid: int) -> None:
+def test_answer_survives_anything(inproc: InProc, lines: list[bytes], hello: bool, uid: int) -> None:
     inproc.next_id += 1
     conn = Session(id=inproc.next_id, peer=Peer(pid=os.getpid(), uid=uid, gid=uid), hello=hello)
     low, high = INPROC_RANGE
