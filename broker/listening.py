@@ -17,6 +17,8 @@ import socket
 import stat
 from dataclasses import dataclass
 
+from portlease.client.autostart import answers
+
 from . import activation
 from .config import Config
 from .errors import ConfigError, StartupError
@@ -45,18 +47,6 @@ class Listening:
                 os.close(self.lock_fd)
             self.lock_fd = -1
         self.sock.close()
-
-
-def _answers(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 def _group_id(group: str | None) -> int:
@@ -95,7 +85,7 @@ def bind_unix_socket(path: str, mode: int, group: str | None) -> Listening:
         if not stat.S_ISSOCK(st.st_mode):
             os.close(lock_fd)
             raise StartupError(f"{path} exists and is not a socket; not replacing it")
-        if _answers(path):
+        if answers(path):
             os.close(lock_fd)
             raise StartupError(f"another broker is already serving on {path}")
         log.info("removing stale socket %s (nothing answers on it)", path)
