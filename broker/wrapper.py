@@ -144,13 +144,10 @@ def _run_on(conn: Connection, plan: Plan) -> int | None:
     finally:
         # CMD has its copies; ours would keep accepting after CMD is gone.
         close_all(listeners)
-    if isinstance(started, OSError):
-        close_all(list(holds.values()))
-        if tty is not None:
-            os.close(tty)
-        print(f"portlease: cannot run {plan.cmd[0]}: {started.strerror}", file=sys.stderr)
-        return EXIT_NOT_FOUND if started.errno == errno.ENOENT else EXIT_CANNOT_RUN
     try:
+        if isinstance(started, OSError):
+            print(f"portlease: cannot run {plan.cmd[0]}: {started.strerror}", file=sys.stderr)
+            return EXIT_NOT_FOUND if started.errno == errno.ENOENT else EXIT_CANNOT_RUN
         return _wait(started, tty, holds, time.monotonic() + plan.hold_timeout)
     finally:
         close_all(list(holds.values()))

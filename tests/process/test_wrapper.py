@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pty
+import select
 import signal
 import socket
 import subprocess
@@ -272,6 +273,49 @@ def test_cmd_owns_the_terminal_and_ctrl_c_reaches_it_once(broker: BrokerProc, tm
             wrapper.kill()
         os.close(master)
     assert _counted(log) == ["INT 0", "TERM"]  # 0: sent by the kernel, for the terminal
+
+
+def test_a_cmd_that_cannot_run_hands_the_terminal_back(broker: BrokerProc) -> None:
+    # The inner wrapper hands the terminal to its child, whose exec fails. Unless
+    # the wrapper takes the terminal back before it exits, the shell that ran it
+    # is left in the background and its `read` stops it with SIGTTIN.
+    inner = f"{PYTHON} -m portlease.broker lease --socket {broker.socket} -- /no/such/cmd"
+    script = f'{inner}; echo "rc=$?"; read line; echo "read $line"'
+    master, slave = pty.openpty()
+    slave_name = os.ttyname(slave)
+
+    def take_terminal() -> None:
+        os.close(os.open(slave_name, os.O_RDWR))  # a new session's first tty becomes its own
+
+    wrapper = subprocess.Popen(
+        [PYTHON, "-m", "portlease.broker", "lease", "--socket", broker.socket, "--",
+         "sh", "-c", script],
+        stdin=slave, stdout=slave, stderr=slave, env=_env(), start_new_session=True,
+        preexec_fn=take_terminal,
+    )
+    os.close(slave)
+    seen = b""
+
+    def read_until(text: bytes) -> None:
+        # select first: a shell stopped by SIGTTIN writes nothing, and a bare
+        # read would wait for it forever instead of failing.
+        nonlocal seen
+        deadline = time.monotonic() + 20
+        while text not in seen:
+            assert time.monotonic() < deadline, seen
+            if select.select([master], [], [], 0.5)[0]:
+                with contextlib.suppress(OSError):
+                    seen += os.read(master, 4096)
+
+    try:
+        read_until(b"rc=127")
+        os.write(master, b"hello\n")
+        read_until(b"read hello")
+        assert wrapper.wait(timeout=30) == 0
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+        os.close(master)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux process groups")
