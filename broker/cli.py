@@ -33,6 +33,7 @@ from portlease.client.errors import (
 from portlease.client.sync import Connection, default_note
 
 from .errors import ConfigError, StartupError
+from .listeners import check_host, check_offset, parse_hold, parse_listen
 from .status_view import render_squatters, render_status
 
 if TYPE_CHECKING:
@@ -326,15 +327,11 @@ def _parse_env(specs: list[str], count: int) -> dict[str, int]:
             off = int(offset)
         except ValueError:
             raise ConfigError(f"--env {spec!r}: OFFSET must be a whole number") from None
-        if not 0 <= off < count:
-            raise ConfigError(f"--env {spec!r}: OFFSET must be in 0..{count - 1} for -n {count}")
-        out[name] = off
+        out[name] = check_offset("--env", spec, off, count)
     return out
 
 
 def _lease(args: argparse.Namespace) -> int:
-    from .listeners import check_host, parse_hold, parse_listen
-
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]

@@ -44,6 +44,13 @@ class ListenSpec:
     name: str
 
 
+def check_offset(option: str, spec: str, offset: int, count: int) -> int:
+    """``offset`` when it names a port of an ``-n count`` lease; ConfigError (exit 2) otherwise."""
+    if not 0 <= offset < count:
+        raise ConfigError(f"{option} {spec!r}: OFFSET must be in 0..{count - 1} for -n {count}")
+    return offset
+
+
 def parse_listen(specs: list[str], count: int) -> list[ListenSpec]:
     """Check ``--listen`` values against the lease's size; ConfigError (exit 2) on bad ones."""
     out = []
@@ -52,9 +59,7 @@ def parse_listen(specs: list[str], count: int) -> list[ListenSpec]:
         m = _LISTEN_SPEC.match(spec)
         if not m:
             raise ConfigError(f"--listen {spec!r}: expected OFFSET[/udp][=NAME], e.g. 0, 1/udp, 0=http")
-        offset = int(m["offset"])
-        if offset >= count:
-            raise ConfigError(f"--listen {spec!r}: OFFSET must be in 0..{count - 1} for -n {count}")
+        offset = check_offset("--listen", spec, int(m["offset"]), count)
         udp = m["proto"] == "udp"
         if (offset, udp) in seen:
             raise ConfigError(f"--listen {spec!r}: that port and protocol are already listed")
@@ -72,9 +77,7 @@ def parse_hold(specs: list[str], count: int) -> list[int]:
     for spec in specs:
         if not spec.isdigit():
             raise ConfigError(f"--hold {spec!r}: expected an OFFSET, e.g. 0")
-        offset = int(spec)
-        if offset >= count:
-            raise ConfigError(f"--hold {spec!r}: OFFSET must be in 0..{count - 1} for -n {count}")
+        offset = check_offset("--hold", spec, int(spec), count)
         if offset not in out:
             out.append(offset)
     return out
