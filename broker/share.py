@@ -93,8 +93,6 @@ class PortallocShare:
         self._dirty = trio.Event()
         self._foreign: set[pa.Span] = set()
         self._held_on: Holds | None = None
-        self.last: pa.SyncResult[pa.Run] | None = None
-        """The last exchange's result (for status and tests)."""
 
     # ------------------------------------------------------------ the broker's calls
 
@@ -135,7 +133,6 @@ class PortallocShare:
             # finish() always releases the lock; it cannot be cancelled half-way
             # (a worker thread is never abandoned here), so the flock cannot leak.
             result: pa.SyncResult[pa.Run] = await trio.to_thread.run_sync(self.table.finish, held, ours)
-            self.last = result
             self._report(result.status, result.problems, result.waited)
             return granted
 
@@ -158,7 +155,6 @@ class PortallocShare:
             result: pa.SyncResult[pa.Run] = await trio.to_thread.run_sync(self.table.sync, self._snapshot())
             if result.status == "ok":
                 self._hold_foreign(result.foreign)
-            self.last = result
             self._report(result.status, result.problems, result.waited)
             return result
 
@@ -194,4 +190,3 @@ class PortallocShare:
     def foreign(self) -> list[pa.Span]:
         """The foreign entries held on the allocator now, sorted."""
         return sorted(self._foreign)
-
