@@ -31,7 +31,6 @@ __all__ = ["NetSocket", "all_owners", "descendants", "listening", "owners", "soc
 _PROC_NET = "/proc/net"
 
 # Kernel TCP states (include/net/tcp_states.h) as /proc/net and sock_diag spell them.
-_TCP_ESTABLISHED = 0x01
 _TCP_CLOSE = 0x07  # for UDP: an unconnected (receive-from-anyone) socket; for TCP: bound only
 _TCP_LISTEN = 0x0A
 _TCP_BOUND_INACTIVE = 13
