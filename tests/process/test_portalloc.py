@@ -379,7 +379,8 @@ def test_stuck_lock_holder_makes_sync_skip_within_timeout(tmp_path: Path) -> Non
         r = t.sync({10000: (2, None)}, lambda f: seen.append(f) or pa.Run(20000, 1))
         elapsed = time.monotonic() - t0
         assert r.status == "skipped" and not r.locked and not r.published
-        assert 0.25 <= elapsed < 0.6, elapsed
+        # It gave up after its own timeout, not when the holder let go (30 s later).
+        assert r.waited >= 0.3 and elapsed < 30, (r.waited, elapsed)
         assert seen == [list(r.foreign)] and r.foreign == ((crate_base, 3),)  # last known, live
         assert r.chosen == pa.Run(20000, 1) and "held by another process" in r.problems[0]
     finally:
