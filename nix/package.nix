@@ -41,8 +41,7 @@ python3Packages.buildPythonApplication {
     python3Packages.anyio
   ];
 
-  # pyproject.toml's `test` extra (pytest comes with pytestCheckHook); mypy
-  # only if that extra gains it (tests/system/test_nix.py, left out here, runs it).
+  # pyproject.toml's `test` extra (pytest comes with pytestCheckHook).
   nativeCheckInputs = [
     python3Packages.pytestCheckHook
     python3Packages.pytest-xdist
@@ -51,6 +50,7 @@ python3Packages.buildPythonApplication {
     python3Packages.setuptools
     python3Packages.prometheus-client
     python3Packages.uvicorn
+    python3Packages.mypy
   ];
 
   # The build sandbox has loopback networking, so the unit, in-process and

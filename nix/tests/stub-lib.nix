@@ -226,6 +226,7 @@ let
     "build"
     "prometheus-client"
     "uvicorn"
+    "mypy"
   ] (name: drv "python3-${name}");
 
   pkgs = {
