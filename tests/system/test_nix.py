@@ -203,71 +203,40 @@ def test_a_driver_method_that_does_not_exist_fails(tmp_path: Path) -> None:
     assert '"Machine" has no attribute "wait_for_units"' in result.stderr
 
 
-def test_a_plain_runner_umask_conflicts_with_the_operators(tmp_path: Path) -> None:
-    root = copy_tree(tmp_path)
-    edit(root / "nix" / "module.nix", 'UMask = lib.mkOverride 900 "0007";', 'UMask = "0007";')
-    result = run_check(root)
-    assert result.returncode != 0
-    assert "serviceConfig.UMask has conflicting definitions" in result.stderr
-
-
-def test_the_store_path_on_a_runners_path_fails(tmp_path: Path) -> None:
-    root = copy_tree(tmp_path)
-    edit(root / "nix" / "module.nix", "path = lib.mkAfter [ systemProfile ];",
-         "path = [ cfg.package ];")
-    result = run_check(root)
-    assert result.returncode != 0
-    assert "the unit names the portlease store path" in result.stderr
-
-
-def test_a_broker_that_stops_its_socket_on_change_fails(tmp_path: Path) -> None:
-    root = copy_tree(tmp_path)
-    edit(root / "nix" / "module.nix", "stopIfChanged = false;", "")
-    result = run_check(root)
-    assert result.returncode != 0
-    assert "stopIfChanged is not false" in result.stderr
-
-
-def test_a_runner_warning_that_fires_on_hand_made_units_fails(tmp_path: Path) -> None:
-    root = copy_tree(tmp_path)
+# Each defect the module once had, or could regress to, put back into a copy of the
+# tree: (file, text now, text of the defect, what the check must then say).
+DEFECTS = {
+    "a plain runner UMask conflicts with the operator's": (
+        "module.nix", 'UMask = lib.mkOverride 900 "0007";', 'UMask = "0007";',
+        "serviceConfig.UMask has conflicting definitions"),
+    "the store path on a runner's PATH": (
+        "module.nix", "path = lib.mkAfter [ systemProfile ];", "path = [ cfg.package ];",
+        "the unit names the portlease store path"),
+    "a broker that stops its socket on change": (
+        "module.nix", "stopIfChanged = false;", "", "stopIfChanged is not false"),
     # The old rule: only services.github-runners entries count.
-    edit(root / "nix" / "module.nix",
-         '(unit.serviceConfig or { }) ? ExecStart || (unit.script or "") != "";',
-         "(config.services.github-runners or { }) ? ${name};")
-    result = run_check(root)
-    assert result.returncode != 0
-    assert "the VM node warns" in result.stderr
+    "a runner warning that fires on hand-made units": (
+        "module.nix", '(unit.serviceConfig or { }) ? ExecStart || (unit.script or "") != "";',
+        "(config.services.github-runners or { }) ? ${name};", "the VM node warns"),
+    "a runner ReadWritePaths without the dash": (
+        "module.nix", 'ReadWritePaths = [ "-${portallocDir}" ];', "ReadWritePaths = [ portallocDir ];",
+        "want -/var/lib/fm-portalloc"),
+    "the broker named after its group": (
+        "module.nix", 'User = "portlease-broker";', "", "User None"),
+    "a metrics file the broker cannot write": (
+        "module.nix", 'lib.optional (textfile != null) "-${dirOf textfile}"',
+        'lib.optional false "-${dirOf textfile}"', "cannot write the metrics file's directory"),
+    "an import check of a module that does not exist": (
+        "package.nix", '"portlease.client.aio"', '"portlease.client.aoi"',
+        "pythonImportsCheck portlease.client.aoi"),
+}
 
 
-def test_a_runner_readwritepaths_without_dash_fails(tmp_path: Path) -> None:
+@pytest.mark.parametrize("defect", list(DEFECTS))
+def test_each_known_defect_put_back_fails_the_check(tmp_path: Path, defect: str) -> None:
+    name, now, bad, message = DEFECTS[defect]
     root = copy_tree(tmp_path)
-    edit(root / "nix" / "module.nix", 'ReadWritePaths = [ "-${portallocDir}" ];',
-         "ReadWritePaths = [ portallocDir ];")
+    edit(root / "nix" / name, now, bad)
     result = run_check(root)
     assert result.returncode != 0
-    assert "want -/var/lib/fm-portalloc" in result.stderr
-
-
-def test_the_broker_named_after_its_group_fails(tmp_path: Path) -> None:
-    root = copy_tree(tmp_path)
-    edit(root / "nix" / "module.nix", 'User = "portlease-broker";', "")
-    result = run_check(root)
-    assert result.returncode != 0
-    assert "User None" in result.stderr
-
-
-def test_a_metrics_file_the_broker_cannot_write_fails(tmp_path: Path) -> None:
-    root = copy_tree(tmp_path)
-    edit(root / "nix" / "module.nix", 'lib.optional (textfile != null) "-${dirOf textfile}"',
-         'lib.optional false "-${dirOf textfile}"')
-    result = run_check(root)
-    assert result.returncode != 0
-    assert "cannot write the metrics file's directory" in result.stderr
-
-
-def test_an_import_check_of_a_module_that_does_not_exist_fails(tmp_path: Path) -> None:
-    root = copy_tree(tmp_path)
-    edit(root / "nix" / "package.nix", '"portlease.client.aio"', '"portlease.client.aoi"')
-    result = run_check(root)
-    assert result.returncode != 0
-    assert "pythonImportsCheck portlease.client.aoi" in result.stderr
+    assert message in result.stderr
