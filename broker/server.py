@@ -28,6 +28,7 @@ import trio
 from portlease.client import protocol as p
 
 from . import kernel
+from . import portalloc as pa
 from .allocator import Allocator, BindCheck
 from .config import Config, default_state_path
 from .connections import Driver, Reply
@@ -559,10 +560,7 @@ class Broker:
         return self.metrics.render(snapshot, openmetrics=openmetrics)
 
     def _share_snapshot(self) -> dict[int, tuple[int, float | None]]:
-        now = self.clock()
-        return {
-            r.start: (r.count, None if r.expires is None else r.expires - now) for r in self.table
-        }
+        return pa.snapshot(self.table, self.clock())
 
 
 def _n(count: int, word: str) -> str:
