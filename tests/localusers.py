@@ -7,7 +7,9 @@ import grp
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +55,15 @@ def temporary_users(prefix: str, members: dict[str, bool]) -> Iterator[tuple[str
         for user in made:
             subprocess.run(["userdel", user], capture_output=True, timeout=30)
         subprocess.run(["groupdel", group], capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def shared_directory(prefix: str) -> Iterator[Path]:
+    """A root-owned 0755 directory in /tmp: every user may reach a socket in it, none may
+    write there, so only the socket's own mode decides who connects."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -24,11 +24,9 @@ import contextlib
 import json
 import os
 import pwd
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -40,7 +38,7 @@ import msgspec
 import pytest
 
 from brokerproc import PYTHON, BrokerProc, Raw
-from localusers import temporary_users
+from localusers import shared_directory, temporary_users
 from portlease.client import protocol as p
 
 RANGE = "5000-7499"
@@ -170,13 +168,8 @@ def spawn() -> Iterator[Callable[[str, Callable[[Ctl], Any]], UserProc]]:
 
 @pytest.fixture
 def open_dir() -> Iterator[Path]:
-    """A root-owned 0755 directory: every user may reach the socket, none may write here."""
-    d = Path(tempfile.mkdtemp(prefix="plhos-", dir="/tmp"))
-    d.chmod(0o755)
-    try:
+    with shared_directory("plhos-") as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def start_broker(d: Path, users: Users, config: str = "", *args: str) -> BrokerProc:

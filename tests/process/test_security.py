@@ -18,10 +18,8 @@ import json
 import os
 import pwd
 import secrets
-import shutil
 import socket
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from typing import Any
 import pytest
 
 from brokerproc import BrokerProc, Raw, wait_for_socket
-from localusers import temporary_users
+from localusers import shared_directory, temporary_users
 from portlease.broker import server
 from portlease.broker.config import Config
 from portlease.broker.core import Session
@@ -120,13 +118,8 @@ HELLO = {"op": "hello", "version": p.PROTOCOL_VERSION}
 
 @pytest.fixture
 def open_dir() -> Iterator[Path]:
-    """A directory everyone may traverse (0755), so only the socket's own mode decides."""
-    d = Path(tempfile.mkdtemp(prefix="plsec-", dir="/tmp"))
-    d.chmod(0o755)
-    try:
+    with shared_directory("plsec-") as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def group_broker(d: Path, users: Users, *extra: str) -> BrokerProc:
