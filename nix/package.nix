@@ -65,12 +65,18 @@ python3Packages.buildPythonApplication {
     "tests/system"
     "tests/process/test_packaging.py"
   ];
-  pytestFlagsArray = [
-    "-m"
-    "not slow"
-    "-p"
-    "no:cacheprovider"
-  ];
+  # The marker expression (`not slow and not system`) and `-p no:cacheprovider`
+  # come from pyproject.toml's addopts. Not through pytestFlagsArray: the hook
+  # expands it with `eval`, so "not slow" would become two words and pytest
+  # would look for a file named `slow` (exit 4); a `-m` there would also
+  # replace addopts' `not system`. nix/tests/pytest-hook.sh replays the hook.
+  #
+  # The hook's default import mode, importlib, leaves sys.path alone, and
+  # tests/conftest.py imports its helpers (brokerproc, localusers) from
+  # tests/: prepend, pytest's own default, puts tests/ on sys.path. The
+  # installed package is still the one imported: the source tree has no
+  # `portlease/` directory to shadow it.
+  pytestImportMode = "prepend";
 
   pythonImportsCheck = [
     "portlease"

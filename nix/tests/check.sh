@@ -6,7 +6,10 @@
 #      nix/tests/stub-lib.nix (eval.nix);
 #   3. check_eval.py checks the result: unit settings, runners, the rendered
 #      config read by portlease's own reader, agreement with systemd/*;
-#   4. check_vm_script.py type-checks the VM test's script (mypy --strict).
+#   4. check_pytest_hook.py replays how nixpkgs' pytestCheckHook turns
+#      package.nix's attributes into pytest's argv (pytest-hook.sh) and lets
+#      pytest collect with it;
+#   5. check_vm_script.py type-checks the VM test's script (mypy --strict).
 # The VM test (nix/tests/vm.nix) covers what evaluation cannot; see docs/nixos.md.
 set -eu
 
@@ -51,6 +54,7 @@ echo "parsed $count .nix files"
 
 nix --eval --strict --json "$here/eval.nix" >"$tmp/eval.json"
 "$python" "$here/check_eval.py" "$tmp/eval.json"
+"$python" "$here/check_pytest_hook.py" "$tmp/eval.json"
 # nixpkgs' driver type-checks the VM test's script; so does this, with mypy
 # (the dev extra). Without it the step is skipped, loudly: the VM test's own
 # mypy run would then be the first to see a type error.

@@ -23,7 +23,11 @@ from typing import Any
 import msgspec
 
 from portlease.broker.config import Config, load_file
-from portlease.broker.errors import ConfigError
+
+try:
+    from portlease.client.protocol.errors import ConfigError
+except ImportError:  # before the errors moved to portlease.client.protocol
+    from portlease.broker.errors import ConfigError  # type: ignore[no-redef]
 
 ROOT = Path(__file__).resolve().parents[2]
 SOCKET_PATH = "/run/portlease/portlease.sock"

@@ -244,7 +244,16 @@ in
     dependencies = map (d: d.name) package.dependencies;
     nativeCheckInputs = map (d: d.name) package.nativeCheckInputs;
     disabledTestPaths = package.disabledTestPaths or [ ];
-    pytestFlagsArray = package.pytestFlagsArray or [ ];
+    # What nixpkgs' pytestCheckHook reads (check_pytest_hook.py replays it).
+    enabledTestPaths = package.enabledTestPaths or null;
+    enabledTests = package.enabledTests or null;
+    disabledTests = package.disabledTests or null;
+    enabledTestMarks = package.enabledTestMarks or null;
+    disabledTestMarks = package.disabledTestMarks or null;
+    pytestFlagsArray = package.pytestFlagsArray or null;
+    pytestFlags = package.pytestFlags or null;
+    pytestImportMode = package.pytestImportMode or null;
+    dontAddPytestImportMode = package.dontAddPytestImportMode or null;
     srcFiles = package.src.files;
   };
 }

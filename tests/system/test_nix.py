@@ -4,8 +4,10 @@ check.sh parses every .nix file, evaluates nix/module.nix and
 nix/github-runner.nix against the stand-in in nix/tests/stub-lib.nix, and
 checks the result with nix/tests/check_eval.py: unit settings, runners, the
 rendered config read back by ``portlease.broker.config.load_file``, and
-agreement with systemd/portlease.{socket,service}; then it type-checks the VM
-test's script (nix/tests/check_vm_script.py). The tests on a copy of the tree
+agreement with systemd/portlease.{socket,service}; it replays how nixpkgs'
+pytestCheckHook turns package.nix's attributes into pytest's argv and lets
+pytest collect with it (nix/tests/check_pytest_hook.py); then it type-checks
+the VM test's script (nix/tests/check_vm_script.py). The tests on a copy of the tree
 put back each defect those checks exist for and prove the checks catch it.
 """
 
@@ -226,6 +228,14 @@ DEFECTS = {
     "a metrics file the broker cannot write": (
         "module.nix", 'lib.optional (textfile != null) "-${dirOf textfile}"',
         'lib.optional false "-${dirOf textfile}"', "cannot write the metrics file's directory"),
+    # The hook expands pytestFlagsArray with `eval`: "not slow" becomes two words.
+    "a marker expression in pytestFlagsArray": (
+        "package.nix", '  pytestImportMode = "prepend";\n',
+        '  pytestImportMode = "prepend";\n  pytestFlagsArray = [ "-m" "not slow" "-p" "no:cacheprovider" ];\n',
+        "ERROR: file or directory not found: slow"),
+    # The hook's default import mode leaves tests/ off sys.path.
+    "the hook's importlib import mode": (
+        "package.nix", '  pytestImportMode = "prepend";\n', "", "No module named 'brokerproc'"),
     "an import check of a module that does not exist": (
         "package.nix", '"portlease.client.aio"', '"portlease.client.aoi"',
         "pythonImportsCheck portlease.client.aoi"),
