@@ -85,16 +85,104 @@ let
   # change both units on every upgrade.
   documentation = [ "https://github.com/portlease/portlease/blob/main/docs/nixos.md" ];
 
+  portserverPath = "/run/portlease/portserver.sock";
+  portserver = cfg.portserver.enable;
+  runnerSockets = [ "portlease.socket" ] ++ lib.optional portserver "portlease-portserver.socket";
+
   runnerUnit = name: "github-runner-${name}";
-  # A runner unit exists when something besides this module gives it a
-  # command: nixpkgs' services.github-runners.NAME (enabled), or a unit of
-  # that name defined by hand (as the VM test's stand-ins are).
-  runnerRuns =
+  # nixpkgs' services.github-runners: only an enabled entry has a unit
+  # (github-runner-NAME, NAME being the attribute name, not its `name`).
+  enabledRunners = lib.filterAttrs (_: runner: runner.enable) (config.services.github-runners or { });
+  joinAll = cfg.githubRunners == "all";
+  namedRunners = if joinAll then [ ] else cfg.githubRunners;
+  # The runners joined: taken from services.github-runners and filtered by
+  # the option, never from the option's list alone, so a name that is not a
+  # runner defines nothing (a unit defined for it would have no ExecStart).
+  joined = lib.filterAttrs (name: _: joinAll || lib.elem name namedRunners) enabledRunners;
+  notRunners = lib.filter (name: !(enabledRunners ? ${name})) namedRunners;
+  showNames = names: lib.concatStringsSep ", " (map (name: "`${name}`") names);
+
+  # What a joined runner finds in its environment.
+  runnerEnvironment = {
+    PORTLEASE_SOCKET = cfg.socketPath;
+  }
+  // lib.optionalAttrs sharing { FM_PORTALLOC_DATA_DIR = portallocDir; }
+  // lib.optionalAttrs portserver {
+    PORTSERVER_ADDRESS = portserverPath;
+    JAX_PORTSERVER_ADDRESS = portserverPath;
+  };
+
+  # An Environment= setting as NAME -> value, the last assignment winning as
+  # in systemd. Assignments are split on whitespace and their quotes dropped:
+  # enough to find the names above, whose values hold no spaces.
+  environmentAssignments =
+    value:
+    builtins.foldl' (
+      acc: word:
+      let
+        m = builtins.match "([A-Za-z_][A-Za-z0-9_]*)=(.*)" (builtins.replaceStrings [ "\"" "'" ] [ "" "" ] word);
+      in
+      if m == null then acc else acc // { ${builtins.head m} = builtins.elemAt m 1; }
+    ) { } (builtins.filter (word: builtins.isString word && word != "") (builtins.split "[[:space:]]+" (toString (lib.toList value))));
+
+  # A variable the module sets, set again by the operator on a joined runner:
+  # in extraEnvironment (NixOS refuses two values with "conflicting definition
+  # values", which names neither option to change) or in Environment= through
+  # serviceOverrides (rendered after the module's Environment= lines, so
+  # systemd silently keeps the operator's). `clash`: a different value (an
+  # assertion); otherwise the same value (a warning: it would hide a later
+  # change of the module's).
+  runnerEnvironmentClashes = lib.concatMap (
     name:
     let
-      unit = config.systemd.services.${runnerUnit name} or { };
+      runner = joined.${name};
+      unit = runnerUnit name;
+      extra = runner.extraEnvironment or { };
+      overrideOption =
+        if (runner.serviceOverrides or { }) ? Environment then
+          "services.github-runners.${name}.serviceOverrides.Environment"
+        else
+          "systemd.services.${unit}.serviceConfig.Environment";
+      overridden = environmentAssignments (config.systemd.services.${unit}.serviceConfig.Environment or [ ]);
     in
-    (unit.serviceConfig or { }) ? ExecStart || (unit.script or "") != "";
+    lib.concatMap (
+      var:
+      let
+        ours = runnerEnvironment.${var};
+        theirs = overridden.${var};
+        moveShare = lib.optionalString (
+          var == "FM_PORTALLOC_DATA_DIR"
+        ) " (to move the share, set services.portlease.settings.portalloc_dir)";
+      in
+      lib.optional (extra ? ${var} && toString extra.${var} != ours) {
+        clash = true;
+        message = ''
+          services.github-runners.${name}.extraEnvironment.${var} = "${toString extra.${var}}" clashes with the ${var}=${ours} that services.portlease sets on ${unit} (NixOS would stop with "conflicting definition values"). Delete services.github-runners.${name}.extraEnvironment.${var}: services.portlease sets it${moveShare}.'';
+      }
+      ++ lib.optional (overridden ? ${var}) {
+        clash = theirs != ours;
+        message =
+          if theirs != ours then
+            ''
+              ${overrideOption} sets ${var}=${theirs}. systemd keeps the last Environment= line, so that silently replaces the ${var}=${ours} services.portlease sets on ${unit}. Delete ${var}=… from ${overrideOption}: services.portlease sets it${moveShare}.''
+          else
+            ''
+              ${overrideOption} sets ${var}=${theirs}, as services.portlease does. Delete ${var}=… from ${overrideOption}: systemd keeps that line over the module's, so it would hide a later change of the module's value.'';
+      }
+    ) (lib.attrNames runnerEnvironment)
+  ) (lib.attrNames joined);
+
+  # Directories the broker's sandbox hides (ProtectHome=true, PrivateTmp=true).
+  hiddenFromBroker = [
+    "/home"
+    "/root"
+    "/run/user"
+    "/tmp"
+    "/var/tmp"
+  ];
+  portallocHidden = lib.filter (
+    root: sharing && (portallocDir == root || lib.hasPrefix "${root}/" portallocDir)
+  ) hiddenFromBroker;
 in
 {
   options.services.portlease = {
@@ -141,7 +229,7 @@ in
     };
 
     githubRunners = mkOption {
-      type = types.listOf types.str;
+      type = types.either (types.enum [ "all" ]) (types.listOf types.str);
       default = [ ];
       example = [
         "a"
@@ -149,16 +237,35 @@ in
         "c"
       ];
       description = ''
-        Names of {option}`services.github-runners` entries to join to the broker.
-        Each `github-runner-NAME` service gets {option}`services.portlease.group`
-        as a supplementary group, `PORTLEASE_SOCKET` in its environment and
-        `/run/current-system/sw/bin` (where the `portlease` client is) at the
-        end of its `PATH`: no store path, so a portlease upgrade does not
-        restart the runner. With
+        The {option}`services.github-runners` entries to join to the broker:
+        a list of their attribute names (not their `name` settings), or
+        `"all"` for every enabled one. A name that is no enabled runner joins
+        nothing and draws a warning that lists the runners there are.
+        Each joined `github-runner-NAME` service gets
+        {option}`services.portlease.group` as a supplementary group,
+        `PORTLEASE_SOCKET` (and, with {option}`services.portlease.portserver.enable`,
+        `PORTSERVER_ADDRESS` and `JAX_PORTSERVER_ADDRESS`) in its environment
+        and `/run/current-system/sw` on its `path`: its `bin` is the last of
+        the `bin` directories on `PATH` (the `sbin` directories follow). No
+        store path, so a portlease upgrade does not restart the runner. With
         {option}`services.portlease.settings.portalloc_dir` set, it also gets
         `FM_PORTALLOC_DATA_DIR`, write access to that directory and
         `UMask=0007` (at priority 900: a plain `serviceOverrides.UMask` of
-        yours wins). Nothing is written into `serviceOverrides`.
+        yours wins). Nothing is written into `serviceOverrides`; an
+        `Environment=` of yours (or an `extraEnvironment`) that sets one of
+        these variables to another value is refused by an assertion.
+      '';
+    };
+
+    portserver.enable = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        A second socket, `portlease-portserver.socket` on
+        `${portserverPath}`, on which the broker answers Google portpicker's
+        port-server protocol (`PORTSERVER_ADDRESS`). Same owner, group and
+        mode as the main socket; the joined runners get `PORTSERVER_ADDRESS`
+        and `JAX_PORTSERVER_ADDRESS` pointing at it.
       '';
     };
 
@@ -247,7 +354,9 @@ in
               broker shares the range with, for projects still on the Rust
               crate. The module creates it (`2770 root:GROUP`) and opens it to
               the broker and to the runners in
-              {option}`services.portlease.githubRunners`.
+              {option}`services.portlease.githubRunners`. Not under `/home`,
+              `/root`, `/run/user`, `/tmp` or `/var/tmp`: the broker's sandbox
+              hides them (an assertion refuses them).
             '';
           };
           exclude = mkOption {
@@ -299,6 +408,11 @@ in
             message = "services.portlease.settings.portalloc_dir must be an absolute path.";
           }
           {
+            assertion = portallocHidden == [ ];
+            message = ''
+              services.portlease.settings.portalloc_dir = "${toString portallocDir}" is under ${lib.concatStringsSep ", " portallocHidden}, which the broker cannot see: it runs with ProtectHome=true (/home, /root and /run/user are empty to it) and PrivateTmp=true (its /tmp and /var/tmp are its own). The module's tmpfiles rule (d DIR 2770 root:${cfg.group}) would also take the directory over from its owner. Use a directory of its own, such as /var/lib/fm-portalloc: the runners find it through the FM_PORTALLOC_DATA_DIR the module gives them.'';
+          }
+          {
             assertion = textfile == null || lib.hasPrefix "/" textfile;
             message = "services.portlease.metrics.textfile must be an absolute path.";
           }
@@ -310,13 +424,26 @@ in
               set services.portlease.metrics.nodeExporter.directory instead of your own flag.
             '';
           }
-        ];
+        ]
+        ++ map (clash: {
+          assertion = false;
+          inherit (clash) message;
+        }) (lib.filter (clash: clash.clash) runnerEnvironmentClashes);
 
         warnings =
-          map (
-            name:
-            "services.portlease.githubRunners names `${name}`, but no unit github-runner-${name} runs anything: enable services.github-runners.${name}, or remove the name."
-          ) (lib.filter (name: !(runnerRuns name)) cfg.githubRunners)
+          lib.optional (notRunners != [ ]) (
+            "services.portlease.githubRunners names ${showNames notRunners}, but services.github-runners has no enabled runner of that name, so nothing is joined for it. "
+            + (
+              if enabledRunners == { } then
+                "No services.github-runners entry is enabled."
+              else
+                "The enabled runners are ${showNames (lib.attrNames enabledRunners)}: use those names (the attribute names, not their `name` settings), or githubRunners = \"all\"."
+            )
+          )
+          ++ lib.optional (
+            joinAll && enabledRunners == { }
+          ) "services.portlease.githubRunners = \"all\", but no services.github-runners entry is enabled: no runner joins the broker."
+          ++ map (clash: clash.message) (lib.filter (clash: !clash.clash) runnerEnvironmentClashes)
           ++ lib.optional (nodeExporter.enable && !(config.services.prometheus.exporters.node.enable or false))
             "services.portlease.metrics.nodeExporter.enable is set, but services.prometheus.exporters.node.enable is not: nothing reads ${nodeExporter.directory}.";
 
@@ -383,18 +510,16 @@ in
         # is types.attrs, merged shallowly, so a key set there by this module
         # and the same key in the operator's serviceOverrides would silently
         # lose one of the two values.
-        systemd.services = lib.listToAttrs (
-          map (
-            name:
-            lib.nameValuePair (runnerUnit name) {
-              wants = [ "portlease.socket" ];
-              after = [ "portlease.socket" ];
-              # After the runner's own tools, so the system profile shadows none of them.
+        systemd.services = lib.mapAttrs' (
+          name: _:
+          lib.nameValuePair (runnerUnit name) {
+              wants = runnerSockets;
+              after = runnerSockets;
+              # After the runner's own tools, so the system profile shadows
+              # none of them. NixOS puts every entry's bin on PATH, then every
+              # entry's sbin: /run/current-system/sw/bin is the last bin.
               path = lib.mkAfter [ systemProfile ];
-              environment = {
-                PORTLEASE_SOCKET = cfg.socketPath;
-              }
-              // lib.optionalAttrs sharing { FM_PORTALLOC_DATA_DIR = portallocDir; };
+              environment = runnerEnvironment;
               serviceConfig = {
                 SupplementaryGroups = [ cfg.group ];
               }
@@ -408,9 +533,31 @@ in
                 UMask = lib.mkOverride 900 "0007";
               };
             }
-          ) cfg.githubRunners
-        );
+        ) joined;
       }
+
+      (lib.mkIf portserver {
+        # A second socket for portpicker's port-server protocol, passed to the
+        # same service: the broker tells the two fds apart by their names
+        # (LISTEN_FDNAMES: portlease, portserver).
+        systemd.sockets.portlease-portserver = {
+          description = "portlease broker socket for portpicker's port-server protocol";
+          inherit documentation;
+          wantedBy = [ "sockets.target" ];
+          listenStreams = [ portserverPath ];
+          socketConfig = {
+            FileDescriptorName = "portserver";
+            Service = "portlease.service";
+            SocketUser = "root";
+            SocketGroup = cfg.group;
+            SocketMode = "0660";
+            DirectoryMode = "0755";
+            Accept = false;
+            RemoveOnStop = true;
+            ExecStartPost = map (group: "${pkgs.acl}/bin/setfacl -m g:${group}:rw ${portserverPath}") cfg.allowedGroups;
+          };
+        };
+      })
 
       (lib.mkIf nodeExporter.enable {
         services.portlease.metrics.textfile = lib.mkDefault "${nodeExporter.directory}/portlease.prom";

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import shlex
 import sys
 import tempfile
 import tomllib
@@ -49,6 +50,8 @@ RUNNER_SANDBOX = {
     "ProtectProc": "invisible", "NoNewPrivileges": True,
 }
 SYSTEM_PROFILE = "/run/current-system/sw"
+PORTSERVER_PATH = "/run/portlease/portserver.sock"
+RUNNER_SOCKETS = ["portlease.socket", "portlease-portserver.socket"]
 
 # Keys whose values are space-separated lists: one line or several mean the same.
 TOKEN_KEYS = {"RestrictAddressFamilies", "ReadWritePaths", "SupplementaryGroups", "ListenStream"}
@@ -170,6 +173,45 @@ def check_units_agree(out: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- module output
 
 
+def effective_environment(unit: dict[str, Any]) -> dict[str, str]:
+    """The environment a unit's process gets: NixOS renders ``environment`` as
+    Environment= lines before those of ``serviceConfig.Environment`` (where
+    serviceOverrides.Environment lands), and systemd keeps the last assignment."""
+    env = {key: str(value) for key, value in unit.get("environment", {}).items()}
+    lines = unit.get("serviceConfig", {}).get("Environment", [])
+    for line in [lines] if isinstance(lines, str) else lines:
+        for word in shlex.split(str(line)):
+            name, sep, value = word.partition("=")
+            if sep:
+                env[name] = value
+    return env
+
+
+def joined(unit: dict[str, Any]) -> bool:
+    return "portlease" in unit.get("serviceConfig", {}).get("SupplementaryGroups", [])
+
+
+def check_joined_runner(what: str, unit: dict[str, Any], portalloc: str | None,
+                        portserver: bool = True) -> None:
+    """A runner joined to the broker: the group, the sockets, and the environment it really gets."""
+    want = {"PORTLEASE_SOCKET": SOCKET_PATH}
+    if portalloc is not None:
+        want["FM_PORTALLOC_DATA_DIR"] = portalloc
+    if portserver:
+        want |= {"PORTSERVER_ADDRESS": PORTSERVER_PATH, "JAX_PORTSERVER_ADDRESS": PORTSERVER_PATH}
+    env = effective_environment(unit)
+    for key, value in want.items():
+        check(env.get(key) == value,
+              f"{what}: the runner's process gets {key}={env.get(key)}, not {value}")
+    if not portserver:
+        for key in ("PORTSERVER_ADDRESS", "JAX_PORTSERVER_ADDRESS"):
+            check(key not in env, f"{what}: {key} without the portserver socket")
+    sockets = RUNNER_SOCKETS if portserver else RUNNER_SOCKETS[:1]
+    for key in ("wants", "after"):
+        got = [s for s in unit.get(key, []) if s.startswith("portlease")]
+        check(got == sockets, f"{what}: {key} {got}, want {sockets}")
+
+
 def check_common(name: str, s: dict[str, Any]) -> None:
     socket, service = s["socket"], s["service"]
     sc, svc = socket["socketConfig"], service["serviceConfig"]
@@ -227,6 +269,7 @@ def check_runners(out: dict[str, Any]) -> None:
         check(sc.get("ReadWritePaths") == [f"-{portalloc}"],
               f"{name}: ReadWritePaths {sc.get('ReadWritePaths')}, want -{portalloc}")
         check(sc.get("UMask") == "0007", f"{name}: UMask for the share {sc.get('UMask')}")
+        check_joined_runner(name, unit, portalloc)
         # A stable directory on PATH: the store path would restart the runner
         # (and kill its job) on every portlease upgrade.
         check(unit["path"][-1:] == [SYSTEM_PROFILE], f"{name}: PATH ends {unit['path'][-1:]}")
@@ -252,6 +295,101 @@ def check_runners(out: dict[str, Any]) -> None:
         f"portalloc share not created: {full['tmpfiles']}",
     )
     check(full["warnings"] == [], f"warnings: {full['warnings']}")
+
+
+def check_portserver(out: dict[str, Any]) -> None:
+    for name in ("minimal", "full", "access"):
+        main_socket, socket = out[name]["socket"], out[name]["portserverSocket"]
+        if socket is None:
+            failures.append(f"{name}: no portlease-portserver socket unit")
+            continue
+        sc, main = socket["socketConfig"], main_socket["socketConfig"]
+        check(socket["listenStreams"] == [PORTSERVER_PATH],
+              f"{name}: portserver listenStreams {socket['listenStreams']}")
+        check(sc.get("FileDescriptorName") == "portserver",
+              f"{name}: portserver FileDescriptorName {sc.get('FileDescriptorName')}")
+        check(sc.get("Service") == "portlease.service", f"{name}: portserver Service {sc.get('Service')}")
+        for key in ("SocketUser", "SocketGroup", "SocketMode", "DirectoryMode", "Accept", "RemoveOnStop"):
+            check(sc.get(key) == main.get(key),
+                  f"{name}: portserver {key}={sc.get(key)!r}, the main socket's is {main.get(key)!r}")
+        check(socket["wantedBy"] == ["sockets.target"], f"{name}: portserver socket not wanted")
+        posts = [post.replace(PORTSERVER_PATH, SOCKET_PATH) for post in sc.get("ExecStartPost", [])]
+        check(posts == main.get("ExecStartPost", []),
+              f"{name}: portserver socket ACLs {sc.get('ExecStartPost')} differ from the main socket's")
+
+
+def check_adoption(out: dict[str, Any]) -> None:
+    """fedimint's CI host (nix/tests/fedimint-host.nix) adopting portlease."""
+    a = out["adoption"]
+    names = [f"runner-01-{x}" for x in "abcd"]
+    units = [f"github-runner-{n}" for n in names]
+    portalloc = "/var/lib/fm-portalloc"
+
+    adopted = a["adopted"]
+    check(adopted["failedAssertions"] == [] and adopted["warnings"] == [],
+          f"adopted host: {adopted['failedAssertions']} {adopted['warnings']}")
+    check(sorted(adopted["runners"]) == units, f"adopted host: runner units {sorted(adopted['runners'])}")
+    for unit_name, unit in adopted["runners"].items():
+        sc = unit["serviceConfig"]
+        check(joined(unit), f"adopted host: githubRunners = \"all\" did not join {unit_name}")
+        check_joined_runner(f"adopted host {unit_name}", unit, portalloc)
+        # What the operator's serviceOverrides set stays.
+        for key, value in {"PrivateUsers": False, "ProtectHome": False, "PrivateTmp": False,
+                           "ProtectSystem": "full", "User": "github-runner"}.items():
+            check(sc.get(key) == value, f"adopted host {unit_name}: {key}={sc.get(key)!r}, not {value!r}")
+
+    # The old Environment line kept: the runners would get the old directory.
+    kept = a["keptEnvironment"]
+    for unit_name, unit in kept["runners"].items():
+        check(effective_environment(unit).get("FM_PORTALLOC_DATA_DIR")
+              == "/home/github-runner/.cache/port-alloc",
+              f"kept Environment: the stand-in does not reproduce systemd keeping the last line ({unit_name})")
+    for name in names:
+        option = f"services.github-runners.{name}.serviceOverrides.Environment"
+        check(any(option in m and "FM_PORTALLOC_DATA_DIR" in m for m in kept["failedAssertions"]),
+              f"an operator's serviceOverrides.Environment FM_PORTALLOC_DATA_DIR is not refused "
+              f"(no assertion names {option}): {kept['failedAssertions']}")
+    same = a["sameEnvironment"]
+    check(same["failedAssertions"] == [], f"the module's own value in Environment is refused: "
+          f"{same['failedAssertions']}")
+    check(any("services.github-runners.runner-01-a.serviceOverrides.Environment" in w
+              for w in same["warnings"]),
+          f"the module's own value in serviceOverrides.Environment is not warned: {same['warnings']}")
+
+    extra = a["extraEnvironment"]
+    option = "services.github-runners.runner-01-b.extraEnvironment.FM_PORTALLOC_DATA_DIR"
+    check(a["extraEnvironmentFails"], "the stand-in accepts two extraEnvironment values (NixOS does not)")
+    check(any(option in m for m in extra["failedAssertions"]),
+          f"an extraEnvironment FM_PORTALLOC_DATA_DIR clash is not explained (no assertion names "
+          f"{option}): {extra['failedAssertions']}")
+    check(a["extraEnvironmentSame"]["failedAssertions"] == [],
+          f"the same value in extraEnvironment is refused: {a['extraEnvironmentSame']['failedAssertions']}")
+
+    short = a["shortNames"]
+    check(sorted(short["runners"]) == units,
+          f"units defined for names that are not runners: {sorted(set(short['runners']) - set(units))}")
+    check(not any(joined(u) for u in short["runners"].values()), "short names joined a runner")
+    check(any("`a`" in w and all(f"`{n}`" in w for n in names) for w in short["warnings"]),
+          f"the warning for names that are not runners does not list the runners: {short['warnings']}")
+    one = a["oneNamed"]
+    check(sorted(n for n, u in one["runners"].items() if joined(u)) == ["github-runner-runner-01-c"],
+          f"githubRunners = [ \"runner-01-c\" ] joined {[n for n, u in one['runners'].items() if joined(u)]}")
+    check("spare" in one["declared"] and "github-runner-spare" not in one["runners"],
+          "a disabled runner got a unit")
+    every = a["allButDisabled"]
+    check(sorted(n for n, u in every["runners"].items() if joined(u)) == units,
+          f"githubRunners = \"all\" joined {sorted(n for n, u in every['runners'].items() if joined(u))}")
+
+    for case, directory in (("portallocInHome", "/home"), ("portallocInTmp", "/tmp")):
+        check(any("portalloc_dir" in m and "ProtectHome" in m and "/var/lib/fm-portalloc" in m
+                  and directory in m for m in a[case]),
+              f"a portalloc_dir under {directory} is not refused: {a[case]}")
+    check(a["portallocTmpLike"] == [], f"/tmpfs/... refused as if under /tmp: {a['portallocTmpLike']}")
+
+    off = a["portserverOff"]
+    check(off["portserverSocket"] is None, "portserver.enable = false still defines the socket")
+    for unit_name, unit in off["runners"].items():
+        check_joined_runner(f"portserver off {unit_name}", unit, portalloc, portserver=False)
 
 
 def check_access_and_failures(out: dict[str, Any]) -> None:
@@ -472,6 +610,8 @@ def main() -> int:
     check(out["minimal"]["tmpfiles"] == [], "portalloc share created though not configured")
     check_runners(out)
     check_access_and_failures(out)
+    check_portserver(out)
+    check_adoption(out)
     check_overrides(out)
     check_vm(out)
     check_metrics(out)

@@ -30,6 +30,7 @@ let
     in
     {
       socket = config.systemd.sockets.portlease;
+      portserverSocket = config.systemd.sockets.portlease-portserver or null;
       service = services.portlease;
       runners = lib.filterAttrs (name: _: lib.hasPrefix "github-runner-" name) services;
       settings = config.environment.etc."portlease/config.toml".source.stubTomlData;
@@ -62,9 +63,57 @@ let
 
   # The VM test's arguments, through the stub's runNixOSTest (which returns them).
   vmTest = import ./vm.nix { inherit (stub) pkgs; };
-  vmNode = eval [ vmTest.nodes.machine ];
+  # With the stand-in of nixpkgs' github-runners, which NixOS always declares.
+  vmNode = eval [
+    runnerModule
+    vmTest.nodes.machine
+  ];
 
   metricsEval = extra: eval ([ module enabled ] ++ extra);
+
+  # fedimint's CI host (fedimint-host.nix) adopting portlease.
+  fedimintHost = ./fedimint-host.nix;
+  adopt =
+    {
+      keepEnvironment ? false,
+      portlease ? { },
+      extra ? [ ],
+    }:
+    eval (
+      [
+        runnerModule
+        module
+        (import fedimintHost { inherit keepEnvironment; })
+        {
+          services.portlease = {
+            enable = true;
+            githubRunners = "all";
+            settings.portalloc_dir = "/var/lib/fm-portalloc";
+          }
+          // portlease;
+        }
+      ]
+      ++ extra
+    );
+  # What the checks read of a host: its runner units as they render, the
+  # runners declared, its assertions and warnings.
+  hostSummary = config: {
+    runners = runnersOf config;
+    declared = lib.attrNames config.services.github-runners;
+    failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+    warnings = config.warnings;
+    portalloc = config.services.portlease.settings.portalloc_dir;
+  };
+  # Only the checks at evaluation: the units of these hosts do not evaluate
+  # (a "conflicting definition values" error), which is what the assertions
+  # are there to explain first.
+  verdict = config: {
+    failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+    warnings = config.warnings;
+  };
+  extraEnvironmentClash = {
+    services.github-runners.runner-01-b.extraEnvironment.FM_PORTALLOC_DATA_DIR = "/home/github-runner/.cache/port-alloc";
+  };
   metricsSummary =
     config:
     summary config
@@ -99,6 +148,62 @@ in
     enabled
     { services.portlease.githubRunners = [ "z" ]; }
   ])).warnings;
+
+  # Adopting portlease on fedimint's CI host (docs/nixos.md, "Adopting
+  # portlease on an existing runner host").
+  adoption = {
+    # As the docs say: githubRunners = "all", the share under /var/lib, the
+    # old serviceOverrides.Environment line deleted.
+    adopted = hostSummary (adopt { });
+    # The Environment line kept: systemd would keep it over the module's.
+    keptEnvironment = hostSummary (adopt { keepEnvironment = true; });
+    # The module's own value, set again: redundant, warned.
+    sameEnvironment = hostSummary (adopt {
+      extra = [
+        { services.github-runners.runner-01-a.serviceOverrides.Environment = [ "FM_PORTALLOC_DATA_DIR=/var/lib/fm-portalloc" ]; }
+      ];
+    });
+    # The runners' short names, which are not their attribute names.
+    shortNames = hostSummary (adopt { portlease.githubRunners = [ "a" "b" "c" "d" ]; });
+    # One runner named, and a disabled one that "all" must leave alone.
+    oneNamed = hostSummary (adopt {
+      portlease.githubRunners = [ "runner-01-c" ];
+      extra = [ { services.github-runners.spare = { enable = false; url = "https://github.com/fedimint"; tokenFile = "/run/secrets/x"; }; } ];
+    });
+    allButDisabled = hostSummary (adopt {
+      extra = [ { services.github-runners.spare = { enable = false; url = "https://github.com/fedimint"; tokenFile = "/run/secrets/x"; }; } ];
+    });
+    # The crate's directory kept where it was: the broker cannot see it.
+    portallocInHome = (verdict (adopt {
+      portlease.settings.portalloc_dir = "/home/github-runner/.cache/port-alloc";
+    })).failedAssertions;
+    portallocInTmp = (verdict (adopt { portlease.settings.portalloc_dir = "/tmp/fm-portalloc"; })).failedAssertions;
+    # A directory that only starts like /tmp is fine.
+    portallocTmpLike = (verdict (adopt { portlease.settings.portalloc_dir = "/tmpfs/fm-portalloc"; })).failedAssertions;
+    # The old directory in extraEnvironment instead: NixOS's own error, and
+    # the assertion that names the option first.
+    extraEnvironment = verdict (adopt { extra = [ extraEnvironmentClash ]; });
+    extraEnvironmentFails = fails [
+      runnerModule
+      module
+      (import fedimintHost { })
+      {
+        services.portlease = {
+          enable = true;
+          githubRunners = "all";
+          settings.portalloc_dir = "/var/lib/fm-portalloc";
+        };
+      }
+      extraEnvironmentClash
+    ];
+    # The same value in extraEnvironment merges without a word.
+    extraEnvironmentSame = hostSummary (adopt {
+      extra = [ { services.github-runners.runner-01-b.extraEnvironment.FM_PORTALLOC_DATA_DIR = "/var/lib/fm-portalloc"; } ];
+    });
+    portserverOff = hostSummary (adopt { portlease.portserver.enable = false; }) // {
+      portserverSocket = (adopt { portlease.portserver.enable = false; }).systemd.sockets.portlease-portserver or null;
+    };
+  };
 
   # The operator's own serviceOverrides.UMask on runner a (plain priority)
   # against the module's: the operator's wins, and nothing conflicts.

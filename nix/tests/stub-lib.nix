@@ -52,6 +52,7 @@ let
   optionals = cond: xs: if cond then xs else [ ];
   optionalAttrs = cond: set: if cond then set else { };
   optionalString = cond: s: if cond then s else "";
+  toList = x: if isList x then x else [ x ];
 
   isType = type: v: isAttrs v && (v._type or null) == type;
   isProperty = v: isType "if" v || isType "merge" v || isType "override" v || isType "order" v;
@@ -150,8 +151,10 @@ let
       optionalString
       hasPrefix
       unique
+      toList
       ;
     inherit (builtins)
+      concatMap
       filter
       length
       elem

@@ -1,6 +1,7 @@
-# NixOS VM test: services.portlease with three runner-like services a, b, c in
-# the sandbox nixpkgs gives github-runner units, node_exporter reading the
-# metrics file, and an upgrade (a specialisation with a rebuilt package).
+# NixOS VM test: services.portlease with three of nixpkgs' github-runners, a,
+# b and c, whose units run a job instead of registering with GitHub,
+# node_exporter reading the metrics file, and an upgrade (a specialisation
+# with a rebuilt package).
 # Needs KVM and nixpkgs; on a NixOS host:
 #
 #   nix build .#checks.x86_64-linux.vm -L                         # with the flake
@@ -29,43 +30,18 @@ let
       ${pkgs.bash}/bin/sh -c 'echo "LEASED $BASE"; exec sleep infinity'
   '';
 
-  # The sandbox nixpkgs' github-runner module gives its units (service.nix,
-  # at the same priorities), so the module's additions meet what they meet on
-  # a real runner.
-  runnerLike = name: {
-    description = "stand-in for github-runner-${name}";
+  # nixpkgs' github-runner units, with their sandbox, environment and
+  # directories as nixpkgs sets them; only what needs GitHub is replaced: the
+  # registration (ExecStartPre), the listener (ExecStart: the job instead),
+  # the token files it hides, and the start at boot (the test starts them).
+  runnerUnit = name: {
     environment.RUNNER = name;
+    wantedBy = lib.mkForce [ ];
     serviceConfig = {
-      ExecStart = job;
-      DynamicUser = lib.mkDefault true;
-      PrivateUsers = lib.mkDefault true;
-      PrivateTmp = lib.mkDefault true;
-      PrivateDevices = lib.mkDefault true;
-      PrivateMounts = lib.mkDefault true;
-      ProtectSystem = lib.mkDefault "strict";
-      ProtectHome = lib.mkDefault true;
-      ProtectProc = lib.mkDefault "invisible";
-      NoNewPrivileges = lib.mkDefault true;
-      UMask = lib.mkDefault "0066";
-      SystemCallFilter = [
-        "~@clock"
-        "~@cpu-emulation"
-        "~@module"
-        "~@mount"
-        "~@obsolete"
-        "~@raw-io"
-        "~@reboot"
-        "~capset"
-        "~setdomainname"
-        "~sethostname"
-      ];
-      RestrictAddressFamilies = [
-        "AF_INET"
-        "AF_INET6"
-        "AF_UNIX"
-        "AF_NETLINK"
-      ];
-      InaccessiblePaths = [ "-/run/secrets/github-runner-${name}-token" ];
+      ExecStartPre = lib.mkForce [ ];
+      ExecStart = lib.mkForce job;
+      Restart = lib.mkForce "no";
+      InaccessiblePaths = lib.mkForce [ "-/run/secrets/github-runner-${name}-token" ];
     };
   };
 
@@ -98,10 +74,15 @@ pkgs.testers.runNixOSTest {
       };
     };
 
-    # services.github-runners needs GitHub; these units take their place under
-    # the same names, so the module's additions land on them.
+    # Real services.github-runners entries: the module joins only runners
+    # that exist there. Their units are changed only where GitHub is needed.
+    services.github-runners = lib.genAttrs runners (name: {
+      enable = true;
+      url = "https://github.com/example-org";
+      tokenFile = "/run/secrets/github-runner-${name}-token";
+    });
     systemd.services = lib.listToAttrs (
-      map (name: lib.nameValuePair "github-runner-${name}" (runnerLike name)) runners
+      map (name: lib.nameValuePair "github-runner-${name}" (runnerUnit name)) runners
     );
 
     services.prometheus.exporters.node.enable = true;
@@ -143,6 +124,8 @@ pkgs.testers.runNixOSTest {
 
     with subtest("the socket is root:portlease 0660 under /run, the broker not started yet"):
         machine.succeed("test \"$(stat -c '%a %U %G' /run/portlease/portlease.sock)\" = '660 root portlease'")
+        machine.succeed("test \"$(stat -c '%a %U %G' /run/portlease/portserver.sock)\" = '660 root portlease'")
+        assert show("portlease-portserver.socket", "FileDescriptorName") == "portserver"
         machine.fail("systemctl is-active portlease.service")
         machine.succeed("test \"$(stat -c '%a %G' ${portallocDir})\" = '2770 portlease'")
 
@@ -154,7 +137,9 @@ pkgs.testers.runNixOSTest {
         for name in "abc":
             unit = machine.succeed(f"systemctl cat github-runner-{name}")
             assert "${package}" not in unit, unit
-            assert "/run/current-system/sw/bin" in show(f"github-runner-{name}", "Environment")
+            environment = show(f"github-runner-{name}", "Environment")
+            assert "/run/current-system/sw/bin" in environment, environment
+            assert "PORTSERVER_ADDRESS=/run/portlease/portserver.sock" in environment, environment
 
     with subtest("three sandboxed runners lease concurrently and get disjoint ports"):
         machine.succeed("systemctl start github-runner-a github-runner-b github-runner-c")

@@ -216,10 +216,34 @@ DEFECTS = {
         "the unit names the portlease store path"),
     "a broker that stops its socket on change": (
         "module.nix", "stopIfChanged = false;", "", "stopIfChanged is not false"),
-    # The old rule: only services.github-runners entries count.
-    "a runner warning that fires on hand-made units": (
-        "module.nix", '(unit.serviceConfig or { }) ? ExecStart || (unit.script or "") != "";',
-        "(config.services.github-runners or { }) ? ${name};", "the VM node warns"),
+    # The units came from the option's list: a name that is no runner got a unit without ExecStart.
+    "units defined for names that are not runners": (
+        "module.nix",
+        "joined = lib.filterAttrs (name: _: joinAll || lib.elem name namedRunners) enabledRunners;",
+        "joined = lib.genAttrs namedRunners (_: { });",
+        "units defined for names that are not runners: ['github-runner-a'"),
+    "a warning that does not list the runners there are": (
+        "module.nix", "The enabled runners are ${showNames (lib.attrNames enabledRunners)}:",
+        "Enable them:", "the warning for names that are not runners does not list the runners"),
+    'githubRunners = "all" joining nothing': (
+        "module.nix", "(name: _: joinAll || lib.elem name namedRunners)",
+        "(name: _: lib.elem name namedRunners)", 'githubRunners = "all" joined []'),
+    # systemd keeps the operator's later Environment= line.
+    "an old serviceOverrides.Environment silently winning": (
+        "module.nix", "++ lib.optional (overridden ? ${var}) {", "++ lib.optional false {",
+        "an operator's serviceOverrides.Environment FM_PORTALLOC_DATA_DIR is not refused"),
+    # NixOS's own "conflicting definition values", naming neither option to change.
+    "an extraEnvironment clash left to NixOS's error": (
+        "module.nix", "lib.optional (extra ? ${var} && toString extra.${var} != ours) {",
+        "lib.optional false {", "an extraEnvironment FM_PORTALLOC_DATA_DIR clash is not explained"),
+    "a portalloc_dir under /home the broker cannot see": (
+        "module.nix", "assertion = portallocHidden == [ ];", "assertion = true;",
+        "a portalloc_dir under /home is not refused"),
+    "a portserver socket passed to no service": (
+        "module.nix", 'Service = "portlease.service";', "", "full: portserver Service None"),
+    "runners without PORTSERVER_ADDRESS": (
+        "module.nix", "// lib.optionalAttrs portserver {", "// lib.optionalAttrs false {",
+        "the runner's process gets PORTSERVER_ADDRESS=None"),
     "a runner ReadWritePaths without the dash": (
         "module.nix", 'ReadWritePaths = [ "-${portallocDir}" ];', "ReadWritePaths = [ portallocDir ];",
         "want -/var/lib/fm-portalloc"),
