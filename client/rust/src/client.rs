@@ -161,9 +161,9 @@ impl fmt::Debug for Client {
 
 /// Leased ports, held until this guard is dropped (or [`Lease::release`]d).
 ///
-/// Dropping it releases the lease on its connection; when it is the last user
-/// of the connection (as with [`crate::lease`]), the connection closes, which
-/// releases it as well.
+/// Dropping it releases the lease (one round trip: the ports are free for
+/// others when the drop returns); when it is the last user of the connection
+/// (as with [`crate::lease`]), the connection closes too.
 pub struct Lease {
     client: Client,
     ports: Vec<u16>,
@@ -246,11 +246,14 @@ impl Drop for Lease {
         if self.done {
             return;
         }
-        if Arc::strong_count(&self.client.shared) == 1 {
-            // Ours is the last handle: the connection closes right after this,
-            // and the broker releases the lease with it. One syscall, no round trip.
+        if Arc::strong_count(&self.client.shared) == 1 && self.client.shared.lock().conn.is_none() {
+            // Ours is the last handle and the broker is away: nothing to tell it
+            // (no reconnect from a destructor); the orphan lapses after its TTL.
             return;
         }
+        // A round trip even when the connection closes right after, so that the
+        // ports are free for others by the time the drop returns (a close alone
+        // is seen by the broker a moment later).
         let _ = self.client.release_held(&self.token);
     }
 }
