@@ -17,8 +17,13 @@ in
   services.portlease = {
     enable = true;
     # Each github-runner-NAME unit joins the socket's group and gets
-    # PORTLEASE_SOCKET and the portlease client.
+    # PORTLEASE_SOCKET and the portlease client. The names are attribute names
+    # of services.github-runners below ("all" joins every enabled runner).
     githubRunners = runners;
+    # The default: a second socket, /run/portlease/portserver.sock, for
+    # Google portpicker's port-server protocol. The runners get
+    # PORTSERVER_ADDRESS and JAX_PORTSERVER_ADDRESS pointing at it.
+    portserver.enable = true;
     settings = {
       # Above the crate's busiest ports (it starts at 10000), below the
       # kernel's ephemeral range (32768 and up).
@@ -55,6 +60,9 @@ in
     # PrivateTmp, ...) stays as nixpkgs sets it: the socket is under /run.
     # Your own serviceOverrides keep working: the module sets its keys on the
     # unit, not there, and a plain serviceOverrides.UMask wins over its 0007
-    # (docs/nixos.md, "Join runners").
+    # (docs/nixos.md, "Join runners"). The exception is Environment (and
+    # extraEnvironment): one that sets FM_PORTALLOC_DATA_DIR, PORTLEASE_SOCKET
+    # or PORTSERVER_ADDRESS to another value than the module's is refused by
+    # an assertion; delete it, the module sets them.
   });
 }

@@ -513,26 +513,26 @@ in
         systemd.services = lib.mapAttrs' (
           name: _:
           lib.nameValuePair (runnerUnit name) {
-              wants = runnerSockets;
-              after = runnerSockets;
-              # After the runner's own tools, so the system profile shadows
-              # none of them. NixOS puts every entry's bin on PATH, then every
-              # entry's sbin: /run/current-system/sw/bin is the last bin.
-              path = lib.mkAfter [ systemProfile ];
-              environment = runnerEnvironment;
-              serviceConfig = {
-                SupplementaryGroups = [ cfg.group ];
-              }
-              // lib.optionalAttrs sharing {
-                # `-`: a missing directory must not keep the runner from starting.
-                ReadWritePaths = [ "-${portallocDir}" ];
-                # The crate rewrites its JSON file; the next runner (another
-                # dynamic uid) must be able to read and replace it. Above
-                # nixpkgs' mkDefault "0066", below a plain
-                # serviceOverrides.UMask of the operator's, which wins.
-                UMask = lib.mkOverride 900 "0007";
-              };
+            wants = runnerSockets;
+            after = runnerSockets;
+            # After the runner's own tools, so the system profile shadows
+            # none of them. NixOS puts every entry's bin on PATH, then every
+            # entry's sbin: /run/current-system/sw/bin is the last bin.
+            path = lib.mkAfter [ systemProfile ];
+            environment = runnerEnvironment;
+            serviceConfig = {
+              SupplementaryGroups = [ cfg.group ];
             }
+            // lib.optionalAttrs sharing {
+              # `-`: a missing directory must not keep the runner from starting.
+              ReadWritePaths = [ "-${portallocDir}" ];
+              # The crate rewrites its JSON file; the next runner (another
+              # dynamic uid) must be able to read and replace it. Above
+              # nixpkgs' mkDefault "0066", below a plain
+              # serviceOverrides.UMask of the operator's, which wins.
+              UMask = lib.mkOverride 900 "0007";
+            };
+          }
         ) joined;
       }
 
