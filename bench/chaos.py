@@ -101,7 +101,7 @@ class BrokerCtl:
         log = open(self.log_path, "ab")  # noqa: SIM115
         log.write(f"---- start #{self.n} ({mode})\n".encode())
         log.flush()
-        py = [PY, "-m", "portlease.broker", *self._serve_args()]
+        py = [PY, "-m", "portlease", *self._serve_args()]
         if mode == "serve":
             cmd = [*py[:4], "--socket", self.socket, *py[4:]]
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)

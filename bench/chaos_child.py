@@ -90,7 +90,7 @@ def usable(tcp: list[socket.socket], udp: list[socket.socket]) -> str | None:
 
 
 def cli(args: argparse.Namespace, *cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "portlease.broker", *cmd, "--socket", args.socket],
+    return subprocess.run([sys.executable, "-m", "portlease", *cmd, "--socket", args.socket],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -125,7 +125,7 @@ def main() -> int:
         log("granted", ports=ports, holder=None, how="clidetach", detached=True)
     else:
         from portlease.client import Connection, LeaseError
-        from portlease.client.errors import PortleaseError
+        from portlease.client.protocol.errors import PortleaseError
 
         def on_lost(_lease: Any, exc: Exception) -> None:
             log("lost", why=str(exc)[:200])

@@ -141,7 +141,7 @@ class Runner:
             child_args.append("--abandon")
         child = [PY, str(HERE / "chaos_child.py"), *child_args]
         if mode == "cli":
-            cmd = [PY, "-m", "portlease.broker", "lease", "--socket", a.socket, "-n", str(count),
+            cmd = [PY, "-m", "portlease", "lease", "--socket", a.socket, "-n", str(count),
                    "--note", f"chaos {ident}", "--", *child]
         else:
             cmd = child

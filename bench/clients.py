@@ -54,7 +54,7 @@ def wait_socket(path: str, timeout: float = 20.0) -> None:
 class Broker:
     def __init__(self, directory: str, *extra: str) -> None:
         self.sock = os.path.join(directory, "b.sock")
-        self.cmd = [PY, "-m", "portlease.broker", "serve", "--socket", self.sock, "--state",
+        self.cmd = [PY, "-m", "portlease", "serve", "--socket", self.sock, "--state",
                     os.path.join(directory, "state"), "--range", RANGE, "--log-level",
                     "warning", *extra]
         self.log = open(os.path.join(directory, "log"), "ab")  # noqa: SIM115
@@ -154,7 +154,7 @@ def _kill_brokers_of(sock: str) -> None:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"portlease.broker" in argv and sock.encode() in argv:
+        if b"portlease" in argv and sock.encode() in argv:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry), signal.SIGKILL)
 
@@ -184,7 +184,7 @@ def autostart(repeats: int) -> dict[str, float]:
             time.sleep(0.05)
             for bucket in (cli_cold, cli_warm):
                 t0 = time.perf_counter()
-                subprocess.run([PY, "-m", "portlease.broker", "lease", "--", "true"], env=env,
+                subprocess.run([PY, "-m", "portlease", "lease", "--", "true"], env=env,
                                check=True)
                 bucket.append(time.perf_counter() - t0)
         finally:

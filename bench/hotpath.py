@@ -11,7 +11,7 @@ Two views, both of a real ``portlease serve`` process driven over its socket:
    ``ping``; + ``lease``, released by the close; + an explicit ``release``),
    and on an open connection; and the same for bench/floors.py's epoll server.
    The differences between rows are the cost of each step.
-2. cProfile of the broker (``python -m cProfile -m portlease.broker serve``)
+2. cProfile of the broker (``python -m cProfile -m portlease serve``)
    while the sync client runs ``with lease(1)`` in a loop: the functions with
    the most time of their own, and the cumulative cost of the broker's parts.
    cProfile inflates Python calls by 2-3x; read it for shares, not for µs.
@@ -150,7 +150,7 @@ def cprofile_fresh(wd: Path, n: int) -> dict[str, Any]:
     cfg = d / "c.toml"
     cfg.write_text(f'port_min = {run.RANGE[0]}\nport_max = {run.RANGE[1]}\nlog_level = "warning"\n')
     prof = d / "broker.prof"
-    p = subprocess.Popen([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "portlease.broker",
+    p = subprocess.Popen([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "portlease",
                           "serve", "--config", str(cfg), "--socket", sock, "--state",
                           str(d / "state.jsonl")], stdin=subprocess.DEVNULL)
     run.wait_connectable(sock, p, "profiled broker")

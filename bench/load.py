@@ -94,7 +94,7 @@ class Broker:
 
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [PY, "-m", "portlease.broker", "serve", "--config", str(cfg), "--socket", self.socket,
+                [PY, "-m", "portlease", "serve", "--config", str(cfg), "--socket", self.socket,
                  "--state", str(self.dir / "state.jsonl"), "--range", self.range],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=lower_nofile)
         deadline = time.monotonic() + 30

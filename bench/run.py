@@ -222,7 +222,7 @@ class Broker:
         )
         self.log = open(self.dir / "broker.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "portlease.broker", "serve", "--config", str(config),
+            [sys.executable, "-m", "portlease", "serve", "--config", str(config),
              "--socket", self.socket, "--state", str(self.dir / "state.jsonl"), *args],
             stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL,
         )

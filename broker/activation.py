@@ -14,7 +14,7 @@ import socket
 from collections.abc import MutableMapping
 from typing import Final
 
-from .errors import StartupError
+from portlease.client.protocol.errors import StartupError
 
 LISTEN_FDS_START: Final = 3
 """The first inherited fd; fixed by the protocol."""

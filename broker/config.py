@@ -11,8 +11,9 @@ from typing import Annotated
 
 import msgspec
 
+from portlease.client.protocol.errors import ConfigError
+
 from . import kernel
-from .errors import ConfigError
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]

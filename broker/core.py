@@ -20,7 +20,7 @@ from typing import assert_never
 
 from portlease import __version__
 from portlease.client import protocol as p
-from portlease.client.errors import Busy, LeaseError
+from portlease.client.protocol.errors import Busy, LeaseError
 
 from .allocator import BindCheck
 from .leases import Instant, LeaseRecord, LeaseTable, Peer

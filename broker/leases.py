@@ -24,7 +24,7 @@ import heapq
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from portlease.client.errors import Exhausted, InUse, NotFound, QuotaExceeded, TooLarge
+from portlease.client.protocol.errors import Exhausted, InUse, NotFound, QuotaExceeded, TooLarge
 
 from .allocator import Allocator, BindCheck
 

@@ -17,11 +17,11 @@ import socket
 import stat
 from dataclasses import dataclass
 
-from portlease.client.autostart import answers
+from portlease.client.host.probe import answers
+from portlease.client.protocol.errors import AlreadyServing, ConfigError, StartupError
 
 from . import activation
 from .config import Config
-from .errors import ConfigError, StartupError
 from .safedir import check_directory, open_failure, open_file
 
 log = logging.getLogger("portlease.broker")
@@ -76,7 +76,7 @@ def bind_unix_socket(path: str, mode: int, group: str | None) -> Listening:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(lock_fd)
-        raise StartupError(f"another portlease broker is serving on {path}") from None
+        raise AlreadyServing(f"another portlease broker is serving on {path}") from None
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -87,7 +87,7 @@ def bind_unix_socket(path: str, mode: int, group: str | None) -> Listening:
             raise StartupError(f"{path} exists and is not a socket; not replacing it")
         if answers(path):
             os.close(lock_fd)
-            raise StartupError(f"another broker is already serving on {path}")
+            raise AlreadyServing(f"another portlease broker is serving on {path}")
         log.info("removing stale socket %s (nothing answers on it)", path)
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

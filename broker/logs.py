@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Final
 
-from .errors import ConfigError
+from portlease.client.protocol.errors import ConfigError
 
 __all__ = ["journal_stream", "set_level", "setup"]
 

@@ -14,7 +14,7 @@ import errno
 import os
 import stat
 
-from .errors import StartupError
+from portlease.client.protocol.errors import StartupError
 
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 

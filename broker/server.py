@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 import trio
 
 from portlease.client import protocol as p
+from portlease.client.host import procnet
+from portlease.client.host.procinfo import boot_id, process_started, user_name
+from portlease.client.protocol.errors import ConfigError
 
 from . import kernel
 from . import portalloc as pa
@@ -43,13 +46,12 @@ from .core import (
     Session,
     decode_line,
 )
-from .errors import ConfigError
 from .leases import Instant, LeaseRecord, LeaseTable, Limits
 from .listening import open_listener
 from .logs import set_level
 from .metrics import Metrics, Snapshot, write_textfile
 from .notify import Notifier
-from .procinfo import boot_id, identify, owner_alive, peer_of, process_started, user_name
+from .peers import identify, owner_alive, peer_of
 from .share import PortallocShare
 from .state import Journal
 
@@ -488,8 +490,6 @@ class Broker:
         Looking for squatters walks the kernel's socket tables (milliseconds), so
         it runs in a worker thread, on a copy of the leases taken here.
         """
-        from . import procnet
-
         a = self.table.allocator
         spans = [(r.start, r.count) for r in self.table]
         try:

@@ -39,8 +39,9 @@ from dataclasses import dataclass
 
 import msgspec
 
+from portlease.client.protocol.errors import StartupError
+
 from .allocator import PORTS
-from .errors import StartupError
 from .leases import Instant, LeaseRecord, Peer
 from .safedir import check_directory, open_failure, open_file
 

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .aio import AsyncConnection, connect, open_lease
-    from .errors import (
+    from .grant import Lease
+    from .protocol.codes import ErrorCode
+    from .protocol.errors import (
         BadRequest,
         BrokerUnavailable,
         Busy,
@@ -29,8 +31,6 @@ if TYPE_CHECKING:
         TooLarge,
         UnsafeSocket,
     )
-    from .grant import Lease
-    from .protocol import ErrorCode
     from .sync import Connection, lease
 
     TrioConnection = AsyncConnection
@@ -64,7 +64,7 @@ __all__ = [
 # importing the package itself must cost nothing (msgspec alone takes milliseconds).
 _HOME = {
     "Lease": "grant",
-    "ErrorCode": "protocol",
+    "ErrorCode": "protocol.codes",
     "Connection": "sync",
     "lease": "sync",
     "AsyncConnection": "aio",
@@ -77,7 +77,7 @@ _HOME = {
 def __getattr__(name: str) -> Any:
     if name not in __all__:
         raise AttributeError(f"module 'portlease.client' has no attribute {name!r}")
-    module = import_module(f".{_HOME.get(name, 'errors')}", __name__)
+    module = import_module(f".{_HOME.get(name, 'protocol.errors')}", __name__)
     value = getattr(module, "AsyncConnection" if name == "TrioConnection" else name)
     globals()[name] = value  # later lookups skip this hook
     return value

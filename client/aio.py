@@ -41,8 +41,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 
 from . import paths
 from . import protocol as p
-from .errors import BrokerUnavailable, ConnectionLost, LeaseError, PortleaseError, UnsafeSocket
 from .grant import Lease, LostCallback
+from .protocol.errors import BrokerUnavailable, ConnectionLost, LeaseError, PortleaseError, UnsafeSocket
 from .session import RECONNECT_MAX_DELAY, Backoff, Call, Dropped, Retry, Session
 
 __all__ = ["AsyncConnection", "connect", "open_lease"]

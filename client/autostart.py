@@ -27,7 +27,6 @@ import errno
 import fcntl
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -35,15 +34,14 @@ from collections.abc import Generator
 from typing import Final
 
 from . import paths
+from .host.probe import answers
+from .protocol.errors import AlreadyServing
 
 DEFAULT_IDLE_EXIT: Final = 600.0
 """Seconds an autostarted broker lingers with no connection and no lease."""
 
 LOG_NAME: Final = "broker.log"
 
-# What a broker that lost the race to another (non-autostarted) broker prints;
-# see bind_unix_socket in portlease.broker.listening.
-_LOST_RACE: Final = (b"another portlease broker is serving", b"another broker is already serving")
 
 # Variables that describe *our* service manager context; a detached broker
 # must not act on them (send READY=1 to the CI runner's unit, adopt its fds,
@@ -81,7 +79,7 @@ def log_path(path: str) -> str:
 def broker_command(path: str) -> list[str]:
     """The command line of the broker started for socket ``path``."""
     return [
-        sys.executable, "-m", "portlease.broker", "serve", "--socket", path,
+        sys.executable, "-m", "portlease", "serve", "--socket", path,
         # Explicit, so that a STATE_DIRECTORY inherited from a service does not
         # put a per-user broker's journal somewhere shared.
         "--state", path + ".state",
@@ -89,17 +87,6 @@ def broker_command(path: str) -> list[str]:
     ]
 
 
-def answers(path: str, timeout: float = 1.0) -> bool:
-    """True when something accepts connections on the Unix socket ``path``."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    probe.settimeout(timeout)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 def ensure_broker(path: str, *, timeout: float) -> None:
@@ -194,7 +181,7 @@ def _spawn_and_wait(path: str, deadline: float, timeout: float) -> None:
             return
         if proc.poll() is not None:
             tail = _log_since(log, log_start)
-            if not any(marker in tail for marker in _LOST_RACE):
+            if proc.returncode != AlreadyServing.EXIT_STATUS:
                 raise OSError(
                     errno.ECHILD,
                     f"the portlease broker started for {path} exited with status "

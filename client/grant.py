@@ -6,7 +6,7 @@ import socket as _socket
 import sys
 from collections.abc import Callable, Iterator
 
-from .errors import LeaseLost
+from .protocol.errors import LeaseLost
 
 
 class Lease:

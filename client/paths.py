@@ -1,6 +1,7 @@
-"""Which socket to use, whether it is safe, and what to say when nothing answers.
+"""Whether the chosen socket is safe, and what to say when nothing answers.
 
-One rule for the broker, both clients and the CLI:
+The socket is chosen by one rule (:mod:`portlease.client.host.locations`) for the broker,
+both clients and the CLI:
 
 1. ``--socket`` / ``socket=`` (explicit);
 2. ``$PORTLEASE_SOCKET``;
@@ -34,96 +35,27 @@ import os
 import socket as _socket
 import stat
 import struct
-from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Literal
 
-from .errors import BrokerUnavailable, UnsafeSocket
+# The rule itself lives in host.locations; the shells reach it through this module.
+from portlease.client.host.locations import (
+    CHECK_SYSTEM,
+    SOCKET_NAME,
+    SYSTEM_CONFIG,
+    SYSTEM_DIR,
+    SYSTEM_SOCKET,
+    SocketChoice,
+    Source,
+    choose_socket,
+    explicit_socket,
+    system_config,
+    system_deployment,
+    system_dir,
+    system_socket,
+    user_socket,
+)
 
-SYSTEM_DIR: Final = "/run/portlease"
-SYSTEM_SOCKET: Final = "/run/portlease/portlease.sock"
-"""The socket systemd (``portlease.socket``) and the NixOS module provide."""
-SYSTEM_CONFIG: Final = "/etc/portlease/config.toml"
-SOCKET_NAME: Final = "portlease.sock"
-
-CHECK_SYSTEM: Final = "run `systemctl status portlease.socket` to see why"
-
-Source = Literal["argument", "PORTLEASE_SOCKET", "system", "per-user"]
-
-
-def system_dir() -> str:
-    """The system socket's directory (``$PORTLEASE_SYSTEM_DIR`` in tests)."""
-    return os.environ.get("PORTLEASE_SYSTEM_DIR") or SYSTEM_DIR
-
-
-def system_socket() -> str:
-    """The system socket's path."""
-    return os.path.join(system_dir(), SOCKET_NAME)
-
-
-def system_config() -> str:
-    """The system config file (``$PORTLEASE_SYSTEM_CONFIG`` in tests)."""
-    return os.environ.get("PORTLEASE_SYSTEM_CONFIG") or SYSTEM_CONFIG
-
-
-def system_deployment() -> bool:
-    """Whether this host has a system broker (its directory or its config file exists)."""
-    return os.path.lexists(system_dir()) or os.path.lexists(system_config())
-
-
-def user_socket() -> str:
-    """The per-user socket: under ``$XDG_RUNTIME_DIR``, else ``/tmp/portlease-$UID/``."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isabs(runtime):
-        return os.path.join(runtime, "portlease", SOCKET_NAME)
-    return os.path.join("/tmp", f"portlease-{os.getuid()}", SOCKET_NAME)
-
-
-@dataclass(frozen=True, slots=True)
-class SocketChoice:
-    """A socket path and why it was chosen."""
-
-    path: str
-    source: Source
-
-    @property
-    def explicit(self) -> bool:
-        """Configured by the caller: never autostarted, never second-guessed."""
-        return self.source in ("argument", "PORTLEASE_SOCKET")
-
-    @property
-    def per_user(self) -> bool:
-        """The per-user socket: checked as the caller's own, and the only one autostarted."""
-        return self.source == "per-user"
-
-    @property
-    def system(self) -> bool:
-        """The system socket: its broker is waited for when down, never replaced."""
-        return self.source == "system"
-
-
-def _configured(cli_value: str | None) -> SocketChoice | None:
-    # Steps 1 and 2 of the rule: the socket the caller configured.
-    if cli_value:
-        return SocketChoice(cli_value, "argument")
-    env = os.environ.get("PORTLEASE_SOCKET")
-    return SocketChoice(env, "PORTLEASE_SOCKET") if env else None
-
-
-def explicit_socket(cli_value: str | None = None) -> str | None:
-    """The socket the caller configured (flag, then ``$PORTLEASE_SOCKET``), if any."""
-    configured = _configured(cli_value)
-    return configured.path if configured is not None else None
-
-
-def choose_socket(cli_value: str | None = None) -> SocketChoice:
-    """Pick the socket by the rule in the module docstring."""
-    configured = _configured(cli_value)
-    if configured is not None:
-        return configured
-    if system_deployment():
-        return SocketChoice(system_socket(), "system")
-    return SocketChoice(user_socket(), "per-user")
-
+from .protocol.errors import BrokerUnavailable, UnsafeSocket
 
 # ---------------------------------------------------------------- safety
 
@@ -305,3 +237,12 @@ def autostart_failed(choice: SocketChoice, exc: OSError) -> BrokerUnavailable:
         f"{exc.strerror or exc}; start one with `portlease serve`",
         paths=(choice.path,),
     )
+
+
+__all__ = [
+    "CHECK_SYSTEM", "SOCKET_NAME", "SYSTEM_CONFIG", "SYSTEM_DIR", "SYSTEM_SOCKET", "Action",
+    "Dialing", "SocketChoice", "Source", "autostart_failed", "check_directory", "check_peer",
+    "choose_socket", "directory_problem", "explicit_socket", "on_connect_error", "peer_uid",
+    "system_config", "system_deployment", "system_dir", "system_socket", "unavailable",
+    "unsafe_directory", "user_socket",
+]

@@ -118,7 +118,7 @@ def _note(nodeid: str) -> str:
 @pytest.fixture(scope="session")
 def portlease_connection(pytestconfig: pytest.Config) -> Iterator[Connection]:
     """One connection to the broker per test session (per xdist worker)."""
-    from .errors import BrokerUnavailable
+    from .protocol.errors import BrokerUnavailable
     from .sync import Connection
 
     path, where = _socket_setting(pytestconfig)
@@ -148,7 +148,7 @@ def port_lease(
     Every lease made is released when the test ends. The lease's note (shown
     by ``portlease status``) defaults to the test's node id.
     """
-    from .errors import PortleaseError
+    from .protocol.errors import PortleaseError
 
     conn = portlease_connection
     made: list[Lease] = []

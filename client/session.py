@@ -25,8 +25,8 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from . import protocol as p
-from .errors import ConnectionLost, LeaseError, LeaseLost, error_class
 from .grant import Lease, LostCallback, report_lost
+from .protocol.errors import ConnectionLost, LeaseError, LeaseLost, error_class
 
 T = TypeVar("T")
 

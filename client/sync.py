@@ -45,8 +45,8 @@ from typing import Any, TypeVar
 
 from . import paths
 from . import protocol as p
-from .errors import BrokerUnavailable, ConnectionLost, LeaseError, UnsafeSocket
 from .grant import Lease, LostCallback
+from .protocol.errors import BrokerUnavailable, ConnectionLost, LeaseError, UnsafeSocket
 from .session import RECONNECT_MAX_DELAY, Backoff, Call, Dropped, Retry, Session, default_note
 
 __all__ = ["RECONNECT_MAX_DELAY", "Connection", "default_note", "lease"]

@@ -106,7 +106,7 @@ class BrokerProc:
         return self.dir / "broker.log"
 
     def command(self) -> list[str]:
-        return [PYTHON, "-m", "portlease.broker", "serve", "--socket", self.socket,
+        return [PYTHON, "-m", "portlease", "serve", "--socket", self.socket,
                 "--state", self.state, "--range", self.range, "--log-level", "debug", *self.args]
 
     def start(self, wait: bool = True) -> BrokerProc:
@@ -159,5 +159,5 @@ def portlease(
 ) -> subprocess.CompletedProcess[str]:
     full_env = dict(os.environ, PORTLEASE_AUTOSTART="0")
     full_env.update(env or {})
-    return subprocess.run([PYTHON, "-m", "portlease.broker", *args], env=full_env,
+    return subprocess.run([PYTHON, "-m", "portlease", *args], env=full_env,
                           capture_output=True, text=True, timeout=60, **kw)  # type: ignore[call-overload]

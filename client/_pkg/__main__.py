@@ -1,5 +1,5 @@
 """``python -m portlease`` is the ``portlease`` command."""
 
-from portlease.broker.cli import main
+from portlease.cli import main
 
 raise SystemExit(main())

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 
 from portlease.broker.activation import inherited_listener
-from portlease.broker.errors import StartupError
+from portlease.client.protocol.errors import StartupError
 
 CHILD = r"""
 import json, os, socket, subprocess, sys
 from portlease.broker.activation import inherited_listener, socket_path
-from portlease.broker.errors import StartupError
+from portlease.client.protocol.errors import StartupError
 
 name = sys.argv[1] or None
 out = {}

@@ -35,7 +35,7 @@ def brokers_for(sock: str) -> list[int]:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"portlease.broker" in argv and b"serve" in argv and sock.encode() in argv:
+        if b"portlease" in argv and b"serve" in argv and sock.encode() in argv:
             found.append(int(entry))
     return found
 
@@ -168,7 +168,7 @@ def test_a_killed_brokers_stale_socket_is_replaced_by_a_new_one(user_sock: str) 
 def test_the_wrapper_starts_a_broker_that_signals_can_stop(user_sock: str) -> None:
     # The wrapper blocks the signals it forwards to its command; the broker it
     # starts must not inherit that mask, or SIGTERM would never reach it.
-    out = subprocess.run([sys.executable, "-m", "portlease.broker", "lease", "--", "true"],
+    out = subprocess.run([sys.executable, "-m", "portlease", "lease", "--", "true"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     (pid,) = brokers_for(user_sock)
@@ -183,7 +183,7 @@ def test_the_wrapper_starts_a_broker_that_signals_can_stop(user_sock: str) -> No
 
 def test_disabled_autostart_is_a_clear_error(user_sock: str) -> None:
     env = dict(os.environ, PORTLEASE_AUTOSTART="0")
-    out = subprocess.run([sys.executable, "-m", "portlease.broker", "lease", "--", "true"],
+    out = subprocess.run([sys.executable, "-m", "portlease", "lease", "--", "true"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 69
     assert f"no portlease broker answers at {user_sock}" in out.stderr

@@ -16,8 +16,8 @@ import pytest
 
 from brokerproc import PYTHON, BrokerProc, Raw, portlease, wait_for_socket
 from portlease.client import Connection, Exhausted, QuotaExceeded, TooLarge, lease
-from portlease.client.errors import BrokerUnavailable
 from portlease.client.protocol import MAX_LINE
+from portlease.client.protocol.errors import BrokerUnavailable
 
 
 def ports_of(raw: Raw) -> set[int]:
@@ -62,7 +62,7 @@ def test_wrapper_forwards_sigterm_to_the_command(broker: BrokerProc, tmp_path: P
     marker = tmp_path / "got-term"
     script = f"trap 'echo term > {marker}; exit 5' TERM; echo ready; while :; do sleep 0.05; done"
     proc = subprocess.Popen(
-        [PYTHON, "-m", "portlease.broker", "lease", "--socket", broker.socket, "--", "sh", "-c", script],
+        [PYTHON, "-m", "portlease", "lease", "--socket", broker.socket, "--", "sh", "-c", script],
         stdout=subprocess.PIPE, text=True,
     )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -95,7 +95,7 @@ def test_two_concurrent_wrappers_never_share_a_port(broker: BrokerProc) -> None:
         "print(os.environ['PORTLEASE_PORTS']); time.sleep(0.3)\n"
     )
     procs = [
-        subprocess.Popen([PYTHON, "-m", "portlease.broker", "lease", "--socket", broker.socket,
+        subprocess.Popen([PYTHON, "-m", "portlease", "lease", "--socket", broker.socket,
                           "-n", "5", "--", PYTHON, "-c", code], stdout=subprocess.PIPE, text=True)
         for _ in range(6)
     ]
@@ -109,7 +109,7 @@ def test_two_concurrent_wrappers_never_share_a_port(broker: BrokerProc) -> None:
 
 def test_sigkill_of_wrapper_frees_its_ports_at_once(broker: BrokerProc) -> None:
     proc = subprocess.Popen(
-        [PYTHON, "-m", "portlease.broker", "lease", "--socket", broker.socket, "-n", "4", "--",
+        [PYTHON, "-m", "portlease", "lease", "--socket", broker.socket, "-n", "4", "--",
          "sh", "-c", "echo $PORTLEASE_PORTS; exec sleep 60"],
         stdout=subprocess.PIPE, text=True,
     )
@@ -316,7 +316,7 @@ def test_broker_sigkill_and_restart_never_grants_a_port_still_leased(broker: Bro
 
 def test_second_broker_on_same_socket_or_state_refuses(broker: BrokerProc, tmp_path: Path) -> None:
     out = portlease("serve", "--socket", broker.socket, "--state", str(tmp_path / "other.state"))
-    assert out.returncode == 1 and "another portlease broker is serving" in out.stderr
+    assert out.returncode == 75 and "another portlease broker is serving" in out.stderr
     other = tmp_path / "other"
     other.mkdir()
     out = portlease("serve", "--socket", str(other / "s.sock"), "--state", broker.state)
@@ -390,7 +390,7 @@ def test_no_broker_is_a_distinct_error(tmp_path: Path) -> None:
 
 def test_sync_client_does_not_import_trio() -> None:
     code = (
-        "import sys, portlease.client, portlease.broker.cli\n"
+        "import sys, portlease.client, portlease.cli, portlease.client.cli.main\n"
         "from portlease.client import lease, Connection\n"
         "assert 'trio' not in sys.modules, 'trio imported'\n"
     )

@@ -187,7 +187,7 @@ def test_client_waits_while_a_socket_activated_brokers_backlog_is_full(tmp_path:
     with open(tmp_path / "broker.log", "wb") as log:
         proc = subprocess.Popen(
             ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "sh", PYTHON, "-m",
-             "portlease.broker", "serve", "--state", str(tmp_path / "state.jsonl"),
+             "portlease", "serve", "--state", str(tmp_path / "state.jsonl"),
              "--range", "20700-20799"],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=to_fd3, close_fds=False)
     try:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from brokerproc import PYTHON, BrokerProc, Raw, portlease
-from portlease.broker.status_view import escape, typed_command
 from portlease.client import Connection
+from portlease.client.cli.status_view import escape, typed_command
 
 SUBCOMMANDS = ("serve", "lease", "renew", "release", "status", "wait")
 
@@ -124,12 +124,11 @@ def test_token_has_help_text(command: str) -> None:
 
 def test_serve_with_system_socket_absent_uses_the_per_user_socket(tmp_path: Path) -> None:
     # What `serve --help` promises: without --socket or PORTLEASE_SOCKET, the per-user path.
-    from portlease.broker.cli import _serve_config, build_parser
-
     env = {k: v for k, v in os.environ.items() if k != "PORTLEASE_SOCKET"}
     env["XDG_RUNTIME_DIR"] = str(tmp_path)
     code = (
-        "from portlease.broker.cli import _serve_config, build_parser\n"
+        "from portlease.broker.serve import _serve_config\n"
+        "from portlease.client.cli.main import build_parser\n"
         "print(_serve_config(build_parser().parse_args(['serve'])).socket)\n"
     )
     out = subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=60)
@@ -137,7 +136,6 @@ def test_serve_with_system_socket_absent_uses_the_per_user_socket(tmp_path: Path
     env.pop("XDG_RUNTIME_DIR")
     out = subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == f"/tmp/portlease-{os.getuid()}/portlease.sock", out.stderr
-    assert _serve_config and build_parser  # imported in-process too: the names exist
 
 
 # ---------------------------------------------------------------- BrokenPipe
@@ -152,7 +150,7 @@ def test_status_into_a_closed_pipe_exits_quietly(broker: BrokerProc, flags: list
         os.close(r)  # the reader is gone before a byte is written: EPIPE, every time
         try:
             proc = subprocess.run(
-                [PYTHON, "-m", "portlease.broker", "status", "--socket", broker.socket, *flags],
+                [PYTHON, "-m", "portlease", "status", "--socket", broker.socket, *flags],
                 stdout=w, stderr=subprocess.PIPE, text=True, timeout=60,
             )
         finally:
@@ -166,7 +164,7 @@ def test_status_piped_into_head_exits_zero_without_traceback(broker: BrokerProc,
     with Connection(broker.socket) as conn:
         for _ in range(8):
             conn.lease(1, note="y" * 100, detach=True, ttl=60)
-        script = (f"set -o pipefail; {PYTHON} -m portlease.broker status --socket {broker.socket} "
+        script = (f"set -o pipefail; {PYTHON} -m portlease status --socket {broker.socket} "
                   f"{flags} 2>err | head -2; echo \"status=${{PIPESTATUS[0]}}\"")
         out = subprocess.run(["bash", "-c", script], cwd=broker.dir, capture_output=True, text=True,
                              timeout=60)
@@ -180,12 +178,12 @@ def test_status_piped_into_head_exits_zero_without_traceback(broker: BrokerProc,
 
 def test_export_sets_the_shell_variables_and_release_ends_it(broker: BrokerProc) -> None:
     script = (
-        f'eval "$({PYTHON} -m portlease.broker lease --socket {broker.socket} -n 3 --detach '
+        f'eval "$({PYTHON} -m portlease lease --socket {broker.socket} -n 3 --detach '
         f'--export --env DB_PORT=2 --note export-test)" || exit 9\n'
         'echo "$PORTLEASE_PORTS|$PORTLEASE_PORT|$PORTLEASE_TOKEN|$DB_PORT"\n'
-        f'{PYTHON} -m portlease.broker status --socket {broker.socket} --json\n'
-        f'{PYTHON} -m portlease.broker release --socket {broker.socket} "$PORTLEASE_TOKEN" || exit 8\n'
-        f'{PYTHON} -m portlease.broker status --socket {broker.socket} --json\n'
+        f'{PYTHON} -m portlease status --socket {broker.socket} --json\n'
+        f'{PYTHON} -m portlease release --socket {broker.socket} "$PORTLEASE_TOKEN" || exit 8\n'
+        f'{PYTHON} -m portlease status --socket {broker.socket} --json\n'
     )
     out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, PORTLEASE_AUTOSTART="0"))
@@ -219,7 +217,7 @@ def test_status_shows_the_command_as_typed_and_escapes_every_cell(broker: Broker
     with Connection(broker.socket) as conn:
         conn.lease(1, note=hostile, detach=True, ttl=60)
         wrapper = subprocess.Popen(
-            [PYTHON, "-m", "portlease.broker", "lease", "--socket", broker.socket, "-n", "3",
+            [PYTHON, "-m", "portlease", "lease", "--socket", broker.socket, "-n", "3",
              "--note", "itests", "--", "sh", "-c", "echo up; read _"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             env=dict(os.environ, PORTLEASE_AUTOSTART="0"),
@@ -271,7 +269,7 @@ def test_typed_command_strips_interpreter_only_before_known_entry_points() -> No
     assert typed_command("/venv/bin/python3 /venv/bin/portlease lease -n 3 -- ./run-itests.sh") == (
         "portlease lease -n 3 -- ./run-itests.sh")
     assert typed_command("/usr/bin/python3.11 -u -X dev /usr/local/bin/pytest -n 4") == "pytest -n 4"
-    assert typed_command("python3 -m portlease.broker lease -n 2") == "portlease lease -n 2"
+    assert typed_command("python3 -m portlease lease -n 2") == "portlease lease -n 2"
     assert typed_command("python3 -m pytest -q") == "pytest -q"
     assert typed_command("/venv/bin/portlease status") == "portlease status"
     # A script people run by path keeps its interpreter: that is what they typed.
@@ -290,7 +288,7 @@ def test_escape_makes_controls_visible_and_keeps_text() -> None:
 def test_serve_without_trio_says_which_extra_to_install(tmp_path: Path) -> None:
     # As in the lean client install: trio cannot be imported.
     code = ("import sys; sys.modules['trio'] = None\n"
-            "from portlease.broker.cli import main\n"
+            "from portlease.cli import main\n"
             f"sys.exit(main(['serve', '--socket', {str(tmp_path / 's.sock')!r}]))\n")
     out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
@@ -302,7 +300,7 @@ def test_status_json_watch_prints_one_object_per_refresh(broker: BrokerProc) -> 
     import signal
 
     watch = subprocess.Popen(
-        [PYTHON, "-m", "portlease.broker", "status", "--socket", broker.socket, "--json",
+        [PYTHON, "-m", "portlease", "status", "--socket", broker.socket, "--json",
          "--watch", "0.05"],
         stdout=subprocess.PIPE, text=True, env=dict(os.environ, PORTLEASE_AUTOSTART="0"),
     )

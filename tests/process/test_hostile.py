@@ -687,7 +687,7 @@ def serve_once(
     """``portlease serve`` that must refuse; a broker that starts instead is killed at ``timeout``."""
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
     return subprocess.run(
-        [PYTHON, "-m", "portlease.broker", "serve", "--socket", str(socket_path), "--state",
+        [PYTHON, "-m", "portlease", "serve", "--socket", str(socket_path), "--state",
          str(state_path), "--range", RANGE],
         env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )

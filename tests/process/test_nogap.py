@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from brokerproc import PYTHON, BrokerProc, portlease
-from portlease.broker import procnet
+from portlease.client.host import procnet
 
 # A tiny server that takes its sockets the systemd way: it checks LISTEN_PID and
 # LISTEN_FDS, reports what it got, answers one TCP connection and one datagram.
@@ -64,7 +64,7 @@ def _env() -> dict[str, str]:
 
 def _lease(broker: BrokerProc, *args: str, **kw: object) -> subprocess.Popen[str]:
     return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-        [PYTHON, "-m", "portlease.broker", "lease", "--socket", broker.socket, *args],
+        [PYTHON, "-m", "portlease", "lease", "--socket", broker.socket, *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE, text=True,
         env=_env(), **kw,
     )
@@ -166,7 +166,7 @@ def test_listen_host_must_be_an_address(broker: BrokerProc) -> None:
 
 
 def test_a_taken_port_is_a_clear_bind_error() -> None:
-    from portlease.broker.listeners import BindError, bind_listener, bind_placeholder
+    from portlease.client.cli.handoff import BindError, bind_listener, bind_placeholder
 
     squat = socket.socket()
     squat.bind(("127.0.0.1", 0))
@@ -279,7 +279,7 @@ def test_a_placeholder_without_so_reuseaddr_would_refuse_cmd_too() -> None:
         assert _plain_bind(port, reuse=True) == errno.EADDRINUSE
     finally:
         strict.close()
-    from portlease.broker.listeners import bind_placeholder
+    from portlease.client.cli.handoff import bind_placeholder
 
     placeholder = bind_placeholder(port)
     try:
@@ -346,7 +346,7 @@ def _free_port() -> int:
 
 def test_wait_returns_once_the_port_listens() -> None:
     port = _free_port()
-    waiter = subprocess.Popen([PYTHON, "-m", "portlease.broker", "wait", str(port), "--timeout", "60"],
+    waiter = subprocess.Popen([PYTHON, "-m", "portlease", "wait", str(port), "--timeout", "60"],
                               stderr=subprocess.PIPE, text=True)
     try:
         s = socket.socket()

@@ -164,7 +164,8 @@ def test_wheel_metadata_license_urls_classifiers_and_lean_dependencies(dists: di
     # The top-level package is a regular one, with the client and the broker under it,
     # and client/_pkg is not carried a second time as data of portlease.client.
     assert {"portlease/__init__.py", "portlease/__main__.py", "portlease/client/sync.py",
-            "portlease/broker/cli.py"} <= set(names)
+            "portlease/broker/serve.py", "portlease/client/cli/main.py",
+            "portlease/client/protocol/messages.py", "portlease/client/host/procnet.py"} <= set(names)
     assert not [n for n in names if "_pkg" in n]
 
 

@@ -136,7 +136,7 @@ def test_the_wrapper_keeps_its_lease_across_a_broker_restart(
     broker = short_ttl_broker
     env = dict(os.environ, PORTLEASE_AUTOSTART="0")
     wrapper = subprocess.Popen(
-        [PYTHON, "-m", "portlease.broker", "lease", "--socket", broker.socket, "-n", "2", "--",
+        [PYTHON, "-m", "portlease", "lease", "--socket", broker.socket, "-n", "2", "--",
          "sh", "-c", 'echo "$PORTLEASE_PORTS"; read _; echo "$PORTLEASE_PORTS"'],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
@@ -313,7 +313,7 @@ def test_a_call_survives_a_broker_that_goes_down_twice_under_it(tmp_path: Path) 
     listener.bind(path)
     listener.listen(16)
     state = str(tmp_path / "state.jsonl")
-    cmd = [PYTHON, "-m", "portlease.broker", "serve", "--state", state, "--range", "31810-31819"]
+    cmd = [PYTHON, "-m", "portlease", "serve", "--state", state, "--range", "31810-31819"]
     fd = listener.fileno()
     first = subprocess.Popen(  # socket activation by hand: the listener as fd 3
         ["bash", "-c", f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "bash", *cmd],

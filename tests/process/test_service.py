@@ -25,7 +25,7 @@ ACTIVATE = shutil.which("systemd-socket-activate")
 def serve_cmd(tmp_path: Path, *extra: str) -> list[str]:
     """The broker's command line; the range comes from ``--config`` when one is given."""
     rng = [] if "--config" in extra else ["--range", "31800-31839"]
-    return [PYTHON, "-m", "portlease.broker", "serve", "--state", str(tmp_path / "state.jsonl"),
+    return [PYTHON, "-m", "portlease", "serve", "--state", str(tmp_path / "state.jsonl"),
             *rng, *extra]
 
 

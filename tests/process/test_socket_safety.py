@@ -135,7 +135,7 @@ def clients_all_refuse(sock: str, *, note: str, expect: str) -> None:
 
     for backend in ("asyncio", "trio"):
         anyio.run(via_async, backend=backend)
-    cli = subprocess.run([sys.executable, "-m", "portlease.broker", "lease", "--note", note,
+    cli = subprocess.run([sys.executable, "-m", "portlease", "lease", "--note", note,
                           "--", "true"], capture_output=True, text=True, timeout=60)
     assert cli.returncode != 0
     assert "refusing the portlease socket" in cli.stderr and sock in cli.stderr, cli.stderr

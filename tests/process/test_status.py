@@ -13,15 +13,15 @@ from pathlib import Path
 
 from brokerproc import PYTHON, BrokerProc, Raw, portlease
 from portlease.broker import kernel
-from portlease.broker.cli import render_status
 from portlease.client import Connection
 from portlease.client import protocol as p
+from portlease.client.cli.status_view import render_status
 
 
 def test_status_shows_owner_note_age_expiry_and_summary(broker: BrokerProc) -> None:
     me = pwd.getpwuid(os.getuid()).pw_name
     wrapper = subprocess.Popen(
-        [PYTHON, "-m", "portlease.broker", "lease", "--socket", broker.socket, "-n", "3",
+        [PYTHON, "-m", "portlease", "lease", "--socket", broker.socket, "-n", "3",
          "--", "sh", "-c", "echo up; read _"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env=dict(os.environ, RUNNER_NAME="runner-c", GITHUB_JOB="itests"),
@@ -87,7 +87,7 @@ def test_status_groups_leases_by_user() -> None:
 
 def test_status_watch_refreshes_in_place_through_a_broker_restart(broker: BrokerProc) -> None:
     watch = subprocess.Popen(
-        [PYTHON, "-m", "portlease.broker", "status", "--socket", broker.socket, "--watch", "0.1"],
+        [PYTHON, "-m", "portlease", "status", "--socket", broker.socket, "--watch", "0.1"],
         stdout=subprocess.PIPE, env=dict(os.environ, PORTLEASE_AUTOSTART="0"),
     )
     assert watch.stdout is not None

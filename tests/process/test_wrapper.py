@@ -51,7 +51,7 @@ def _env() -> dict[str, str]:
 
 def _wrapper(broker: BrokerProc, *cmd: str, n: int = 1, **kw: object) -> subprocess.Popen[str]:
     return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-        [PYTHON, "-m", "portlease.broker", "lease", "--socket", broker.socket, "-n", str(n), "--",
+        [PYTHON, "-m", "portlease", "lease", "--socket", broker.socket, "-n", str(n), "--",
          *cmd],
         stdout=subprocess.PIPE, text=True, env=_env(), **kw,
     )
@@ -111,7 +111,7 @@ def test_sigkill_of_wrapper_kills_cmd_and_the_next_holder_binds_freely(
             os.kill(cmd_pid, signal.SIGKILL)  # a failed run must not leave a squatter behind
 
     from portlease.client import Connection
-    from portlease.client.errors import Exhausted
+    from portlease.client.protocol.errors import Exhausted
 
     with Connection(broker.socket) as conn:
         deadline = time.monotonic() + 20
@@ -159,7 +159,7 @@ def test_normal_exit_of_cmd_ends_the_lease(broker: BrokerProc) -> None:
 def test_cmd_gets_default_signal_dispositions(broker: BrokerProc) -> None:
     # Python ignores SIGPIPE; CMD must not inherit that (`yes | head` must end).
     out = subprocess.run(
-        [PYTHON, "-m", "portlease.broker", "lease", "--socket", broker.socket, "--",
+        [PYTHON, "-m", "portlease", "lease", "--socket", broker.socket, "--",
          "sh", "-c", "grep -E '^Sig(Ign|Blk)' /proc/self/status"],
         capture_output=True, text=True, timeout=30, env=_env(),
     )
@@ -236,7 +236,7 @@ def test_cmd_owns_the_terminal_and_ctrl_c_reaches_it_once(broker: BrokerProc, tm
         os.close(os.open(slave_name, os.O_RDWR))  # a new session's first tty becomes its own
 
     wrapper = subprocess.Popen(
-        [PYTHON, "-m", "portlease.broker", "lease", "--socket", broker.socket, "--",
+        [PYTHON, "-m", "portlease", "lease", "--socket", broker.socket, "--",
          PYTHON, "-c", code, str(log)],
         stdin=slave, stdout=slave, stderr=slave, env=_env(), start_new_session=True,
         preexec_fn=take_terminal,
@@ -279,7 +279,7 @@ def test_a_cmd_that_cannot_run_hands_the_terminal_back(broker: BrokerProc) -> No
     # The inner wrapper hands the terminal to its child, whose exec fails. Unless
     # the wrapper takes the terminal back before it exits, the shell that ran it
     # is left in the background and its `read` stops it with SIGTTIN.
-    inner = f"{PYTHON} -m portlease.broker lease --socket {broker.socket} -- /no/such/cmd"
+    inner = f"{PYTHON} -m portlease lease --socket {broker.socket} -- /no/such/cmd"
     script = f'{inner}; echo "rc=$?"; read line; echo "read $line"'
     master, slave = pty.openpty()
     slave_name = os.ttyname(slave)
@@ -288,7 +288,7 @@ def test_a_cmd_that_cannot_run_hands_the_terminal_back(broker: BrokerProc) -> No
         os.close(os.open(slave_name, os.O_RDWR))  # a new session's first tty becomes its own
 
     wrapper = subprocess.Popen(
-        [PYTHON, "-m", "portlease.broker", "lease", "--socket", broker.socket, "--",
+        [PYTHON, "-m", "portlease", "lease", "--socket", broker.socket, "--",
          "sh", "-c", script],
         stdin=slave, stdout=slave, stderr=slave, env=_env(), start_new_session=True,
         preexec_fn=take_terminal,
@@ -321,7 +321,7 @@ def test_a_cmd_that_cannot_run_hands_the_terminal_back(broker: BrokerProc) -> No
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux process groups")
 def test_cmd_runs_in_its_own_process_group(broker: BrokerProc) -> None:
     out = subprocess.run(
-        [PYTHON, "-m", "portlease.broker", "lease", "--socket", broker.socket, "--",
+        [PYTHON, "-m", "portlease", "lease", "--socket", broker.socket, "--",
          PYTHON, "-c", "import os; print(os.getpid(), os.getpgrp(), os.getppid())"],
         capture_output=True, text=True, timeout=30, env=_env(), process_group=0,
     )
@@ -355,7 +355,7 @@ def test_job_control_stop_fg_and_ctrl_c_in_an_interactive_shell(broker: BrokerPr
     try:
         with open(Path(broker.dir) / "cmd.py", "w") as f:
             f.write(code)
-        os.write(master, f"{PYTHON} -m portlease.broker lease --socket {broker.socket} -- "
+        os.write(master, f"{PYTHON} -m portlease lease --socket {broker.socket} -- "
                          f"{PYTHON} {broker.dir}/cmd.py\n".encode())
         read_until(b"cmd up")
         os.write(master, b"\x1a")  # ^Z: CMD stops, and the shell sees its job stopped

@@ -10,7 +10,7 @@ import pytest
 
 from portlease.broker import badports, config, kernel
 from portlease.broker.allocator import Allocator
-from portlease.broker.errors import ConfigError
+from portlease.client.protocol.errors import ConfigError
 
 
 def test_the_table_is_the_standards() -> None:
@@ -89,7 +89,7 @@ def test_a_real_broker_never_grants_10080_nor_the_operators_ports_and_reloads_th
     broker.dir.mkdir()
     # --range on the command line would stay in force over the file; leave it to the file.
     broker.command = lambda: [  # type: ignore[method-assign]
-        sys.executable, "-m", "portlease.broker", "serve", "--socket", broker.socket,
+        sys.executable, "-m", "portlease", "serve", "--socket", broker.socket,
         "--state", broker.state, "--config", str(conf)]
     broker.start()
     try:

@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from portlease.broker.allocator import Allocator
 from portlease.broker.leases import LeaseRecord, LeaseState, LeaseTable, Limits, Peer
-from portlease.client.errors import Exhausted, InUse, LeaseError, NotFound, QuotaExceeded, TooLarge
+from portlease.client.protocol.errors import Exhausted, InUse, LeaseError, NotFound, QuotaExceeded, TooLarge
 
 LOW, HIGH = 1000, 1063
 always = lambda port: True  # noqa: E731

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from portlease.broker import logs
-from portlease.broker.errors import ConfigError
+from portlease.client.protocol.errors import ConfigError
 
 CHILD = textwrap.dedent("""
     import logging, sys

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from portlease.client import paths
-from portlease.client.errors import BrokerUnavailable
 from portlease.client.paths import SocketChoice, choose_socket, directory_problem, on_connect_error
+from portlease.client.protocol.errors import BrokerUnavailable
 
 
 @pytest.fixture

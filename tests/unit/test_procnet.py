@@ -12,8 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from portlease.broker import kernel, procnet
-from portlease.broker.procinfo import read_cmdline
+from portlease.broker import kernel
+from portlease.client.host import procnet
+from portlease.client.host.procinfo import read_cmdline
 
 V6 = kernel.has_ipv6()
 KERNEL = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])

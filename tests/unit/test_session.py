@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from portlease.client import protocol as p
 from portlease.client import session as session_module
-from portlease.client.errors import (
+from portlease.client.grant import Lease
+from portlease.client.protocol.errors import (
     ConnectionLost,
     Exhausted,
     LeaseLost,
@@ -21,7 +22,6 @@ from portlease.client.errors import (
     QuotaExceeded,
     VersionMismatch,
 )
-from portlease.client.grant import Lease
 from portlease.client.session import RECONNECT_MAX_DELAY, Backoff, Call, Dropped, Retry, Session
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from portlease.broker.errors import StartupError
 from portlease.broker.leases import Instant, LeaseRecord, Peer
 from portlease.broker.state import Journal
+from portlease.client.protocol.errors import StartupError
 
 AT = Instant(mono=1000.0, wall=1_700_000_000.0)
 BOOT = "boot-a"

@@ -49,7 +49,7 @@ def typed_command(cmdline: str) -> str:
     """The command as a person typed it, from the space-joined ``/proc`` command line.
 
     ``/venv/bin/python3 /venv/bin/portlease lease -n 3 -- ./t.sh`` and
-    ``python3 -m portlease.broker lease -n 3 -- ./t.sh`` both read
+    ``python3 -m portlease lease -n 3 -- ./t.sh`` both read
     ``portlease lease -n 3 -- ./t.sh``. Anything else is shown as it is.
     """
     words = cmdline.split(" ")

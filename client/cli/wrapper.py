@@ -57,10 +57,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+from portlease.client.host import procnet
 from portlease.client.sync import Connection
 
-from .cli import EXIT_CANNOT_RUN, EXIT_NOT_FOUND
-from .listeners import BindError, ListenSpec, bind_listener, bind_placeholder, close_all
+from .exitcodes import EXIT_CANNOT_RUN, EXIT_NOT_FOUND
+from .handoff import BindError, ListenSpec, bind_listener, bind_placeholder, close_all
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2)
@@ -91,7 +92,7 @@ class Plan:
     hold_timeout: float = 60.0
 
 
-def run(plan: Plan) -> int:
+def run_plan(plan: Plan) -> int:
     """Lease, bind what was asked, run CMD, pass signals on, return CMD's exit status."""
     # Block the signals we wait for before any thread exists, so that every
     # thread inherits the mask and sigwaitinfo below is the one place they land.
@@ -303,8 +304,6 @@ def _follow_stop(pid: int, tty: int | None) -> None:
 
 def _release_held(pid: int, holds: dict[int, socket.socket], until: float) -> None:
     """Drop each placeholder whose port a process of CMD's tree now listens on."""
-    from . import procnet
-
     if time.monotonic() >= until:
         for port, sock in sorted(holds.items()):
             sock.close()

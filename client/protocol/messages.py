@@ -1,4 +1,4 @@
-"""The portlease wire protocol: one JSON object per line over a Unix stream socket.
+"""The portlease wire protocol's messages: one JSON object per line over a Unix stream socket.
 
 This module is the single definition of every message, shared by the broker and
 every client. It depends on msgspec only, so that the sync client, the CLI
@@ -10,69 +10,18 @@ request's ``id``. See ``docs/protocol.md`` for examples and a socat transcript.
 
 from __future__ import annotations
 
-import enum
 from typing import Annotated, Any, Final
 
 import msgspec
 
-PROTOCOL_VERSION: Final = 1
-"""The version a client names in ``hello``; the broker answers ``version`` to others."""
-
-MAX_LINE: Final = 8192
-"""Longest accepted request line in bytes, not counting the newline. The largest
-valid request (a note of MAX_NOTE characters, every one escaped) fits well
-within it; the bound is what a connection may make the broker buffer."""
-
-MAX_REPLY_LINE: Final = 16 << 20
-"""Longest reply line a client accepts (a ``status`` page is the largest reply)."""
+from .bounds import MAX_COUNT, MAX_NOTE, MAX_STATUS_LEASES, MAX_TOKEN, MAX_TTL, MIN_TTL
+from .codes import ErrorCode
 
 RequestId = int | str
-TOKEN_BYTES: Final = 16  # 128-bit lease tokens, sent as 32 hex digits
-
-Count = Annotated[int, msgspec.Meta(ge=1, le=65535)]
-MIN_TTL: Final = 1.0
-"""Shortest TTL a lease may ask for: below a second a detached lease would lapse
-between two renewals of any real client."""
-MAX_TTL: Final = 86400.0
-"""Longest TTL: a day at most, so a detached lease cannot squat on ports for months."""
+Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)]
 Seconds = Annotated[float, msgspec.Meta(ge=MIN_TTL, le=MAX_TTL)]
-MAX_NOTE: Final = 1024
 Note = Annotated[str, msgspec.Meta(max_length=MAX_NOTE)]
-MAX_STATUS_LEASES: Final = 1000
-"""Most leases one ``status`` reply carries; ask again with ``after`` for the rest."""
-STATUS_TEXT_MAX: Final = 256
-"""Characters of a command line or note that ``status`` shows; longer ones are cut,
-ending in an ellipsis."""
-Token = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-
-
-class ErrorCode(enum.StrEnum):
-    """Every error a broker can answer with. Stable: clients match on the value."""
-
-    BAD_REQUEST = "bad-request"
-    """The line is not JSON, not an object, or a field has the wrong type or value."""
-    UNKNOWN_OP = "unknown-op"
-    """The ``op`` field names no operation this broker knows."""
-    VERSION = "version"
-    """``hello`` named a protocol version this broker does not speak."""
-    HELLO_REQUIRED = "hello-required"
-    """An operation was sent before a successful ``hello``."""
-    LINE_TOO_LONG = "line-too-long"
-    """The line exceeded MAX_LINE bytes; the broker closes the connection after this."""
-    TOO_LARGE = "too-large"
-    """``count`` is above the per-request limit or larger than the whole port range."""
-    EXHAUSTED = "exhausted"
-    """No run of ``count`` free, bindable ports exists now; ``largest`` says what would fit."""
-    QUOTA = "quota"
-    """The caller's uid or connection already holds as much as the limits allow."""
-    NOT_FOUND = "not-found"
-    """No lease has this token (never granted, released, or expired)."""
-    IN_USE = "in-use"
-    """``reclaim`` of a lease that is still held by another live connection."""
-    BUSY = "busy"
-    """The broker is out of a resource (file descriptors) or stopping; try again."""
-    INTERNAL = "internal"
-    """A bug in the broker; the request was not carried out. Please report it."""
+Token = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TOKEN)]
 
 
 # ---------------------------------------------------------------- requests
@@ -321,61 +270,6 @@ def error_for_bad_line(line: bytes, exc: Exception) -> Error:
     if isinstance(exc, msgspec.ValidationError) and "Invalid value" in text and "$.op" in text:
         code = ErrorCode.UNKNOWN_OP
     return Error(id=request_id, code=code, message=f"cannot read request: {text}")
-
-
-class LineTooLongError(ValueError):
-    """A line grew past the framer's limit without a newline."""
-
-
-class LineFramer:
-    """The one line framer of the protocol, for the broker and both clients.
-
-    Feed it bytes as they arrive and take whole lines out. It remembers how far
-    it has looked for a newline, so a reply that arrives in many pieces (a large
-    ``status``) is scanned once, not once per piece.
-    """
-
-    __slots__ = ("_buf", "_limit", "_scanned")
-
-    def __init__(self, limit: int = MAX_LINE) -> None:
-        self._buf = bytearray()
-        self._scanned = 0
-        self._limit = limit
-
-    def feed(self, data: bytes) -> None:
-        """Append received bytes."""
-        self._buf += data
-
-    def next_line(self) -> bytes | None:
-        """The next complete line without its newline, or None until one has arrived.
-
-        Raises :class:`LineTooLongError` once more than ``limit`` bytes are
-        buffered with no newline among them (or a line longer than ``limit``
-        has arrived); the stream cannot be resynchronised after that.
-        """
-        buf = self._buf
-        nl = buf.find(b"\n", self._scanned)
-        if nl < 0:
-            self._scanned = len(buf)
-            if len(buf) > self._limit:
-                raise LineTooLongError(f"line longer than {self._limit} bytes")
-            return None
-        if nl > self._limit:
-            raise LineTooLongError(f"line longer than {self._limit} bytes")
-        line = bytes(buf[:nl])
-        del buf[: nl + 1]
-        self._scanned = 0
-        return line
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received and not yet taken as lines."""
-        return len(self._buf)
-
-    def clear(self) -> None:
-        """Forget everything buffered (the connection was replaced)."""
-        self._buf.clear()
-        self._scanned = 0
 
 
 def to_builtins(message: Any) -> Any:

@@ -1,9 +1,8 @@
-"""Who is on the other end of a connection: the kernel's word, and /proc's.
+"""What /proc says about a process: its command line, its start time, its user.
 
-``SO_PEERCRED`` gives the pid, uid and gid the kernel recorded at ``connect()``;
-nothing the client says can change them. /proc adds the command line (for
-``status``) and the process's start time, which together with the boot id names
-one process for good where a pid alone is reused.
+The start time together with the boot id names one process for good where a pid
+alone is reused. Standard library only: the broker, the CLI and the clients read
+these facts the same way.
 """
 
 from __future__ import annotations
@@ -11,22 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import pwd
-import socket
-import struct
-
-from .leases import Peer
-
-_PEERCRED = struct.Struct("3i")
-
-
-def peer_of(sock: socket.socket) -> Peer:
-    """The connecting process's pid/uid/gid, as the kernel recorded them at connect()."""
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    except OSError:
-        return Peer()
-    pid, uid, gid = _PEERCRED.unpack(raw)
-    return Peer(pid=pid, uid=uid, gid=gid)
 
 
 @functools.cache
@@ -65,11 +48,6 @@ def process_started(pid: int | None) -> str | None:
     return f"{boot_id()}:{fields[19].decode()}"
 
 
-def owner_alive(peer: Peer) -> bool:
-    """Whether the very process that took a lease still runs."""
-    return peer.started is not None and process_started(peer.pid) == peer.started
-
-
 def read_cmdline(pid: int | None, limit: int = 4096) -> str | None:
     """The process's command line, arguments joined by spaces, at most ``limit`` bytes read."""
     if not pid:
@@ -83,16 +61,6 @@ def read_cmdline(pid: int | None, limit: int = 4096) -> str | None:
     return text or None
 
 
-def identify(peer: Peer) -> Peer:
-    """``peer`` with its command line read from /proc, and its start time unless known.
-
-    The start time read at the first grant is kept: read again later, it could
-    be a later process's that got the pid, or gone with a holder that exited.
-    """
-    started = peer.started if peer.started is not None else process_started(peer.pid)
-    return Peer(pid=peer.pid, uid=peer.uid, gid=peer.gid, cmdline=read_cmdline(peer.pid), started=started)
-
-
 @functools.lru_cache(maxsize=1024)
 def user_name(uid: int) -> str | None:
     """The account name of ``uid``, None when it has none (a DynamicUser, a container)."""
@@ -102,4 +70,4 @@ def user_name(uid: int) -> str | None:
         return None
 
 
-__all__ = ["boot_id", "identify", "owner_alive", "peer_of", "process_started", "read_cmdline", "user_name"]
+__all__ = ["boot_id", "process_started", "read_cmdline", "user_name"]

@@ -27,7 +27,7 @@ import re
 import socket
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from portlease.client.protocol.errors import ConfigError
 
 _LISTEN_SPEC = re.compile(r"^(?P<offset>\d+)(?:/(?P<proto>tcp|udp))?(?:=(?P<name>.+))?$")
 # sd_listen_fds_with_names(3): a name is at most 255 characters and holds no ':'

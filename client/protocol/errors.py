@@ -4,14 +4,15 @@ One hierarchy: :class:`PortleaseError` at the root; :class:`LeaseError` for
 anything the broker refused (one subclass per :class:`ErrorCode`, so callers can
 ``except Exhausted``); :class:`BrokerUnavailable` when no broker answers;
 :class:`LeaseLost` when a lease could not be reclaimed after a broker restart.
-The broker's own start-up errors live in :mod:`portlease.broker.errors`.
+The broker's own configuration and start-up errors are here too, at the end:
+they never cross the wire, but the CLI reports them with the rest.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from .protocol import ErrorCode
+from .codes import ErrorCode
 
 
 class PortleaseError(Exception):
@@ -133,3 +134,18 @@ class LeaseLost(PortleaseError):
     def __init__(self, message: str, *, ports: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.ports = ports
+
+
+class ConfigError(PortleaseError):
+    """A configuration (file, flags, environment) or a command's arguments are invalid."""
+
+
+class StartupError(PortleaseError):
+    """The broker cannot start: socket or state already in use, an unsafe directory, a bad inherited fd, …"""
+
+
+class AlreadyServing(StartupError):
+    """Another broker already serves the socket: the autostart that lost a race uses that one."""
+
+    EXIT_STATUS: ClassVar[int] = 75
+    """``portlease serve``'s exit status for this case (EX_TEMPFAIL), read by the autostart."""
