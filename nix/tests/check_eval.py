@@ -176,7 +176,9 @@ def check_units_agree(out: dict[str, Any]) -> None:
 def effective_environment(unit: dict[str, Any]) -> dict[str, str]:
     """The environment a unit's process gets: NixOS renders ``environment`` as
     Environment= lines before those of ``serviceConfig.Environment`` (where
-    serviceOverrides.Environment lands), and systemd keeps the last assignment."""
+    serviceOverrides.Environment lands), and systemd keeps the last assignment.
+    A model of that rendering (seen in an evaluation against the real nixpkgs
+    modules, December 2026), not NixOS's own; systemd's quoting is read with shlex."""
     env = {key: str(value) for key, value in unit.get("environment", {}).items()}
     lines = unit.get("serviceConfig", {}).get("Environment", [])
     for line in [lines] if isinstance(lines, str) else lines:

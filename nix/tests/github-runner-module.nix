@@ -3,9 +3,15 @@
 # decides how nix/module.nix lands on a runner unit: the option names and
 # types, the unit name, the sandbox keys and their priorities (mkDefault), and
 # serviceOverrides (types.attrs, a shallow merge) merged last into
-# serviceConfig. eval.nix imports it with nix/github-runner.nix; the checks
-# that rest on it say so in docs/nixos.md, and the VM test copies the same
-# sandbox onto its stand-in runners.
+# serviceConfig, extraEnvironment merged into the unit's environment (so a
+# second value for one variable is a conflict, as in NixOS), and a unit only
+# for an enabled entry. eval.nix imports it with nix/github-runner.nix,
+# fedimint-host.nix and the VM node; the checks that rest on it say so in
+# docs/nixos.md. It does not render unit files: the order of Environment=
+# lines (the unit's environment first, then serviceConfig.Environment) is
+# modelled in check_eval.py's effective_environment, after what an
+# evaluation against the real modules showed. The VM test runs nixpkgs' own
+# module.
 {
   config,
   lib,
