@@ -52,15 +52,6 @@ _SCRUBBED_ENV: Final = (
 )
 
 
-def enabled(flag: bool | None) -> bool:
-    """Whether to autostart: ``flag`` if given, else ``$PORTLEASE_AUTOSTART`` (default on)."""
-    if flag is not None:
-        return flag
-    return os.environ.get("PORTLEASE_AUTOSTART", "1").strip().lower() not in (
-        "0", "false", "no", "off",
-    )
-
-
 def idle_exit() -> float:
     """The idle time the autostarted broker gets: ``$PORTLEASE_IDLE_EXIT`` or 600 s."""
     raw = os.environ.get("PORTLEASE_IDLE_EXIT", "")

@@ -46,6 +46,7 @@ from portlease.client.host.locations import (
     SYSTEM_SOCKET,
     SocketChoice,
     Source,
+    autostart_enabled,
     choose_socket,
     explicit_socket,
     system_config,
@@ -187,9 +188,7 @@ class Dialing:
         Raises the :class:`BrokerUnavailable` to report once neither is left.
         """
         if self._autostart_on is None:
-            from .autostart import enabled  # not at the top: autostart imports this module
-
-            self._autostart_on = enabled(self._autostart)
+            self._autostart_on = autostart_enabled(self._autostart)
         action = on_connect_error(self.choice, exc, autostart_on=self._autostart_on,
                                   autostart_tried=self._autostart_tried)
         if action == "autostart":

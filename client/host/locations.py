@@ -109,3 +109,15 @@ def choose_socket(cli_value: str | None = None) -> SocketChoice:
     if system_deployment():
         return SocketChoice(system_socket(), "system")
     return SocketChoice(user_socket(), "per-user")
+
+
+def autostart_enabled(flag: bool | None) -> bool:
+    """Whether a client may start a per-user broker.
+
+    ``flag`` if given, else ``$PORTLEASE_AUTOSTART`` (default on).
+    """
+    if flag is not None:
+        return flag
+    return os.environ.get("PORTLEASE_AUTOSTART", "1").strip().lower() not in (
+        "0", "false", "no", "off",
+    )
