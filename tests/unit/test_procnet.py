@@ -211,14 +211,34 @@ needs_root = pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is N
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
+@pytest.fixture(scope="module")
+def nobody_python() -> str:
+    """An interpreter uid 65534 can run: this one, else the system's.
+
+    pyenv's interpreters live under /root (mode 0700) and load their libpython
+    from there, so `nobody` cannot start them; /usr/bin/python3 it can.
+    """
+    tried = []
+    for candidate in dict.fromkeys([sys.executable, "/usr/bin/python3", shutil.which("python3")]):
+        if candidate is None or not os.path.exists(candidate):
+            continue
+        r = subprocess.run([*NOBODY, candidate, "-c", "import json, socket"], capture_output=True,
+                           text=True, cwd="/")
+        if r.returncode == 0:
+            return candidate
+        tried.append(f"{candidate}: {r.stderr.strip().splitlines()[-1:]}")
+    pytest.skip(f"no Python interpreter that uid 65534 can run ({'; '.join(tried)})")
+
+
 @needs_root
-def test_another_users_socket_shows_its_uid_and_root_sees_its_owner(base: int) -> None:
+def test_another_users_socket_shows_its_uid_and_root_sees_its_owner(base: int,
+                                                                    nobody_python: str) -> None:
     code = (
         "import socket, sys\n"
         f"s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', {base + 60}))\n"
         "print('ready', flush=True); sys.stdin.read()\n"
     )
-    child = subprocess.Popen([*NOBODY, sys.executable, "-c", code], stdin=subprocess.PIPE,
+    child = subprocess.Popen([*NOBODY, nobody_python, "-c", code], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None and child.stdout.readline() == "ready\n"
@@ -232,8 +252,9 @@ def test_another_users_socket_shows_its_uid_and_root_sees_its_owner(base: int) -
 
 
 @needs_root
-def test_an_unprivileged_caller_sees_the_socket_but_not_roots_process(base: int,
-                                                                      held: list[socket.socket]) -> None:
+def test_an_unprivileged_caller_sees_the_socket_but_not_roots_process(
+    base: int, held: list[socket.socket], nobody_python: str
+) -> None:
     s = bind(held, socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1", base + 61, listen=True)
     # procnet imports nothing of portlease, so the other uid loads it from its file.
     code = (
@@ -245,7 +266,7 @@ def test_an_unprivileged_caller_sees_the_socket_but_not_roots_process(base: int,
         "owners = procnet.owners([x.inode for x in found])\n"
         "print(json.dumps([[x.inode, x.uid] for x in found])); print(json.dumps(owners))\n"
     )
-    r = subprocess.run([*NOBODY, sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    r = subprocess.run([*NOBODY, nobody_python, "-c", code], capture_output=True, text=True, cwd="/")
     assert r.returncode == 0, r.stderr
     seen, owners = (json.loads(part) for part in r.stdout.splitlines())
     assert seen == [[inode(s), 0]]
