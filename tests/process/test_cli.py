@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -248,9 +249,11 @@ def test_status_shows_the_command_as_typed_and_escapes_every_cell(broker: Broker
 
 
 def test_status_of_the_installed_entry_point_reads_as_typed(broker: BrokerProc) -> None:
-    exe = shutil.which("portlease")
+    # The script pip installed beside this interpreter: a venv's bin/ is not on PATH
+    # unless the venv is activated (the README's command does not activate it).
+    exe = shutil.which("portlease", path=os.path.dirname(sys.executable)) or shutil.which("portlease")
     if exe is None:
-        pytest.skip("no `portlease` script on PATH")
+        pytest.skip("no `portlease` script beside this interpreter or on PATH")
     wrapper = subprocess.Popen(
         [exe, "lease", "--socket", broker.socket, "-n", "2", "--", "sh", "-c", "echo up; read _"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

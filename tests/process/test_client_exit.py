@@ -182,8 +182,12 @@ def _session_members(sid: int) -> list[int]:
 def test_the_detached_lease_recipe_of_the_docs_leaves_nothing_behind(
     broker: BrokerProc, tmp_path: Path
 ) -> None:
-    if shutil.which("bash") is None or shutil.which("portlease") is None:
-        pytest.skip("needs bash and the portlease command on PATH")
+    # The recipe calls `portlease`: the script pip installed beside this interpreter
+    # comes first on its PATH (a venv's bin/ is not on PATH unless activated).
+    bindir = os.path.dirname(sys.executable)
+    search = os.pathsep.join([bindir, os.environ.get("PATH", os.defpath)])
+    if shutil.which("bash") is None or shutil.which("portlease", path=search) is None:
+        pytest.skip("needs bash and the portlease command (beside this interpreter or on PATH)")
     usage = (Path(__file__).resolve().parents[2] / "docs" / "usage.md").read_text()
     (recipe,) = [b.split("```", 1)[0] for b in usage.split("```sh\n")[1:] if "--detach" in b
                  and "RENEWER" in b.split("```", 1)[0]]
@@ -191,7 +195,7 @@ def test_the_detached_lease_recipe_of_the_docs_leaves_nothing_behind(
     out = tmp_path / "ports"
     # The job runs long enough for the renew loop to be waiting in its sleep.
     script = recipe.replace("docker compose up -d", f'echo "$1 $2" > {out}; sleep 0.5')
-    env = dict(os.environ, PORTLEASE_SOCKET=broker.socket)
+    env = dict(os.environ, PORTLEASE_SOCKET=broker.socket, PATH=search)
     proc = subprocess.Popen(["bash", "-c", script], env=env, start_new_session=True)
     assert proc.wait(timeout=60) == 0
     ports = [int(x) for x in out.read_text().split()]
