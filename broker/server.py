@@ -28,11 +28,12 @@ import trio
 from portlease.client import protocol as p
 from portlease.client.host import procnet
 from portlease.client.host.procinfo import boot_id, process_started, user_name
-from portlease.client.protocol.errors import ConfigError
+from portlease.client.protocol.errors import ConfigError, LeaseError
 
 from . import kernel
 from . import portalloc as pa
 from .allocator import Allocator, BindCheck
+from .claims import Claims, announce
 from .config import Config, default_state_path
 from .connections import Driver, Reply
 from .core import (
@@ -47,11 +48,12 @@ from .core import (
     decode_line,
 )
 from .leases import Instant, LeaseRecord, LeaseTable, Limits
-from .listening import open_listener
+from .listening import open_listeners
 from .logs import set_level
 from .metrics import Metrics, Snapshot, write_textfile
 from .notify import Notifier
 from .peers import identify, owner_alive, peer_of
+from .portserver_shell import PortServer
 from .share import PortallocShare
 from .state import Journal
 
@@ -138,6 +140,9 @@ class Broker:
     """Re-reads the configuration on SIGHUP; None when there is no file to re-read."""
     bind_ok: BindCheck | None = None
     """The bind check; default: the kernel's, counted in the metrics."""
+    host_claims: bool = True
+    """Hold a host-wide claim per leased port (:mod:`.claims`), so that no other broker
+    on the host grants it meanwhile; the claim is taken before ``bind_ok``."""
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     max_connections: int = 1 << 20
@@ -145,6 +150,9 @@ class Broker:
     metrics: Metrics = field(default_factory=Metrics)
     share: PortallocShare | None = field(init=False, default=None)
     driver: Driver | None = field(init=False, default=None)
+    claims: Claims | None = field(init=False, default=None)
+    _check: BindCheck = field(init=False, repr=False)
+    _presence: socket.socket | None = field(init=False, default=None)
     _conns_by_uid: dict[int | None, int] = field(default_factory=dict)
     _stopping: bool = False
     _idle_since: float = 0.0
@@ -160,13 +168,18 @@ class Broker:
     _faults: _RateLimited = field(init=False)
     _refusals: _RateLimited = field(init=False)
     _journal_errors: _RateLimited = field(init=False)
+    _portserver_refusals: _RateLimited = field(init=False)
 
     def __post_init__(self) -> None:
         allocator, notice = make_allocator(self.config)
+        check = self._check = self.bind_ok or self._kernel_bind_ok
+        if self.host_claims:
+            self.claims = Claims()
+            check = self._claimed_bind_ok
         self.core = BrokerCore(
             table=LeaseTable(allocator, limits_of(self.config)), ttl=self.config.ttl,
             new_token=functools.partial(secrets.token_hex, p.TOKEN_BYTES),
-            bind_ok=self.bind_ok or self._kernel_bind_ok, pid=os.getpid(), user_name=user_name,
+            bind_ok=check, pid=os.getpid(), user_name=user_name,
             started_of=process_started,
             range_notice=notice,
         )
@@ -180,6 +193,10 @@ class Broker:
         self._journal_errors = _RateLimited(
             logging.ERROR, f"cannot write the state journal {self.journal.path}: %d time(s), last: %s"
         )
+        self._portserver_refusals = _RateLimited(
+            logging.WARNING, "portserver: refused %d request(s) (empty reply), the last: %s"
+        )
+        self._claims_full = _RateLimited(logging.ERROR, "refused %d grant(s): %s")
 
     @property
     def table(self) -> LeaseTable:
@@ -206,6 +223,45 @@ class Broker:
         self.metrics.bind_check_failed(*failure)
         return False
 
+    def _claimed_bind_ok(self, port: int) -> bool:
+        """The host-wide claim first (another broker's lease is "in use"), then the bind check.
+
+        A claim taken here stays pending until :meth:`_finish` keeps it for a
+        lease or releases it; one whose port then fails the bind check goes back at once.
+        """
+        assert self.claims is not None
+        try:
+            if not self.claims.take_pending(port):
+                return False
+        except OSError as exc:
+            self._claims_full.note(str(exc.strerror or exc))
+            raise
+        if self._check(port):
+            return True
+        self.claims.release((port,))
+        return False
+
+    def _reclaim_claims(self) -> None:
+        """Take the claims of restored leases; one whose port another holder claims now is dropped.
+
+        While no broker held them (between this broker's death and now) another
+        broker may have granted those ports: its live lease wins, and the
+        restored one ends here (its owner's reclaim then says it is gone).
+        """
+        if self.claims is None:
+            return
+        for record in list(self.table):
+            try:
+                taken_by_other = self.claims.take_run(record.start, record.count)
+            except OSError as exc:
+                log.error("state: cannot claim ports %s host-wide (%s); kept without a claim",
+                          _span(record), exc.strerror or exc)
+                continue
+            if taken_by_other is not None:
+                log.warning("state: not restoring lease of ports %s: port %d is claimed by "
+                            "another broker on this host now", _span(record), taken_by_other)
+                self.table.release(record.token)
+
     # -------------------------------------------------------- start
 
     def restore(self) -> None:
@@ -222,6 +278,7 @@ class Broker:
                 "state: not restoring lease of ports %s (outside the range or overlapping "
                 "another)", _span(record),
             )
+        self._reclaim_claims()
         if loaded.records:
             log.info("restored %d leases (%d detached); bound ones await reclaim",
                      len(self.table), len(loaded.detached))
@@ -235,11 +292,14 @@ class Broker:
     # -------------------------------------------------------- serving
 
     async def serve(
-        self, listener: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, listener: socket.socket, *, portserver: socket.socket | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve ``listener`` until :meth:`stop`; leases stay in the journal after."""
+        """Serve ``listener`` (and portpicker on ``portserver``) until :meth:`stop`;
+        leases stay in the journal after."""
         self.driver = Driver(listener, self, self._session_for)
         self._idle_since = self.clock()
+        self._presence = announce(os.geteuid(), os.getpid())
         try:
             with self._cancel:
                 async with trio.open_nursery() as nursery:
@@ -253,6 +313,13 @@ class Broker:
                         await self.share.start()
                         nursery.start_soon(self.share.refresh_forever)
                     nursery.start_soon(self.driver.run)
+                    if portserver is not None:
+                        endpoint = PortServer(self, portserver)
+                        await nursery.start(endpoint.run)
+                        adopted = endpoint.adopt([r for r in self.table if r.orphaned])
+                        if adopted:
+                            log.info("portserver: %d restored lease(s) held by their processes again",
+                                     adopted)
                     self.notifier.ready()
                     self._update_status(force=True)
                     log.info("serving; range %d-%d", self.config.port_min, self.config.port_max)
@@ -274,6 +341,12 @@ class Broker:
             self.journal.compact(self.table, self.now())
         self.journal.close()
         self.notifier.close()
+        # The leases stay in the journal; their claims go with this process.
+        if self.claims is not None:
+            self.claims.close()
+        if self._presence is not None:
+            self._presence.close()
+            self._presence = None
 
     # -------------------------------------------------------- connections (connections.Handler)
 
@@ -310,6 +383,27 @@ class Broker:
         if not self._stopping:
             self._apply(self.core.closed(session), self.now())
 
+    async def portserver_lease(self, session: Session, note: str) -> p.Reply:
+        """One port for a portpicker request: the same path as a ``lease`` on the main socket."""
+        request = p.Lease(id=0, count=1, note=note)
+        if self.share is not None:
+            return await self.share.around_grant(functools.partial(self._reply, session, request))
+        return self._reply(session, request)
+
+    def portserver_adopt(self, session: Session, record: LeaseRecord) -> bool:
+        """Bind a restored portpicker lease to its process's stand-in connection again."""
+        if self.table.get(record.token) is not record or not record.orphaned:
+            return False
+        try:
+            self.table.reclaim(record.token, session.id)
+        except LeaseError:
+            return False
+        self._apply([ExpiryChanged(record)], self.now())
+        return True
+
+    def portserver_refused(self, detail: str) -> None:
+        self._portserver_refusals.note(detail)
+
     def request(self, session: Session, line: bytes) -> Reply:
         """The reply to one line, or (a lease while the portalloc share is on) a task that makes it."""
         request = decode_line(line)
@@ -322,16 +416,19 @@ class Broker:
         return self._answer(session, decode_line(line))
 
     def _answer(self, session: Session, request: p.AnyRequest | Outcome) -> bytes:
+        return p.encode(self._reply(session, request))
+
+    def _reply(self, session: Session, request: p.AnyRequest | Outcome) -> p.Reply:
         if isinstance(request, p.Status):
             self._identify_pending()  # status shows every holder's command line
         now = self.now()
         if isinstance(request, Outcome):  # the line did not decode
             outcome = request
         elif isinstance(request, p.Metrics) and session.hello:
-            return p.encode(p.MetricsReply(id=request.id, text=self.metrics_text()))
+            return p.MetricsReply(id=request.id, text=self.metrics_text())
         else:
             outcome = self.core.handle(session, request, now, self.clients)
-        return p.encode(self._finish(session, outcome, now))
+        return self._finish(session, outcome, now)
 
     async def _shared_request(self, session: Session, request: p.Lease) -> bytes:
         assert self.share is not None
@@ -341,6 +438,7 @@ class Broker:
         reply = outcome.reply
         if outcome.fault is not None:
             self._faults.note(outcome.fault)
+        kept: list[int] = []
         for change in outcome.changes:
             if isinstance(change, NewLease):
                 try:
@@ -349,9 +447,13 @@ class Broker:
                     self._journal_errors.note(str(exc.strerror or exc))
                     reply = self.core.roll_back(reply.id, change.record, str(exc.strerror or exc))
                     break
+                kept.extend(change.record.ports)
                 self.metrics.granted(change.record.count)
             else:
                 self._apply([change], now)
+        if self.claims is not None:
+            # Claims of a run passed over, or of a grant rolled back, go back now.
+            self.claims.settle(kept)
         if isinstance(reply, p.Error):
             self.metrics.refused(reply.code.value)
         elif isinstance(reply, p.Reclaimed):
@@ -387,6 +489,8 @@ class Broker:
             except OSError as exc:
                 self._journal_errors.note(str(exc.strerror or exc))
             if isinstance(change, LeaseEnded):
+                if self.claims is not None:
+                    self.claims.release(change.record.ports)
                 self.metrics.lease_ended(now.mono - change.record.since)
                 if self.share is not None:
                     self.share.lease_ended()
@@ -444,7 +548,7 @@ class Broker:
             return
         # Socket, state, group and the portalloc directory are fixed for the life
         # of the process: changing them under live connections has no safe meaning.
-        for key in ("socket", "state", "group", "portalloc_dir", "socket_mode"):
+        for key in ("socket", "state", "group", "portalloc_dir", "socket_mode", "portserver"):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("reload: %s changes only at restart; keeping %r", key,
                             getattr(self.config, key))
@@ -520,7 +624,8 @@ class Broker:
                           self.journal.path, exc.strerror or exc, JOURNAL_RETRY)
                 self._compact_after = now.mono + JOURNAL_RETRY
         self._update_status()
-        for limited in (self._faults, self._refusals, self._journal_errors):
+        for limited in (self._faults, self._refusals, self._journal_errors, self._claims_full,
+                        self._portserver_refusals):
             limited.flush()
         if self.clients or len(self.table):
             self._idle_since = now.mono
@@ -603,7 +708,7 @@ def run(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
     """Run a broker in the foreground until SIGTERM/SIGINT or idle exit; return the exit status."""
     soft = raise_fd_limit()
     notifier = Notifier()
-    listening = open_listener(config)
+    listening, portserver = open_listeners(config)
     state_path = config.state or default_state_path(listening.path)
     broker = Broker(
         config=config, journal=Journal(state_path, boot=boot_id()), notifier=notifier,
@@ -616,10 +721,16 @@ def run(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
                 notifier.extend_timeout(60)
         broker.restore()
         log.info("state %s, socket %s", state_path, listening.path)
+        if portserver is not None:
+            log.info("portserver (portpicker's protocol) on %s", portserver.path)
         tune_gc()
-        trio.run(functools.partial(broker.serve, listening.sock))
+        trio.run(functools.partial(
+            broker.serve, listening.sock, portserver=None if portserver is None else portserver.sock,
+        ))
     finally:
         listening.close()
+        if portserver is not None:
+            portserver.close()
     return 0
 
 

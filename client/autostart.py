@@ -35,12 +35,16 @@ from typing import Final
 
 from . import paths
 from .host.probe import answers
+from .host.procnet import live_brokers
 from .protocol.errors import AlreadyServing
 
 DEFAULT_IDLE_EXIT: Final = 600.0
 """Seconds an autostarted broker lingers with no connection and no lease."""
 
 LOG_NAME: Final = "broker.log"
+
+_noticed = False
+"""Whether this process said already that other users' brokers run here (said once)."""
 
 
 # Variables that describe *our* service manager context; a detached broker
@@ -169,6 +173,7 @@ def _spawn_and_wait(path: str, deadline: float, timeout: float) -> None:
     delay = 0.005
     while True:
         if answers(path):
+            _notice_other_users()
             return
         if proc.poll() is not None:
             tail = _log_since(log, log_start)
@@ -187,6 +192,28 @@ def _spawn_and_wait(path: str, deadline: float, timeout: float) -> None:
             )
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def _notice_other_users() -> None:
+    """Say once per process that a system service would let users who run brokers here share one.
+
+    Each broker's ports are claimed host-wide, so two users' brokers never grant
+    the same port; but each sees only its own leases in ``status``. Read from
+    the brokers' presence names (any user may bind one, so this is a hint).
+    """
+    global _noticed
+    if _noticed:
+        return
+    _noticed = True
+    try:
+        uids = sorted({uid for uid, _ in live_brokers() if uid != os.geteuid()})
+    except OSError:
+        return
+    if uids:
+        who = ", ".join(str(u) for u in uids)
+        print(f"portlease: started a per-user broker while another user's broker runs on this host "
+              f"(uid {who}); a system service would let those users share one broker and one status "
+              f"view: see docs/systemd.md", file=sys.stderr)
 
 
 def _log_since(log: str, offset: int) -> bytes:

@@ -10,12 +10,12 @@ import time
 
 from portlease.client import protocol as p
 from portlease.client.host import procnet
-from portlease.client.host.procinfo import read_cmdline
+from portlease.client.host.procinfo import read_cmdline, user_name
 from portlease.client.protocol.errors import BrokerUnavailable, ConfigError, ConnectionLost
 from portlease.client.sync import Connection
 
 from .dial import connect
-from .status_view import render_squatters, render_status
+from .status_view import ClaimRow, render_claims, render_squatters, render_status
 
 
 def _full_status(conn: Connection) -> p.StatusReply:
@@ -41,27 +41,67 @@ def run(args: argparse.Namespace) -> int:
         return _watch_status(args)
     with connect(args) as conn:
         reply = _full_status(conn)
+        broker_pid = conn.broker_pid
     if args.squatters:
-        print(_squatters_table(reply))
+        print(_squatters_table(reply, broker_pid))
     elif args.json:
         print(json.dumps(p.to_builtins(reply), indent=2))
     else:
-        # One of the broker's clients was this command.
-        print(render_status(reply, time.time(), self_clients=1))
+        print(_status_text(reply, broker_pid))
     sys.stdout.flush()
     return 0
 
 
-def _squatters_table(reply: p.StatusReply) -> str:
+def _status_text(reply: p.StatusReply, broker_pid: int | None) -> str:
+    # One of the broker's clients was this command.
+    text = render_status(reply, time.time(), self_clients=1)
+    claims = _other_claims(reply, broker_pid)
+    return f"{text}\n{render_claims(claims)}" if claims else text
+
+
+def _other_claims(reply: p.StatusReply, broker_pid: int | None) -> list[ClaimRow]:
+    """Runs of ports in the broker's range that other brokers on this host hold now.
+
+    Read from the kernel's list of abstract socket names (see broker/claims.py):
+    a claim on a port none of this broker's leases covers, and whose holder is
+    not this broker, is another broker's lease. The holder's uid comes with the
+    name; its pid only where /proc shows it (root, or the caller's own processes).
+    """
+    low, high = reply.summary.range
+    claims = procnet.port_claims(low, high)
+    ours = {port for info in reply.leases for port in info.ports}
+    others = {port: c for port, c in claims.items() if port not in ours}
+    pids = procnet.owners(c.inode for c in others.values())
+    rows: list[ClaimRow] = []
+    for port in sorted(others):
+        claim = others[port]
+        pid = pids.get(claim.inode)
+        if pid is not None and pid == broker_pid:
+            continue  # granted here since the status reply
+        last = rows[-1] if rows else None
+        if last is not None and last.ports[-1] == port - 1 and (last.uid, last.pid) == (claim.uid, pid):
+            last.ports.append(port)
+            continue
+        user = user_name(claim.uid) if claim.uid is not None else None
+        rows.append(ClaimRow([port], claim.uid, user, pid, read_cmdline(pid)))
+    return rows
+
+
+def _squatters_table(reply: p.StatusReply, broker_pid: int | None) -> str:
     low, high = reply.summary.range
     found = procnet.squatters(low, high, [(i.ports[0], len(i.ports)) for i in reply.leases])
+    claims = _other_claims(reply, broker_pid)
+    claimed = {port for row in claims for port in row.ports}
     owners = procnet.owners(s.inode for s in found)
     rows = []
     for s in found:
+        if s.port in claimed:
+            continue  # bound under another broker's lease: not a squatter
         pid = owners.get(s.inode)
         rows.append((s.proto + ("6" if s.family == 6 else ""), s.port, s.address, pid, s.uid,
                      read_cmdline(pid)))
-    return render_squatters(rows)
+    text = render_squatters(rows)
+    return f"{text}\n{render_claims(claims)}" if claims else text
 
 
 def _watch_status(args: argparse.Namespace) -> int:
@@ -77,7 +117,7 @@ def _watch_status(args: argparse.Namespace) -> int:
                     conn = connect(args)
                 reply = _full_status(conn)
                 text = (json.dumps(p.to_builtins(reply)) if args.json
-                        else render_status(reply, time.time(), self_clients=1))
+                        else _status_text(reply, conn.broker_pid))
             except (BrokerUnavailable, ConnectionLost) as exc:
                 # Watching is most useful exactly while the broker restarts.
                 if conn is not None:

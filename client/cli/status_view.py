@@ -13,6 +13,7 @@ import os
 import re
 import unicodedata
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from portlease.client import protocol as p
 
@@ -137,4 +138,31 @@ def render_squatters(found: Iterable[tuple[str, int, str, int | None, int, str |
         cmd = escape(typed_command(command)) if command else "-"
         lines.append(f"{port:>5} {proto:<5} {address:<26} {uid:>6} {pid if pid else '-':>7}  {cmd}")
     lines.append(f"{plural(len(rows), 'squatter')} (bound in the range, no lease)")
+    return "\n".join(lines)
+
+
+@dataclass
+class ClaimRow:
+    """A run of ports another broker on this host holds (its host-wide claims)."""
+
+    ports: list[int]
+    uid: int | None
+    user: str | None
+    pid: int | None
+    """The claiming broker's pid, where /proc shows it."""
+    command: str | None
+
+
+def render_claims(rows: Iterable[ClaimRow]) -> str:
+    """The table of ports in the range that other brokers on this host hold now."""
+    rows = list(rows)
+    held = sum(len(r.ports) for r in rows)
+    lines = [f"{plural(held, 'port')} of the range held by other brokers on this host "
+             "(never granted here while they hold them):",
+             f"  {'PORTS':<13} {'UID':>6} {'USER':<16} {'PID':>7}  COMMAND"]
+    for r in rows:
+        uid = "?" if r.uid is None else str(r.uid)
+        user = escape(r.user) if r.user else "-"
+        cmd = escape(typed_command(r.command)) if r.command else "-"
+        lines.append(f"  {span(r.ports):<13} {uid:>6} {user:<16} {r.pid if r.pid else '-':>7}  {cmd}")
     return "\n".join(lines)

@@ -23,10 +23,14 @@ import bisect
 import os
 import socket
 import struct
+import sys
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
-__all__ = ["NetSocket", "all_owners", "descendants", "listening", "owners", "sockets", "squatters"]
+__all__ = [
+    "BROKER_PREFIX", "CLAIM_PREFIX", "AbstractName", "NetSocket", "abstract_names", "all_owners",
+    "descendants", "listening", "live_brokers", "owners", "port_claims", "sockets", "squatters",
+]
 
 _PROC_NET = "/proc/net"
 
@@ -150,6 +154,133 @@ def sockets(ports: range | None = None) -> list[NetSocket]:
         found.extend(_read_table(proto, family, name, ports))
     found.extend(_bound_only_tcp(ports))
     return found
+
+
+# ---------------------------------------------------------------- host-wide claims
+
+CLAIM_PREFIX = "portlease/port/"
+"""A broker holding a port binds the abstract stream socket ``"\\0" + CLAIM_PREFIX + str(port)``."""
+BROKER_PREFIX = "portlease/broker/"
+"""Every running broker binds ``"\\0" + BROKER_PREFIX + f"{uid}/{pid}"`` (its presence)."""
+
+_UNIX_DIAG_REQ = struct.Struct("=BBHIII8x")  # family, protocol, pad, states, ino, show, cookie[2]
+_UNIX_DIAG_MSG = struct.Struct("=BBBxI8x")  # family, type, state, pad, ino, cookie[2]
+_RTATTR = struct.Struct("=HH")
+_UDIAG_SHOW_NAME = 0x01
+_UDIAG_SHOW_UID = 0x40
+_UNIX_DIAG_NAME = 0
+_UNIX_DIAG_UID = 7
+
+
+@dataclass(frozen=True)
+class AbstractName:
+    """A bound abstract Unix stream socket: its name (no leading NUL), inode and owner's uid.
+
+    ``uid`` is None where the kernel's socket-diagnostics interface could not be
+    asked and the names came from ``/proc/net/unix``, which does not show it.
+    """
+
+    name: str
+    inode: int
+    uid: int | None
+
+
+def _unix_diag() -> list[AbstractName] | None:
+    """Every abstract stream socket, from NETLINK_SOCK_DIAG (with uids); None where it is refused."""
+    try:
+        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
+    except OSError:
+        return None
+    found: list[AbstractName] = []
+    with nl:
+        req = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 0xFFFFFFFF, 0, _UDIAG_SHOW_NAME | _UDIAG_SHOW_UID)
+        try:
+            nl.send(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(req), _SOCK_DIAG_BY_FAMILY,
+                                    _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + req)
+        except OSError:
+            return None
+        while True:
+            data = nl.recv(1 << 16)
+            if not data:
+                return found
+            off = 0
+            while off + _NLMSG_HDR.size <= len(data):
+                length, kind, _, _, _ = _NLMSG_HDR.unpack_from(data, off)
+                if kind == _NLMSG_ERROR:
+                    return None
+                if kind == _NLMSG_DONE or length < _NLMSG_HDR.size:
+                    return found
+                _, kind_of_socket, _, inode = _UNIX_DIAG_MSG.unpack_from(data, off + _NLMSG_HDR.size)
+                pos, end = off + _NLMSG_HDR.size + _UNIX_DIAG_MSG.size, off + length
+                off += (length + 3) & ~3
+                name: bytes | None = None
+                uid: int | None = None
+                while pos + _RTATTR.size <= end:
+                    rta_len, rta_type = _RTATTR.unpack_from(data, pos)
+                    if rta_len < _RTATTR.size:
+                        break
+                    value = data[pos + _RTATTR.size:pos + rta_len]
+                    if rta_type == _UNIX_DIAG_NAME:
+                        name = value
+                    elif rta_type == _UNIX_DIAG_UID and len(value) >= 4:
+                        uid = int.from_bytes(value[:4], sys.byteorder)
+                    pos += (rta_len + 3) & ~3
+                if kind_of_socket == socket.SOCK_STREAM and name and name[:1] == b"\0":
+                    found.append(AbstractName(name[1:].decode("utf-8", "replace"), inode, uid))
+
+
+def _proc_net_unix() -> list[AbstractName]:
+    """Every abstract stream socket listed in /proc/net/unix (no uids there)."""
+    found: list[AbstractName] = []
+    try:
+        with open(os.path.join(_PROC_NET, "unix"), "rb") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return found
+    for line in lines:
+        # Num RefCount Protocol Flags Type St Inode Path; a name may itself hold spaces.
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[4] == b"0001" and fields[7].startswith(b"@"):
+            found.append(AbstractName(fields[7][1:].decode("utf-8", "replace"), int(fields[6]), None))
+    return found
+
+
+def abstract_names(prefix: str) -> list[AbstractName]:
+    """The bound abstract Unix *stream* sockets whose name starts with ``prefix``.
+
+    Asked of the kernel's socket diagnostics (which give each socket's uid, and
+    need no privilege), else read from ``/proc/net/unix``. Abstract names are
+    kept apart per socket type, so only stream sockets, the kind the broker
+    binds, are counted. Per network namespace, like ports.
+    """
+    names = _unix_diag()
+    if names is None:
+        names = _proc_net_unix()
+    return [n for n in names if n.name.startswith(prefix)]
+
+
+def port_claims(low: int, high: int) -> dict[int, AbstractName]:
+    """port → the claim some broker on this host holds on it, for ports in ``[low, high]``."""
+    claims: dict[int, AbstractName] = {}
+    for n in abstract_names(CLAIM_PREFIX):
+        tail = n.name[len(CLAIM_PREFIX):]
+        if tail.isdigit() and tail.isascii() and low <= int(tail) <= high:
+            claims[int(tail)] = n
+    return claims
+
+
+def live_brokers() -> list[tuple[int, int]]:
+    """(uid, pid) of every broker on this host that announces itself (``BROKER_PREFIX``).
+
+    The names are bound by the brokers themselves; anyone may bind such a name,
+    so this is a hint for notices, never a basis for a grant.
+    """
+    found = []
+    for n in abstract_names(BROKER_PREFIX):
+        uid, _, pid = n.name[len(BROKER_PREFIX):].partition("/")
+        if uid.isdigit() and pid.isdigit() and uid.isascii() and pid.isascii():
+            found.append((int(uid), int(pid)))
+    return sorted(found)
 
 
 def _pids() -> Iterator[int]:
