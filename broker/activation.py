@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import MutableMapping
+from dataclasses import dataclass
 from typing import Final
 
 from portlease.client.protocol.errors import StartupError
@@ -22,22 +23,67 @@ LISTEN_FDS_START: Final = 3
 _VARIABLES: Final = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
+PORTSERVER_NAME: Final = "portserver"
+"""The ``FileDescriptorName=`` of the socket on which portpicker's protocol is
+answered (systemd/portlease-portserver.socket); every other name is the main socket."""
+
+
+@dataclass(slots=True)
+class Inherited:
+    """The listening sockets passed by socket activation."""
+
+    main: socket.socket
+    portserver: socket.socket | None = None
+    """The fd named :data:`PORTSERVER_NAME`, when ``LISTEN_FDNAMES`` names one."""
+
+
 def inherited_listener(
     environ: MutableMapping[str, str] | None = None, *, name: str | None = None
 ) -> socket.socket | None:
     """The listening Unix stream socket passed by socket activation, or None when not activated.
 
     Activated means ``LISTEN_PID`` is this process and ``LISTEN_FDS`` ≥ 1.
-    The socket is fd 3, unless ``name`` is given and ``LISTEN_FDNAMES`` is set:
-    then it is the fd whose name equals ``name``. Every inherited fd gets
-    close-on-exec, and the ``LISTEN_*`` variables are removed from ``environ``
-    (default ``os.environ``) whenever they were present, so no child mistakes
-    them for its own.
+    The socket is the first fd not named :data:`PORTSERVER_NAME` (fd 3 when
+    ``LISTEN_FDNAMES`` is unset), unless ``name`` is given and
+    ``LISTEN_FDNAMES`` is set: then it is the fd whose name equals ``name``.
+    Every inherited fd gets close-on-exec, and the ``LISTEN_*`` variables are
+    removed from ``environ`` (default ``os.environ``) whenever they were
+    present, so no child mistakes them for its own.
 
     Raises :class:`StartupError` when the variables are malformed, ``name`` is
     not among the names, or the chosen fd is not a listening ``AF_UNIX``
     ``SOCK_STREAM`` socket. The caller owns the returned socket.
     """
+    taken = _take(environ)
+    if taken is None:
+        return None
+    fds, names = taken
+    return _verified(_choose(fds, names, name))
+
+
+def inherited_listeners(environ: MutableMapping[str, str] | None = None) -> Inherited | None:
+    """The main socket and, when one is named ``portserver``, the portpicker socket.
+
+    The same rules as :func:`inherited_listener`; None when not activated. With
+    no ``LISTEN_FDNAMES`` there is no portserver socket and the main one is fd 3.
+    """
+    taken = _take(environ)
+    if taken is None:
+        return None
+    fds, names = taken
+    main = _verified(_choose(fds, names, None))
+    if names is None or PORTSERVER_NAME not in names:
+        return Inherited(main)
+    try:
+        portserver = _verified(fds[names.index(PORTSERVER_NAME)])
+    except StartupError:
+        main.close()
+        raise
+    return Inherited(main, portserver)
+
+
+def _take(environ: MutableMapping[str, str] | None) -> tuple[range, list[str] | None] | None:
+    """The inherited fds and their names (checked to match), or None when not activated."""
     env = os.environ if environ is None else environ
     pid_text = env.get("LISTEN_PID")
     fds_text = env.get("LISTEN_FDS")
@@ -70,25 +116,35 @@ def inherited_listener(
             raise StartupError(
                 f"socket activation: LISTEN_FDS={count} but fd {fd} is not open ({exc.strerror})"
             ) from None
-
-    fd = _choose(fds, names_text, name)
-    return _verified(fd)
-
-
-def _choose(fds: range, names_text: str | None, name: str | None) -> int:
-    if name is None or names_text is None:
-        return fds[0]
+    if names_text is None:
+        return fds, None
     names = names_text.split(":")
     if len(names) != len(fds):
         raise StartupError(
             f"socket activation: LISTEN_FDNAMES has {len(names)} names for {len(fds)} fds"
+        )
+    return fds, names
+
+
+def _choose(fds: range, names: list[str] | None, name: str | None) -> int:
+    if names is None:
+        return fds[0]
+    if name is None:
+        # The main socket keeps working whatever its unit names it; only the
+        # portpicker socket has a name the broker must know.
+        for fd, fd_name in zip(fds, names, strict=True):
+            if fd_name != PORTSERVER_NAME:
+                return fd
+        raise StartupError(
+            "socket activation: only a portserver socket was passed; the main socket "
+            "(portlease.socket) must be passed to the broker too"
         )
     try:
         return fds[names.index(name)]
     except ValueError:
         raise StartupError(
             f"socket activation: no inherited socket is named {name!r} "
-            f"(LISTEN_FDNAMES={names_text!r}); set FileDescriptorName={name} in the .socket unit"
+            f"(LISTEN_FDNAMES={':'.join(names)!r}); set FileDescriptorName={name} in the .socket unit"
         ) from None
 
 
@@ -141,4 +197,7 @@ def socket_path(sock: socket.socket) -> str:
     return str(address)
 
 
-__all__ = ["LISTEN_FDS_START", "inherited_listener", "socket_path"]
+__all__ = [
+    "LISTEN_FDS_START", "PORTSERVER_NAME", "Inherited", "inherited_listener", "inherited_listeners",
+    "socket_path",
+]

@@ -49,6 +49,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     exclude: list[int | str] = []
     """The operator's ports never to grant: ports and ``"LO-HI"`` ranges, on top of the
     kernel's ephemeral and reserved ports and the ports browsers refuse."""
+    portserver: str | None = None
+    """Also answer Google portpicker's port-server protocol (``PORTSERVER_ADDRESS``) on this
+    socket: a path, or ``@name`` in the abstract namespace. Off when unset; under socket
+    activation the socket named ``portserver`` is used instead."""
     metrics_textfile: str | None = None
     """Write the metrics (classic Prometheus text format) to this file, atomically, for
     node_exporter's textfile collector."""

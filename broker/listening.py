@@ -10,6 +10,7 @@ when nothing answers on it, and the directory is checked (see
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -110,14 +111,59 @@ def bind_unix_socket(path: str, mode: int, group: str | None) -> Listening:
 
 def open_listener(config: Config) -> Listening:
     """The socket to serve: inherited from systemd when activated, else bound here."""
-    inherited = activation.inherited_listener()
+    return open_listeners(config)[0]
+
+
+def open_listeners(config: Config) -> tuple[Listening, Listening | None]:
+    """The main socket and the portpicker socket (None when there is none).
+
+    Under socket activation both come from systemd (the portpicker one is the
+    fd named ``portserver``); a ``portserver`` address in the config is bound
+    here only when systemd passed no such socket.
+    """
+    inherited = activation.inherited_listeners()
+    portserver: Listening | None = None
     if inherited is not None:
-        path = activation.socket_path(inherited)
+        path = activation.socket_path(inherited.main)
         log.info("socket activation: serving the inherited socket %s", path)
-        return Listening(sock=inherited, path=path, owned=False)
-    if not config.socket:
-        raise ConfigError("no socket path configured")
-    return bind_unix_socket(config.socket, int(config.socket_mode, 8), config.group)
+        main = Listening(sock=inherited.main, path=path, owned=False)
+        if inherited.portserver is not None:
+            where = activation.socket_path(inherited.portserver)
+            log.info("socket activation: answering portpicker on the inherited socket %s", where)
+            portserver = Listening(sock=inherited.portserver, path=where, owned=False)
+    else:
+        if not config.socket:
+            raise ConfigError("no socket path configured")
+        main = bind_unix_socket(config.socket, int(config.socket_mode, 8), config.group)
+    if portserver is None and config.portserver:
+        try:
+            portserver = bind_portserver(config.portserver, int(config.socket_mode, 8), config.group)
+        except BaseException:
+            main.close()
+            raise
+    return main, portserver
 
 
-__all__ = ["Listening", "bind_unix_socket", "open_listener"]
+def bind_portserver(address: str, mode: int, group: str | None) -> Listening:
+    """Listen for portpicker on ``address``: a path (as the main socket), or ``@name`` (abstract).
+
+    An abstract name has no file and no permission bits: anyone in the network
+    namespace may connect, and the broker's per-uid limits are the only gate.
+    """
+    if not address.startswith("@"):
+        return bind_unix_socket(address, mode, group)
+    if len(address) < 2:
+        raise ConfigError("portserver address '@' names nothing; use @NAME or a path")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind("\0" + address[1:])
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise AlreadyServing(f"something already listens on the abstract socket {address}") from None
+        raise StartupError(f"cannot bind the abstract socket {address}: {exc.strerror}") from None
+    sock.listen(socket.SOMAXCONN)
+    return Listening(sock=sock, path=address, owned=False)
+
+
+__all__ = ["Listening", "bind_portserver", "bind_unix_socket", "open_listener", "open_listeners"]

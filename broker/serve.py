@@ -43,7 +43,8 @@ def _serve_config(args: argparse.Namespace) -> Config:
         config.socket = explicit_socket() or user_socket()
     if args.range:
         config.port_min, config.port_max = parse_range(args.range)
-    for attr in ("ttl", "state", "group", "portalloc_dir", "idle_exit", "log_level", "metrics_textfile"):
+    for attr in ("ttl", "state", "group", "portalloc_dir", "idle_exit", "log_level", "metrics_textfile",
+                 "portserver"):
         value = getattr(args, attr)
         if value is not None:
             setattr(config, attr, value)

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--metrics-textfile", metavar="PATH",
                        help="write the metrics there every 5 s, for node_exporter's textfile collector")
+    serve.add_argument("--portserver", metavar="ADDR",
+                       help="also answer Google portpicker (PORTSERVER_ADDRESS) on this socket: "
+                       "a path, or @NAME for the abstract namespace (default: off)")
 
     lease = _sub(
         sub, "lease", "lease ports, run CMD with them, release them when CMD ends",

@@ -48,6 +48,27 @@ def process_started(pid: int | None) -> str | None:
     return f"{boot_id()}:{fields[19].decode()}"
 
 
+def parent_pid(pid: int) -> int | None:
+    """The parent's pid of a live process (field 4 of /proc/PID/stat), None if gone or unreadable."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    if len(fields) < 2 or fields[0] in (b"Z", b"X"):
+        return None
+    try:
+        return int(fields[1])
+    except ValueError:
+        return None
+
+
 def read_cmdline(pid: int | None, limit: int = 4096) -> str | None:
     """The process's command line, arguments joined by spaces, at most ``limit`` bytes read."""
     if not pid:
@@ -70,4 +91,4 @@ def user_name(uid: int) -> str | None:
         return None
 
 
-__all__ = ["boot_id", "process_started", "read_cmdline", "user_name"]
+__all__ = ["boot_id", "parent_pid", "process_started", "read_cmdline", "user_name"]

@@ -62,13 +62,14 @@ def runnable_copy(tmp_path: Path, extra_service_lines: str = "") -> Path:
     text = text.replace("[Install]", extra_service_lines + "[Install]")
     (tmp_path / "portlease.service").write_text(text)
     shutil.copy(UNITS / "portlease.socket", tmp_path / "portlease.socket")
+    shutil.copy(UNITS / "portlease-portserver.socket", tmp_path / "portlease-portserver.socket")
     return tmp_path
 
 
 def verify(directory: Path) -> subprocess.CompletedProcess[str]:
     assert ANALYZE is not None
     return subprocess.run(
-        [ANALYZE, "verify", "portlease.socket", "portlease.service"],
+        [ANALYZE, "verify", "portlease.socket", "portlease-portserver.socket", "portlease.service"],
         cwd=directory, capture_output=True, text=True, timeout=60,
     )
 
@@ -135,6 +136,20 @@ def test_socket_unit_settings() -> None:
     assert socket["DirectoryMode"] == ["0755"]
 
 
+def test_portserver_socket_settings() -> None:
+    """portpicker's socket: handed to the same broker, named so that it tells the two apart,
+    with the main socket's access control."""
+    main = unit("portlease.socket")["Socket"]
+    socket = unit("portlease-portserver.socket")["Socket"]
+    assert socket["ListenStream"] == ["/run/portlease/portserver.sock"]
+    assert socket["FileDescriptorName"] == ["portserver"]
+    assert socket["Service"] == ["portlease.service"]
+    for key in ("SocketUser", "SocketGroup", "SocketMode", "DirectoryMode", "Accept", "RemoveOnStop"):
+        assert socket[key] == main[key], key
+    assert main["FileDescriptorName"] != ["portserver"]
+    assert "portlease-portserver.socket" in unit("portlease.service")["Unit"]["After"][0].split()
+
+
 def test_service_unit_settings() -> None:
     service = unit("portlease.service")["Service"]
     assert service["Type"] == ["notify"]
@@ -194,7 +209,7 @@ def test_install_paths_agree_with_docs() -> None:
                          ("portlease.conf", "/etc/tmpfiles.d/portlease.conf")):
         assert f"install as {target}" in (UNITS / name).read_text(), name
         assert re.search(rf"install -Dm644 systemd/{re.escape(name)}\s+{re.escape(target)}\n", doc), name
-    for name in ("portlease.service", "portlease.socket"):
+    for name in ("portlease.service", "portlease.socket", "portlease-portserver.socket"):
         doc_lines = unit(name)["Unit"]["Documentation"]
         assert doc_lines == ["file:/usr/share/doc/portlease/systemd.md"], name
     assert "install -Dm644 docs/systemd.md           /usr/share/doc/portlease/systemd.md" in doc
