@@ -11,6 +11,7 @@ from typing import Annotated
 
 import msgspec
 
+from portlease.client.protocol.bounds import DEFAULT_PORTS_PER_REQUEST
 from portlease.client.protocol.errors import ConfigError
 
 from . import kernel
@@ -35,7 +36,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     port_max: Port = 32000
     ttl: Annotated[float, msgspec.Meta(gt=0)] = 120.0
     """Backstop lifetime (s) of leases with no live connection: detached or restored."""
-    max_ports_per_request: Positive = 256
+    max_ports_per_request: Positive = DEFAULT_PORTS_PER_REQUEST
     max_ports_per_uid: Positive = 4096
     max_leases_per_connection: Positive = 1024
     max_connections_per_uid: Positive = 1024

@@ -19,8 +19,12 @@ _SHELL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _check_count(count: int) -> None:
-    if not 1 <= count <= p.MAX_COUNT:
-        raise ConfigError(f"-n {count}: COUNT must be 1 to {p.MAX_COUNT} (consecutive ports)")
+    if count < 1:
+        raise ConfigError(f"-n {count}: COUNT is a number of consecutive ports, at least 1")
+    if count > p.MAX_COUNT:
+        # What the wire cannot carry; a broker's own limit is lower (`too-large`).
+        raise ConfigError(f"-n {count}: too many ports; a broker grants at most its "
+                          f"max_ports_per_request, {p.DEFAULT_PORTS_PER_REQUEST} unless configured")
 
 
 def _check_ttl(ttl: float | None) -> None:

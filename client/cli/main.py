@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 
 from portlease import __version__
 from portlease.client import protocol as p
+from portlease.client.host.locations import CLIENT_RULE
 from portlease.client.protocol.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -34,65 +34,68 @@ __all__ = ["ServeCommand", "build_parser", "main"]
 ServeCommand = Callable[[argparse.Namespace], int]
 """Runs ``portlease serve`` with its parsed arguments; given by :mod:`portlease.cli`."""
 
-_CLIENT_SOCKET_NOTE = """
-socket: --socket, else $PORTLEASE_SOCKET, else /run/portlease/portlease.sock when it
-exists (the system service), else the per-user socket
-$XDG_RUNTIME_DIR/portlease/portlease.sock, or /tmp/portlease-$UID/portlease.sock
-when XDG_RUNTIME_DIR is unset.
-"""
 _SERVE_SOCKET_NOTE = """
 socket: --socket, else the config file's `socket`, else $PORTLEASE_SOCKET, else the
 per-user socket $XDG_RUNTIME_DIR/portlease/portlease.sock, or
-/tmp/portlease-$UID/portlease.sock when XDG_RUNTIME_DIR is unset. The system socket
+/tmp/portlease-$UID/portlease.sock without XDG_RUNTIME_DIR. The system socket
 /run/portlease/portlease.sock is served only when named here or passed by systemd.
 """
 
-_SOCKET_HELP = (
-    "broker socket (default: $PORTLEASE_SOCKET, else /run/portlease/portlease.sock if it "
-    "exists, else $XDG_RUNTIME_DIR/portlease/portlease.sock, or /tmp/portlease-$UID/"
-    "portlease.sock without XDG_RUNTIME_DIR)"
-)
+_SOCKET_HELP = f"broker socket (default: {CLIENT_RULE.removeprefix('--socket, else ')})"
 _SERVE_SOCKET_HELP = (
     "socket to listen on (default: $PORTLEASE_SOCKET, else the per-user socket "
     "$XDG_RUNTIME_DIR/portlease/portlease.sock, or /tmp/portlease-$UID/portlease.sock "
     "without XDG_RUNTIME_DIR; /run/portlease/portlease.sock is used only when given here "
     "or by the system service)"
 )
-_SHELL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, reading the terminal width itself.
+
+    argparse makes a formatter for every ``add_argument`` and, without a width,
+    imports :mod:`shutil` (and with it bz2, lzma, fnmatch) to ask for the
+    terminal's: a few milliseconds on every start of a command run once per CI
+    step. :func:`os.get_terminal_size` is what shutil asks too.
+    """
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         _columns() - 2 if width is None else width)
+
+
+def _columns() -> int:
+    # shutil.get_terminal_size's rule: $COLUMNS, else stdout's terminal, else 80.
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+def _wrap(text: str, width: int = 84) -> str:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return "\n".join([*lines, line])
+
+
+_CLIENT_SOCKET_NOTE = "\n" + _wrap("socket: " + CLIENT_RULE + ".") + "\n"
 
 
 def _socket_arg(parser: argparse.ArgumentParser, text: str = _SOCKET_HELP) -> None:
     parser.add_argument("--socket", metavar="PATH", help=text)
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("portlease")
-    except PackageNotFoundError:  # run from a tree that was never installed
-        return "unknown"
-
-
-def _sub(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str,
-         usage: str | None = None) -> argparse.ArgumentParser:
-    note = _SERVE_SOCKET_NOTE if name == "serve" else _CLIENT_SOCKET_NOTE
-    return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
-                          epilog=EXIT_CODES + note,
-                          formatter_class=argparse.RawDescriptionHelpFormatter, usage=usage)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="portlease",
-        description="Lease TCP/UDP ports from a shared broker, released when the holder exits.",
-        epilog=EXIT_CODES + _CLIENT_SOCKET_NOTE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"portlease {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    serve = _sub(sub, "serve", "run the broker in the foreground")
+def _add_serve(serve: argparse.ArgumentParser) -> None:
     _socket_arg(serve, _SERVE_SOCKET_HELP)
     serve.add_argument("--config", metavar="FILE.toml", help="TOML config file (SIGHUP re-reads it)")
     serve.add_argument("--range", metavar="LO-HI", help="ports to grant (default 10000-32000)")
@@ -111,15 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also answer Google portpicker (PORTSERVER_ADDRESS) on this socket: "
                        "a path, or @NAME for the abstract namespace (default: off)")
 
-    lease = _sub(
-        sub, "lease", "lease ports, run CMD with them, release them when CMD ends",
-        usage="portlease lease [-n COUNT] [--env NAME=OFFSET]... [--listen OFFSET[/udp][=NAME]]...\n"
-        "                       [--hold OFFSET]... [--note TEXT] -- CMD [ARG]...\n"
-        "       portlease lease [-n COUNT] --detach [--ttl SECONDS] [--json | --export]",
-    )
+_LEASE_USAGE = (
+    "portlease lease [-n COUNT] [--env NAME=OFFSET]... [--listen OFFSET[/udp][=NAME]]...\n"
+    "                       [--hold OFFSET]... [--note TEXT] -- CMD [ARG]...\n"
+    "       portlease lease [-n COUNT] --detach [--ttl SECONDS] [--json | --export]"
+)
+
+
+def _add_lease(lease: argparse.ArgumentParser) -> None:
     _socket_arg(lease)
     lease.add_argument("-n", "--count", type=int, default=1,
-                       help=f"consecutive ports, 1 to {p.MAX_COUNT} (default 1)")
+                       help=f"consecutive ports (default 1); a broker grants at most its "
+                       f"max_ports_per_request, {p.DEFAULT_PORTS_PER_REQUEST} unless configured")
     lease.add_argument("--env", action="append", default=[], metavar="NAME=OFFSET",
                        help="set NAME to the port at OFFSET (0 = first) in CMD's environment "
                        "(or in --export's output)")
@@ -148,40 +154,91 @@ def build_parser() -> argparse.ArgumentParser:
                        "portlease release \"$PORTLEASE_TOKEN\"")
     lease.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG]...")
 
-    for name, text in (("renew", "push a detached lease's expiry forward by its TTL"),
-                       ("release", "end a lease now; its ports can be granted again")):
-        cmd = _sub(sub, name, text)
-        _socket_arg(cmd)
-        cmd.add_argument("token", metavar="TOKEN",
-                         help="the lease's token, as `lease --detach` printed it "
-                         "(e.g. \"$PORTLEASE_TOKEN\")")
 
-    status = _sub(sub, "status", "show every lease and the free ports")
+def _add_token(cmd: argparse.ArgumentParser) -> None:
+    _socket_arg(cmd)
+    cmd.add_argument("token", metavar="TOKEN",
+                     help="the lease's token, as `lease --detach` printed it "
+                     "(e.g. \"$PORTLEASE_TOKEN\")")
+
+
+def _add_status(status: argparse.ArgumentParser) -> None:
     _socket_arg(status)
     status.add_argument("--json", action="store_true",
                         help="machine-readable output (with --watch: one JSON object per line)")
     status.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS",
-                        help="refresh in place every SECONDS (default 2)")
+                        help="refresh every SECONDS (default 2): in place on a terminal, "
+                        "else one plain frame per refresh, separated by a blank line")
     status.add_argument("--squatters", action="store_true",
                         help="list sockets bound to ports in the range that no lease covers, "
                         "with pid and command where /proc shows them")
 
-    metrics = _sub(sub, "metrics", "print the broker's metrics (OpenMetrics text, for Prometheus)")
-    _socket_arg(metrics)
 
-    wait = _sub(sub, "wait", "wait until each PORT has a listener")
+def _add_wait(wait: argparse.ArgumentParser) -> None:
     wait.add_argument("ports", metavar="PORT", nargs="+", type=int, help="TCP port to wait for")
     wait.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                       help="give up after this long, exit 1 (default 30)")
     wait.add_argument("--pid", type=int, metavar="PID",
                       help="count only listeners of PID or its descendants")
+
+
+# Every subcommand, in --help's order: (help text, usage, what adds its arguments).
+_COMMANDS: dict[str, tuple[str, str | None, Callable[[argparse.ArgumentParser], None]]] = {
+    "serve": ("run the broker in the foreground", None, _add_serve),
+    "lease": ("lease ports, run CMD with them, release them when CMD ends", _LEASE_USAGE,
+              _add_lease),
+    "renew": ("push a detached lease's expiry forward by its TTL", None, _add_token),
+    "release": ("end a lease now; its ports can be granted again", None, _add_token),
+    "status": ("show every lease and the free ports", None, _add_status),
+    "metrics": ("print the broker's metrics (OpenMetrics text, for Prometheus)", None, _socket_arg),
+    "wait": ("wait until each PORT has a listener", None, _add_wait),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``portlease`` parser; with ``command``, that subcommand's alone.
+
+    Each subparser costs about a millisecond to build (argparse looks up a
+    translation for every parser it makes), and a run uses one: :func:`main`
+    builds only the subcommand named on the command line, from the same
+    definitions, and every one for ``portlease --help`` or an unknown name.
+    """
+    parser = argparse.ArgumentParser(
+        prog="portlease",
+        description="Lease TCP/UDP ports from a shared broker, released when the holder exits.",
+        epilog=EXIT_CODES + _CLIENT_SOCKET_NOTE,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"portlease {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (text, usage, add) in _COMMANDS.items():
+        if command is not None and name != command:
+            continue
+        note = _SERVE_SOCKET_NOTE if name == "serve" else _CLIENT_SOCKET_NOTE
+        add(sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                           epilog=EXIT_CODES + note, formatter_class=_Formatter, usage=usage))
     return parser
 
+
+def _command_named(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names, if it names a known one: its first word not an option.
+
+    The top-level parser has only ``-h`` and ``--version``, neither taking a value,
+    so the first word that is not an option is the subcommand.
+    """
+    for word in argv:
+        if word == "--":
+            return None
+        if not word.startswith("-"):
+            return word if word in _COMMANDS else None
+    return None
 
 
 def main(argv: Sequence[str] | None = None, *, serve: ServeCommand | None = None) -> int:
     """Run the ``portlease`` command; ``serve`` runs the broker (None: not installed here)."""
-    args = build_parser().parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    args = build_parser(_command_named(argv)).parse_args(argv)
     try:
         return _dispatch(args, serve)
     except BrokenPipeError:

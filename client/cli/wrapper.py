@@ -49,6 +49,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -147,7 +148,8 @@ def _run_on(conn: Connection, plan: Plan) -> int | None:
         close_all(listeners)
     try:
         if isinstance(started, OSError):
-            print(f"portlease: cannot run {plan.cmd[0]}: {started.strerror}", file=sys.stderr)
+            print(f"portlease: cannot run {plan.cmd[0]}: {started.strerror}{_count_hint(plan.cmd)}",
+                  file=sys.stderr)
             return EXIT_NOT_FOUND if started.errno == errno.ENOENT else EXIT_CANNOT_RUN
         return _wait(started, tty, holds, time.monotonic() + plan.hold_timeout)
     finally:
@@ -156,6 +158,15 @@ def _run_on(conn: Connection, plan: Plan) -> int | None:
             with contextlib.suppress(OSError):
                 os.tcsetpgrp(tty, os.getpgrp())
             os.close(tty)
+
+
+def _count_hint(cmd: list[str]) -> str:
+    """For ``portlease lease 3 -- true``: the number was meant as ``-n 3``, not as CMD."""
+    if not cmd[0].isdigit():
+        return ""
+    rest = cmd[2:] if cmd[1:2] == ["--"] else cmd[1:]
+    meant = shlex.join(["portlease", "lease", "-n", cmd[0], "--", *(rest or ["CMD"])])
+    return f"; did you mean `{meant}`? (the number of ports is the -n option)"
 
 
 def _foreground_tty() -> int | None:

@@ -1,14 +1,15 @@
 """Which socket to use: the one rule for the broker, both clients and the CLI.
 
-One rule for the broker, both clients and the CLI:
-
 1. ``--socket`` / ``socket=`` (explicit);
 2. ``$PORTLEASE_SOCKET``;
-3. the system socket, wherever a system deployment exists: its directory
-   (``/run/portlease``) or the system config file
-   (``/etc/portlease/config.toml``) is present;
-4. the per-user socket, ``$XDG_RUNTIME_DIR/portlease/portlease.sock``, else
-   ``/tmp/portlease-$UID/portlease.sock``.
+3. ``/run/portlease/portlease.sock`` where a system deployment exists
+   (``/run/portlease`` or ``/etc/portlease/config.toml`` is present);
+4. else the per-user socket, ``$XDG_RUNTIME_DIR/portlease/portlease.sock``, or
+   ``/tmp/portlease-$UID/portlease.sock`` without ``XDG_RUNTIME_DIR``.
+
+:data:`CLIENT_RULE` is that rule in the words ``--help`` prints; README.md,
+docs/concepts.md, docs/rust.md and docs/diagrams/socket-choice.dot say step 3 in
+the same words (tests/unit/test_paths.py checks it).
 
 Only the per-user socket is ever started on demand (see
 :mod:`portlease.client.autostart`); a system broker that is down is waited for
@@ -32,6 +33,16 @@ SYSTEM_CONFIG: Final = "/etc/portlease/config.toml"
 SOCKET_NAME: Final = "portlease.sock"
 
 CHECK_SYSTEM: Final = "run `systemctl status portlease.socket` to see why"
+
+SYSTEM_RULE: Final = (f"where a system deployment exists ({SYSTEM_DIR} or {SYSTEM_CONFIG} "
+                      "is present)")
+"""When the system socket is chosen (step 3 of the rule), in the words every document uses."""
+PER_USER_RULE: Final = (f"$XDG_RUNTIME_DIR/portlease/{SOCKET_NAME}, or "
+                        f"/tmp/portlease-$UID/{SOCKET_NAME} without XDG_RUNTIME_DIR")
+"""The per-user socket (step 4)."""
+CLIENT_RULE: Final = (f"--socket, else $PORTLEASE_SOCKET, else {SYSTEM_SOCKET} {SYSTEM_RULE}, "
+                      f"else the per-user socket {PER_USER_RULE}")
+"""The whole rule, as ``portlease --help`` states it."""
 
 Source = Literal["argument", "PORTLEASE_SOCKET", "system", "per-user"]
 

@@ -24,9 +24,10 @@ SUBCOMMANDS = ("serve", "lease", "renew", "release", "status", "wait")
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["-n", "70000", "--", "true"], "-n 70000: COUNT must be 1 to 65535"),
-        (["-n", "0", "--", "true"], "-n 0: COUNT must be 1 to 65535"),
-        (["-n", "-3", "--", "true"], "-n -3: COUNT must be 1 to 65535"),
+        (["-n", "70000", "--", "true"], "-n 70000: too many ports; a broker grants at most its "
+         "max_ports_per_request, 256 unless configured"),
+        (["-n", "0", "--", "true"], "-n 0: COUNT is a number of consecutive ports, at least 1"),
+        (["-n", "-3", "--", "true"], "-n -3: COUNT is a number of consecutive ports, at least 1"),
         (["--detach", "--ttl", "0"], "--ttl 0: SECONDS must be 1 to 86400"),
         (["--detach", "--ttl", "-1"], "--ttl -1: SECONDS must be 1 to 86400"),
         (["--detach", "--ttl", "0.5"], "--ttl 0.5: SECONDS must be 1 to 86400"),
@@ -109,6 +110,28 @@ def test_every_help_names_the_tmp_fallback_and_the_exit_codes(command: str) -> N
     assert "/tmp/portlease-$UID/portlease.sock" in text
     for code in ("69", "126", "127", "128+N"):
         assert f"\n  {code} " in out.stdout, (code, out.stdout)
+
+
+def test_the_count_limit_is_stated_once_and_is_the_one_the_broker_applies(broker: BrokerProc) -> None:
+    """`lease --help` names the broker's per-request limit, from the protocol's constant."""
+    from portlease.client import protocol as p
+
+    text = " ".join(portlease("lease", "--help").stdout.split())
+    limit = p.DEFAULT_PORTS_PER_REQUEST
+    assert f"a broker grants at most its max_ports_per_request, {limit} unless configured" in text
+    assert str(p.MAX_COUNT) not in text  # the wire's bound is not a limit anyone meets
+    over = portlease("lease", "--socket", broker.socket, "-n", str(limit + 1), "--", "true")
+    assert over.returncode == 69 and f"limit of {limit} ports" in over.stderr, over.stderr
+
+
+def test_a_bare_number_as_cmd_suggests_the_count_option(broker: BrokerProc) -> None:
+    out = portlease("lease", "--socket", broker.socket, "3", "--", "true")
+    assert out.returncode == 127, out
+    assert "cannot run 3: No such file or directory" in out.stderr
+    assert "did you mean `portlease lease -n 3 -- true`?" in out.stderr, out.stderr
+    # A command that is not a number gets no such guess.
+    out = portlease("lease", "--socket", broker.socket, "--", "no-such-command-x")
+    assert out.returncode == 127 and "did you mean" not in out.stderr, out.stderr
 
 
 def test_serve_help_tells_the_truth_about_its_socket() -> None:
