@@ -13,6 +13,8 @@ claimer runs the system's plain python3 with no capability at all.
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import pwd
 import shutil
@@ -31,6 +33,12 @@ import pytest
 
 from brokerproc import PYTHON, BrokerProc, Raw
 from localusers import temporary_users
+from portlease.broker.config import Config
+from portlease.broker.core import Session
+from portlease.broker.leases import Peer
+from portlease.broker.notify import Notifier
+from portlease.broker.server import Broker
+from portlease.broker.state import Journal
 from portlease.client.host import procnet
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -348,8 +356,9 @@ def test_status_names_other_brokers_claims_apart_from_squatters(
             squat.bind(("127.0.0.1", squat_port))
 
             def status(*args: str, user: User = ROOT) -> str:
-                out = subprocess.run([*user.prefix(), PYTHON, "-m", "portlease", "status",
-                                      "--socket", bb.socket, *args], capture_output=True, text=True, timeout=30)
+                out = subprocess.run(
+                    [*user.prefix(), PYTHON, "-m", "portlease", "status", "--socket", bb.socket, *args],
+                    capture_output=True, text=True, timeout=30)
                 assert out.returncode == 0, out.stderr
                 return out.stdout
 
@@ -402,3 +411,81 @@ def test_out_of_file_descriptors_is_a_clear_busy_not_a_crash(
         assert b.proc is not None and b.proc.poll() is None
     finally:
         b.stop()
+
+
+# ---------------------------------------------------------------- the shell keeps claims as long as leases
+
+
+def _inproc(tmp_path: Path, port_range: str) -> Broker:
+    low, high = map(int, port_range.split("-"))
+    config = Config(port_min=low, port_max=high, ttl=30.0)
+    broker = Broker(config=config, journal=Journal(str(tmp_path / "s.jsonl")), notifier=Notifier())
+    broker.restore()
+    return broker
+
+
+def _call(broker: Broker, session: Session, **msg: Any) -> dict[str, Any]:
+    reply: dict[str, Any] = json.loads(broker.answer(session, json.dumps({"id": 1, **msg}).encode()))
+    return reply
+
+
+def _claimed(port_range: str) -> set[int]:
+    return set(procnet.port_claims(*map(int, port_range.split("-"))))
+
+
+def test_claims_are_held_for_exactly_the_life_of_each_lease(tmp_path: Path, port_range: str) -> None:
+    broker = _inproc(tmp_path, port_range)
+    assert broker.claims is not None
+    s = Session(id=1, peer=Peer(pid=os.getpid(), uid=0, gid=0))
+    assert _call(broker, s, op="hello", version=1)["reply"] == "hello"
+    first = _call(broker, s, op="lease", count=3)["ports"]
+    assert _claimed(port_range) == set(first)
+    # The next run's middle port is claimed elsewhere: the claim taken for the
+    # run's first port goes back, and the lease lands past the busy port.
+    busy = first[-1] + 2
+    elsewhere = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    elsewhere.bind(f"\0portlease/port/{busy}")
+    try:
+        second = _call(broker, s, op="lease", count=3)
+        assert busy < second["ports"][0]
+        assert _claimed(port_range) == {*first, *second["ports"], busy}
+        assert len(broker.claims) == 6
+    finally:
+        elsewhere.close()
+    # A grant the journal refuses is rolled back with its claims.
+    def refuse(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    broker.journal.granted = refuse  # type: ignore[method-assign]
+    refused = _call(broker, s, op="lease", count=4)
+    assert refused["code"] == "busy" and len(broker.claims) == 6
+    del broker.journal.granted
+    # Released, detached-then-expired, and closed-connection leases give theirs back.
+    assert _call(broker, s, op="release", token=second["token"])["reply"] == "released"
+    assert _claimed(port_range) == set(first)
+    detached = _call(broker, s, op="lease", count=1, detach=True, ttl=1)
+    assert set(detached["ports"]) <= _claimed(port_range)
+    broker.clock = lambda: time.monotonic() + 5  # its TTL is over
+    broker.tick()
+    broker.clock = time.monotonic
+    assert _claimed(port_range) == set(first)
+    broker.closed(s)
+    assert _claimed(port_range) == set() and len(broker.claims) == 0
+
+    # Restored leases take their claims back; one whose port another broker
+    # claimed meanwhile is dropped (that broker's live lease wins).
+    a = _call(broker, s2 := Session(id=2, peer=Peer(pid=os.getpid(), uid=0, gid=0)), op="hello", version=1)
+    assert a["reply"] == "hello"
+    kept = _call(broker, s2, op="lease", count=2, detach=True)["ports"]
+    lost = _call(broker, s2, op="lease", count=2, detach=True)["ports"]
+    broker.shutdown()
+    assert _claimed(port_range) == set()  # a stopped broker holds nothing
+    elsewhere = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    elsewhere.bind(f"\0portlease/port/{lost[1]}")
+    try:
+        again = _inproc(tmp_path, port_range)
+        assert [r.ports for r in again.table] == [kept]
+        assert _claimed(port_range) == {*kept, lost[1]}
+        again.shutdown()
+    finally:
+        elsewhere.close()
