@@ -294,6 +294,11 @@ class Driver:
         async def answer() -> None:
             try:
                 reply = await produce()
+            except Exception:
+                # A task's bug must end this connection, never the driver's nursery.
+                log.exception("connection %d: a waiting request failed; closing it", conn.fd)
+                self._drop(conn)
+                return
             finally:
                 conn.waiting = False
             if conn.closed:

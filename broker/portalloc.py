@@ -1,4 +1,4 @@
-"""Share the port range with fedimint-portalloc users through the crate's own table.
+"""fedimint-portalloc's table, and the broker's blocks in it: parse, check, render, plan. Pure.
 
 Rust test suites that call ``fedimint_portalloc::port_alloc`` coordinate through a
 directory (``$FM_PORTALLOC_DATA_DIR``) holding ``lock`` (an exclusive ``flock`` on it
@@ -8,44 +8,40 @@ guards every access) and ``fm-portalloc.json``::
 
 The crate skips every run that overlaps a live entry (``now < expires``), starts its
 search at ``next``, reserves a run for 120 s, and writes the table as
-``fm-portalloc.tmp`` + fdatasync + rename. With ``portalloc_dir`` set, the broker
-treats that table as a second source of truth:
+``fm-portalloc.tmp`` + fdatasync + rename. It reads and writes the whole table
+unbuffered on every call, so every entry in the table makes every crate call on the
+host slower, whoever wrote it.
 
-- before granting, it avoids every live entry it did not write (:func:`foreign_ranges`);
-- it publishes its own live leases as entries whose ``expires`` it keeps pushing
-  forward, and removes them once the leases end (:func:`merge`), so the crate never
-  hands out a port a portlease client holds but has not bound yet.
+With ``portalloc_dir`` set the broker therefore publishes **blocks**, not leases:
+it reserves whole runs of its range as entries of its own (:func:`plan`), keeps
+their ``expires`` ahead, grants inside them without touching the crate's lock,
+and takes the lock only to take, renew or return a block. A few tens of entries
+cover thousands of leases.
 
-The module has a pure part (parse, classify, merge, render: no clock, no files) and a
-small blocking I/O part, :class:`PortallocTable`, for a worker thread; the broker
-drives it through :class:`portlease.broker.share.PortallocShare`. Nothing in here
-raises on a bad table or a stuck lock holder: problems come back in
-:class:`SyncResult` for the caller to log, and the broker keeps serving on its
-bind checks alone.
+Nothing here touches a file, a clock or a thread: the caller passes the bytes and
+the time in (:mod:`portlease.broker.portalloc_files` does the I/O, with the
+directory treated as hostile). Nothing here raises on a bad table: problems come
+back as short sentences for the log, every value quoted in them cut to
+:data:`QUOTE_CHARS`.
 """
 
 from __future__ import annotations
 
-import bisect
-import contextlib
-import errno
-import fcntl
 import json
 import math
-import os
 import re
-import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Generic, Literal, Protocol, TypeVar
+from typing import Any, Final, Protocol
 
 LOW: Final = 10000
 """Where the crate starts when ``next`` is absent, and where it wraps to."""
 HIGH: Final = 32000
 """The crate wraps to LOW once its candidate base passes this."""
 CRATE_RESERVATION: Final = 120
-"""Seconds the crate reserves a run for; also our default publication horizon."""
+"""Seconds the crate reserves a run for; also how far ahead the broker's blocks reach."""
+EXPIRY_SLACK: Final = 10
+"""Seconds a foreign entry may reach beyond CRATE_RESERVATION before it is cut back."""
 U16_MAX: Final = 65535
 U64_MAX: Final = 2**64 - 1
 
@@ -53,26 +49,42 @@ LOCK_NAME: Final = "lock"
 DATA_NAME: Final = "fm-portalloc.json"
 TMP_NAME: Final = "fm-portalloc.tmp"
 
-_MAX_TABLE_BYTES: Final = 64 * 1024 * 1024
-"""A table this large is not the crate's (2,000 entries are ~100 kB): treat as corrupt."""
+MAX_TABLE_BYTES: Final = 2 * 1024 * 1024
+"""A larger table is not read (it is repaired as corrupt). The crate cannot keep more
+than about 2,000 live entries (~140 kB) at all: each call costs ~57 µs per entry under
+the lock, so n entries made within 120 s need n²·57 µs/2 of lock time."""
+MAX_ENTRIES: Final = 8192
+"""Entries read from a table at most; a table with more is repaired as corrupt."""
+MAX_DEPTH: Final = 32
+"""Unknown fields nested deeper are dropped (serde_json itself refuses depth 128)."""
+QUOTE_CHARS: Final = 80
+"""A value quoted in a message is cut to this many characters."""
+DEFAULT_BLOCK: Final = 64
+"""Ports per block in a large range (a range of n ports uses min(64, n // 16))."""
+
 _CANONICAL_KEY = re.compile(r"0|[1-9][0-9]*")
 _DIGITS = re.compile(r"[0-9]+")
 
 
 Span = tuple[int, int]
-"""(start, size) of a live foreign entry: the same shape as the allocator's (start, count)."""
+"""(start, size): a run of ports."""
 
 
-@dataclass(frozen=True, slots=True)
-class Run:
-    """``count`` consecutive ports from ``start``: the simplest thing ``choose`` can return."""
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)`` for a log message, never longer than about ``limit`` characters."""
+    if isinstance(value, str) and len(value) > limit:
+        return repr(value[:limit]) + f"… ({len(value):,} characters)"
+    if isinstance(value, (dict, list)) and len(value) > 8:
+        return f"<{type(value).__name__} of {len(value):,} items>"
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "…"
 
-    start: int
-    count: int
 
-
-class Claim(Protocol):
-    """What ``choose`` returns: anything with the run it took (a :class:`Run`, a LeaseRecord)."""
+class LeaseLike(Protocol):
+    """A live lease as the broker keeps it: its run, and its end (None while attached)."""
 
     @property
     def start(self) -> int: ...
@@ -80,29 +92,24 @@ class Claim(Protocol):
     @property
     def count(self) -> int: ...
 
-
-C = TypeVar("C", bound=Claim)
-
-
-class LeaseLike(Claim, Protocol):
-    """A live lease as the broker keeps it: its run, and its end (None while attached)."""
-
     @property
     def expires(self) -> float | None: ...
 
 
 def snapshot(leases: Iterable[LeaseLike], now: float) -> dict[int, tuple[int, float | None]]:
-    """``ours`` for :meth:`PortallocTable.sync`: base -> (count, seconds left or None).
-
-    Seconds left rather than an absolute time, so the lease table's clock and the
-    table's wall clock never have to agree.
-    """
+    """The broker's live leases: base -> (count, seconds left or None while attached)."""
     return {
         lease.start: (lease.count, None if lease.expires is None else lease.expires - now)
         for lease in leases
     }
 
-# ------------------------------------------------------------------ the pure part
+
+def block_size(low: int, high: int) -> int:
+    """Ports per block for the range ``low``-``high``: 64, or less in a small range."""
+    return max(1, min(DEFAULT_BLOCK, (high - low + 1) // 16))
+
+
+# ------------------------------------------------------------------ the table
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +119,7 @@ class Entry:
     size: int
     expires: int
     extra: Mapping[str, Any] = field(default_factory=dict)
-    """Fields the crate does not know; serde ignores them on read, so we keep them."""
+    """Fields the crate does not know; serde ignores them on read, so they are kept."""
 
     def live(self, now: float) -> bool:
         # expires is an integer, so this equals the crate's `now_secs < expires`.
@@ -160,6 +167,27 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-JSON constant {name}")
 
 
+def _depth(value: Any, limit: int) -> int:
+    """How deeply ``value`` nests (0 for a scalar), counting no further than ``limit + 1``."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            children: Iterable[Any] = v.values()
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
+        d += 1
+        if d > deepest:
+            deepest = d
+            if d > limit:
+                return d
+        stack.extend((c, d) for c in children)
+    return deepest
+
+
 def _as_uint(value: Any, limit: int, *, round_up: bool = False) -> tuple[int | None, bool]:
     """Read an unsigned integer leniently: (value or None if unusable, needed repair)."""
     if isinstance(value, bool):  # bool is an int to Python, never to serde
@@ -169,7 +197,7 @@ def _as_uint(value: Any, limit: int, *, round_up: bool = False) -> tuple[int | N
     if isinstance(value, float) and math.isfinite(value) and value >= 0:
         number = math.ceil(value) if round_up else int(value)
         return (number, True) if number <= limit and (round_up or number == value) else (None, True)
-    if isinstance(value, str) and _DIGITS.fullmatch(value):
+    if isinstance(value, str) and len(value) <= 20 and _DIGITS.fullmatch(value):
         number = int(value)
         return (number, True) if number <= limit else (None, True)
     return None, True
@@ -184,38 +212,61 @@ def empty_table() -> Table:
     return Table(next=LOW)
 
 
+def corrupt(why: str) -> Parsed:
+    """A table that is not used as it is (``why`` says so) and is replaced by an empty one."""
+    return Parsed(empty_table(), [f"{DATA_NAME}: {why}; replaced by an empty table"], True)
+
+
+def _kept_extra(obj: Mapping[str, Any], known: tuple[str, ...], where: str,
+                problems: list[str]) -> tuple[dict[str, Any], bool]:
+    """The unknown fields of ``obj`` worth keeping, and whether some were dropped."""
+    extra: dict[str, Any] = {}
+    dropped = False
+    for name, value in obj.items():
+        if name in known:
+            continue
+        if _depth(value, MAX_DEPTH) > MAX_DEPTH:
+            problems.append(f"{DATA_NAME}: {where} field {quote(name)} nests deeper than "
+                            f"{MAX_DEPTH}; dropped")
+            dropped = True
+            continue
+        extra[name] = value
+    return extra, dropped
+
+
 def parse(data: bytes | None) -> Parsed:
     """Read the table leniently; never raises.
 
     ``None`` means the file does not exist (the crate treats that as empty: no
     repair needed). Unusable entries are dropped, fixable ones fixed (a float
     ``expires`` rounded up, a ``"12"`` string read as 12, a run past 65535 cut),
-    and everything else, including fields the crate does not know, is kept.
+    and everything else, including fields the crate does not know, is kept
+    (unless it nests deeper than :data:`MAX_DEPTH`). More than :data:`MAX_TABLE_BYTES`
+    or :data:`MAX_ENTRIES` is corrupt.
     """
     if data is None:
         return Parsed(Table(), [], repair=False)
+    if len(data) > MAX_TABLE_BYTES:
+        return corrupt(f"larger than {MAX_TABLE_BYTES:,} bytes")
     try:
         root = json.loads(
             data.decode("utf-8"), object_pairs_hook=_object_pairs, parse_constant=_reject_constant
         )
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        reason = "empty file" if not data.strip() else f"not JSON ({exc})"
-        return Parsed(empty_table(), [f"{DATA_NAME}: {reason}; replaced by an empty table"], True)
+        return corrupt("empty file" if not data.strip() else f"not JSON ({quote(str(exc))})")
     if not isinstance(root, _Obj):
-        return Parsed(
-            empty_table(),
-            [f"{DATA_NAME}: top level is {type(root).__name__}, not an object; replaced"],
-            True,
-        )
+        return corrupt(f"top level is {type(root).__name__}, not an object")
     problems: list[str] = []
     repair = root.duplicate
     if root.duplicate:
         problems.append(f"{DATA_NAME}: a top-level field occurs twice; rewritten once")
-    table = Table(extra={k: v for k, v in root.items() if k not in ("next", "keys")})
+    extra, dropped = _kept_extra(root, ("next", "keys"), "top-level", problems)
+    table = Table(extra=extra)
+    repair = repair or dropped
     if "next" in root:
         nxt, fixed = _as_uint(root["next"], U16_MAX)
         if nxt is None:
-            problems.append(f"{DATA_NAME}: bad next {root['next']!r}; reset to {LOW}")
+            problems.append(f"{DATA_NAME}: bad next {quote(root['next'])}; reset to {LOW}")
             nxt, fixed = LOW, True
         table.next = nxt
         repair = repair or fixed
@@ -229,11 +280,13 @@ def parse(data: bytes | None) -> Parsed:
         if table.next is None:
             table.next = LOW
         return Parsed(table, problems, True)
-    dropped: list[str] = []
+    if len(keys) > MAX_ENTRIES:
+        return corrupt(f"{len(keys):,} entries, more than {MAX_ENTRIES:,}")
+    dropped_keys: list[str] = []
     for name, value in keys.items():
-        base = int(name) if _DIGITS.fullmatch(name) else None
+        base = int(name) if len(name) <= 6 and _DIGITS.fullmatch(name) else None
         if base is None or base > U16_MAX or not isinstance(value, _Obj):
-            dropped.append(name)
+            dropped_keys.append(name)
             continue
         # "010000" reads as 10000 to us; whether serde agrees is not worth betting on.
         fixed = not _CANONICAL_KEY.fullmatch(name) or value.duplicate
@@ -241,28 +294,54 @@ def parse(data: bytes | None) -> Parsed:
         # Rounding a fractional expiry up keeps the reservation at least as long.
         expires, exp_fixed = _as_uint(value.get("expires"), U64_MAX, round_up=True)
         if size is None or expires is None:
-            dropped.append(name)
+            dropped_keys.append(name)
             continue
         fixed = fixed or size_fixed or exp_fixed
         if base + size > U16_MAX:
             # The crate computes `base + size` in u16: this entry would overflow it.
-            problems.append(f"{DATA_NAME}: entry {name} runs past port {U16_MAX}; cut to fit")
+            problems.append(f"{DATA_NAME}: entry {base} runs past port {U16_MAX}; cut to fit")
             size, fixed = U16_MAX - base, True
-        extra = {k: v for k, v in value.items() if k not in ("size", "expires")}
-        entry = Entry(size, expires, extra)
+        entry_extra, deep = _kept_extra(value, ("size", "expires"), f"entry {base}", problems)
+        entry = Entry(size, expires, entry_extra)
         if base in table.keys:  # "10000" and "010000": keep the longer reservation
             fixed = True
             old = table.keys[base]
-            entry = Entry(max(size, old.size), max(expires, old.expires), extra or old.extra)
+            entry = Entry(max(size, old.size), max(expires, old.expires),
+                          entry_extra or old.extra)
         table.keys[base] = entry
-        repair = repair or fixed
-    if dropped:
-        shown = ", ".join(repr(d) for d in dropped[:5]) + (", …" if len(dropped) > 5 else "")
-        problems.append(f"{DATA_NAME}: dropped {len(dropped)} unreadable entries ({shown})")
+        repair = repair or fixed or deep
+    if dropped_keys:
+        shown = ", ".join(quote(d, 12) for d in dropped_keys[:5])
+        more = ", …" if len(dropped_keys) > 5 else ""
+        problems.append(f"{DATA_NAME}: dropped {len(dropped_keys)} unreadable entries ({shown}{more})")
         repair = True
     elif repair and not problems:
         problems.append(f"{DATA_NAME}: entries in a form the crate cannot read; normalised")
     return Parsed(table, problems, repair)
+
+
+def cap_expiries(parsed: Parsed, now: float, keep: Iterable[int] = (),
+                 *, limit: float = CRATE_RESERVATION + EXPIRY_SLACK) -> None:
+    """Cut every entry expiring more than ``limit`` seconds after ``now`` back to then.
+
+    The crate only ever reserves 120 s ahead; an entry reaching further (a hand
+    edit, a hostile member: ``"expires": 18446744073709551615``) would otherwise
+    hold its ports for ever. Entries at the bases in ``keep`` (the broker's own)
+    are left alone. Changes ``parsed`` in place: the cut is a repair.
+    """
+    horizon = math.ceil(now + limit)
+    mine = set(keep)
+    cut: list[int] = []
+    for base, e in parsed.table.keys.items():
+        if e.expires > horizon and base not in mine:
+            parsed.table.keys[base] = Entry(e.size, horizon, e.extra)
+            cut.append(base)
+    if cut:
+        shown = ", ".join(str(b) for b in sorted(cut)[:5]) + (", …" if len(cut) > 5 else "")
+        parsed.problems.append(
+            f"{DATA_NAME}: {len(cut)} entries ({shown}) expired more than {limit:g} s ahead, "
+            f"further than the crate ever reserves; cut back to {horizon}")
+        parsed.repair = True
 
 
 def _entry_json(base: int, e: Entry) -> str:
@@ -273,13 +352,7 @@ def _entry_json(base: int, e: Entry) -> str:
     return f'    "{base}": {body}'
 
 
-def render(table: Table) -> bytes:
-    """The JSON the crate reads: ``next`` (if any), ``keys`` by ascending base, then extras.
-
-    One entry per line, formatted directly: ``json.dumps(indent=...)`` runs the
-    pure-Python encoder, which at 2,000 entries cost more than the merge itself,
-    and all of it happens while the crate's callers wait on the lock.
-    """
+def _render(table: Table) -> bytes:
     parts: list[str] = []
     if table.next is not None:
         parts.append(f'  "next": {int(table.next)}')
@@ -293,35 +366,20 @@ def render(table: Table) -> bytes:
     return ("{\n" + ",\n".join(parts) + "\n}\n").encode()
 
 
-def owned_bases(
-    table: Table, ours: Mapping[int, tuple[int, float | None]], published: Mapping[int, Entry]
-) -> set[int]:
-    """The entries of ``table`` that are ours.
+def render(table: Table) -> bytes:
+    """The JSON the crate reads: ``next`` (if any), ``keys`` by ascending base, then extras.
 
-    An entry is ours when it is exactly what we last wrote at that base (size and
-    expires), or when it is exactly one of our leases' runs: the latter adopts our
-    own entries after a broker restart. An entry the crate wrote is never exactly
-    what we wrote (it would have needed our entry to lapse first and then pick
-    the same base, size *and* second), so it is never taken for ours.
+    Never raises: a field that cannot be written out (too deep, not JSON) is left
+    out, and the unknown fields go with it.
     """
-    owned: set[int] = set()
-    for base, entry in table.keys.items():
-        mine = published.get(base)
-        if mine is not None and (mine.size, mine.expires) == (entry.size, entry.expires):
-            owned.add(base)  # what we wrote, untouched
-        elif base in ours and ours[base][0] == entry.size:
-            owned.add(base)  # one of our runs exactly: adopt it
-    return owned
+    try:
+        return _render(table)
+    except (ValueError, TypeError, RecursionError):
+        bare = Table({b: Entry(e.size, e.expires) for b, e in table.keys.items()}, table.next)
+        return _render(bare)
 
 
-def foreign_ranges(table: Table, now: float, owned: Iterable[int] = ()) -> list[Span]:
-    """Live entries we did not write, as (start, size) sorted by start: ports to avoid."""
-    mine = set(owned)
-    return sorted(
-        (base, e.size)
-        for base, e in table.keys.items()
-        if base not in mine and e.size > 0 and e.live(now)
-    )
+# ------------------------------------------------------------------ runs of ports
 
 
 def first_overlap(start: int, count: int, ranges: Iterable[tuple[int, int]]) -> int | None:
@@ -333,10 +391,12 @@ def first_overlap(start: int, count: int, ranges: Iterable[tuple[int, int]]) -> 
     return None
 
 
-def _union(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, disjoint ``[s, e)`` covering the same ports as ``spans`` (which may overlap)."""
+def union(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint ``[s, e)`` covering the same ports as the ``[s, e)`` in ``spans``."""
     out: list[tuple[int, int]] = []
     for s, e in sorted(spans):
+        if s >= e:
+            continue
         if out and s <= out[-1][1]:
             if e > out[-1][1]:
                 out[-1] = (out[-1][0], e)
@@ -345,458 +405,247 @@ def _union(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+def subtract(runs: Iterable[tuple[int, int]], holes: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ports of ``runs`` (``[s, e)``) not in ``holes`` (``[s, e)``), as sorted ``[s, e)``."""
+    cover = union(holes)
+    out: list[tuple[int, int]] = []
+    j = 0
+    for s, e in union(runs):
+        while j < len(cover) and cover[j][1] <= s:
+            j += 1
+        k = j
+        cur = s
+        while cur < e and k < len(cover) and cover[k][0] < e:
+            hs, he = cover[k]
+            if hs > cur:
+                out.append((cur, hs))
+            cur = max(cur, he)
+            k += 1
+        if cur < e:
+            out.append((cur, e))
+    return out
+
+
+def overlaps(a: Iterable[tuple[int, int]], b: Iterable[tuple[int, int]]) -> bool:
+    """True when some ``[s, e)`` of ``a`` shares a port with some ``[s, e)`` of ``b``."""
+    ua, ub = union(a), union(b)
+    i = j = 0
+    while i < len(ua) and j < len(ub):
+        if ua[i][0] < ub[j][1] and ub[j][0] < ua[i][1]:
+            return True
+        if ua[i][1] <= ub[j][1]:
+            i += 1
+        else:
+            j += 1
+    return False
+
+
+def _free_run(low: int, high: int, size: int, taken: list[tuple[int, int]], cursor: int) -> int | None:
+    """The first start ``s`` at or after ``cursor`` (then from ``low``) with ``[s, s+size)``
+    inside ``[low, high]`` and clear of ``taken`` (sorted, disjoint ``[s, e)``)."""
+    for origin in (max(cursor, low), low):
+        s = origin
+        for ts, te in taken:
+            if te <= s:
+                continue
+            if s + size <= ts:
+                break
+            s = max(s, te)
+        if s + size - 1 <= high:
+            return s
+    return None
+
+
+# ------------------------------------------------------------------ the broker's blocks
+
+
+def intact(table: Table, mine: Mapping[int, Entry]) -> dict[int, Entry]:
+    """Our entries still in ``table`` exactly as we wrote them (base, size and expires).
+
+    An entry the crate wrote is never exactly one of ours: it would have needed ours
+    to lapse first and then pick the same base, size *and* second. A member who edits
+    our entry makes it foreign to us, which is the safe reading.
+    """
+    out: dict[int, Entry] = {}
+    for base, ours in mine.items():
+        e = table.keys.get(base)
+        if e is not None and e.size == ours.size and e.expires == ours.expires:
+            out[base] = e
+    return out
+
+
+def foreign_spans(table: Table, now: float, mine: Mapping[int, Entry]) -> list[Span]:
+    """Live entries that are not ours (as :func:`intact` tells), as sorted (start, size)."""
+    ours = intact(table, mine)
+    return sorted(
+        (base, e.size) for base, e in table.keys.items()
+        if base not in ours and e.size > 0 and e.live(now)
+    )
+
+
 @dataclass(slots=True)
-class Merged:
+class Plan:
+    """What one exchange under the crate's lock does (from :func:`plan`)."""
+
     table: Table
-    published: dict[int, Entry]
-    """Our entries as they are in ``table`` now: remember them for the next merge."""
+    """The table to write when ``changed``."""
+    ours: dict[int, Entry]
+    """Our blocks as they are in ``table``: grant only inside these."""
+    foreign: list[Span]
+    """Live entries that are not ours: never granted, never published over."""
+    changed: bool
+    placed: bool | None
+    """Whether a block with room for ``need`` was added (None: nothing was needed)."""
+    cursor: int
+    """Where the next block search starts."""
     problems: list[str]
 
 
-def merge(
+def plan(
     table: Table,
     now: float,
-    ours: Mapping[int, tuple[int, float | None]],
-    owned: Iterable[int],
     *,
-    claim: Run | None = None,
+    mine: Mapping[int, Entry],
+    leases: Iterable[Span],
+    low: int,
+    high: int,
+    block: int,
+    need: int = 0,
+    spare: int = 1,
+    cursor: int | None = None,
     horizon: float = CRATE_RESERVATION,
-    slack: float = 10.0,
-) -> Merged:
-    """Put our live leases into ``table``, take out the ones that ended; pure.
+    renew_after: float = 30.0,
+) -> Plan:
+    """Our blocks for the table as read under the lock, and the table to write.
 
-    ``ours`` maps base port to (count, seconds the lease has left, or None while
-    it is bound to a connection); ``claim`` is a run granted under this lock
-    hold. Each is published with ``expires = ceil(now + min(left, horizon))``,
-    rewritten only when it would move by more than ``slack`` seconds (so that a
-    burst of grants does not rewrite every entry). Our entries that are neither
-    in ``ours`` nor ``claim`` are removed; entries we do not own are kept, except
-    expired ones lying under a run we publish (the crate drops those anyway).
+    ``mine`` is what we last wrote (base -> Entry); ``leases`` are the broker's live
+    leases as (start, count). The result:
 
-    A lease overlapping a live foreign entry is a double grant that already
-    happened (e.g. while the lock was stuck): we publish only the ports outside
-    the foreign entry, keeping the table free of overlaps, and report it.
+    - keeps each of our blocks still intact in the table (or, lost to an edit, not
+      overlapped by a live foreign entry) that holds a lease, plus ``spare`` empty
+      ones; the others go back to the crate;
+    - cuts our blocks and covers our leases around live foreign entries, so entries
+      never overlap (a lease that overlaps one is reported: a port may be used twice);
+    - covers every lease port no block covers (restored leases after a restart);
+    - with ``need``, adds one block of ``max(block, need)`` ports clear of every live
+      entry (``placed`` says whether one fitted), searched from ``cursor``;
+    - gives each block ``expires = ceil(now + horizon)`` when it was written more than
+      ``renew_after`` seconds ago (by its expiry) or is new.
 
-    Cost: one sort of the table and one of our leases, then a single sweep over
-    both. This runs while the crate's callers wait on its lock, for every grant,
-    so nothing in it may cost leases times entries.
+    Entries we do not own are kept, except expired ones lying under a block.
+    Cost: sorts and sweeps over the table and the leases, no product of the two.
     """
-    owned_set = set(owned)
     problems: list[str] = []
-    keys = {b: e for b, e in table.keys.items() if b not in owned_set}
-    # Live foreign entries as one disjoint, sorted cover: each run below is cut
-    # against it with a pointer that only moves forward.
-    foreign = _union((b, b + e.size) for b, e in keys.items() if e.size > 0 and e.live(now))
-    # Sorted by base (the keys are distinct, so the tuples never compare further);
-    # the claim goes after a lease at the same base, as if it came later.
-    runs: list[tuple[int, tuple[int, float | None]]] = sorted(ours.items())
-    if claim is not None:
-        bisect.insort(runs, (claim.start, (claim.count, None)), key=lambda r: r[0])
-    wanted: list[tuple[int, int, int]] = []  # (start, end, expires), ascending and disjoint
-    covered = 0  # every port below this is published already or foreign
-    attached = math.ceil(now + horizon)
-    j = 0
-    nforeign = len(foreign)
-    for base, (count, left) in runs:
-        if count <= 0 or (left is not None and left <= 0):
-            continue  # nothing to reserve, or the lease has already lapsed
-        end = base + count
-        if end > U16_MAX:
-            end = U16_MAX  # the crate's u16 `base + size` must not overflow
-        if base < 1 or base >= end:
-            problems.append(f"lease {base}+{count} cannot be written in the table; skipped")
+    keys = dict(table.keys)
+    still = intact(table, mine)
+    for base in still:
+        del keys[base]
+    foreign_live = sorted((b, b + e.size) for b, e in keys.items() if e.size > 0 and e.live(now))
+    foreign_cover = union(foreign_live)
+    lease_runs = union((s, s + n) for s, n in leases if n > 0)
+    lost = [b for b in mine if b not in still]
+    if lost:
+        problems.append(
+            f"{len(lost)} of our blocks ({', '.join(str(b) for b in sorted(lost)[:5])}"
+            f"{', …' if len(lost) > 5 else ''}) were changed or removed by someone else; "
+            "taken back where no live entry overlaps them")
+    # Our blocks, cut around live foreign entries (only a lost block can overlap one).
+    pieces: list[tuple[int, int, bool]] = []  # (start, end, intact as it stands)
+    for base, e in sorted(mine.items()):
+        if base in still:
+            pieces.append((base, base + e.size, True))
             continue
-        if end < base + count:
-            problems.append(f"lease {base}+{count}: ports from {U16_MAX} on are not published")
-        expires = attached if left is None else math.ceil(now + min(left, horizon))
-        cur = base if base > covered else covered
-        while j < nforeign and foreign[j][1] <= cur:
-            j += 1  # ends before this run, so before every later one too
-        k = j
-        while cur < end:
-            if k < nforeign and foreign[k][0] < end:
-                s, e = foreign[k]
-                problems.append(
-                    f"lease {base}+{count} overlaps live fedimint-portalloc entries on "
-                    f"{s}-{e - 1}: ports {max(s, base)}-{min(e, end) - 1} may be in use twice"
-                )
-                if s > cur:
-                    wanted.append((cur, s, expires))
-                cur = e
-                k += 1
-            else:
-                wanted.append((cur, end, expires))
-                cur = end
-        if end > covered:
-            covered = end
-    # Entries we do not own lying under a piece we publish (or starting where one
-    # does) go: live ones cannot (they were cut out above), so these are expired
-    # or empty, and the crate drops those on load anyway. One sweep, both sorted.
+        pieces.extend((s, t, False) for s, t in subtract([(base, base + e.size)], foreign_cover))
+    pieces.sort()
+    # Which pieces hold a lease: one sweep, both sorted.
+    busy: list[bool] = []
+    j = 0
+    for s, t, _ in pieces:
+        while j < len(lease_runs) and lease_runs[j][1] <= s:
+            j += 1
+        busy.append(j < len(lease_runs) and lease_runs[j][0] < t)
+    kept: list[tuple[int, int, bool]] = []
+    spares = 0
+    for piece, used in zip(pieces, busy, strict=True):
+        if used:
+            kept.append(piece)
+        elif spares < spare:
+            kept.append(piece)
+            spares += 1
+    kept_runs = [(s, t) for s, t, _ in kept]
+    # Leases no block covers: cover them, around live foreign entries, gaps of up to a
+    # block joined so that many small leases make few entries.
+    uncovered = subtract(lease_runs, kept_runs)
+    clash = [r for r in uncovered if overlaps([r], foreign_cover)]
+    if clash:
+        shown = ", ".join(f"{s}-{t - 1}" for s, t in clash[:5])
+        problems.append(f"leases on ports {shown} overlap live fedimint-portalloc entries: "
+                        "those ports may be in use twice")
+    patches: list[tuple[int, int]] = []
+    blocked = union([*foreign_cover, *kept_runs])
+    for s, t in subtract(uncovered, foreign_cover):
+        if patches and s - patches[-1][1] <= block and not overlaps(
+                [(patches[-1][1], s)], blocked):
+            patches[-1] = (patches[-1][0], t)
+        else:
+            patches.append((s, t))
+    new_runs = [(s, min(t, U16_MAX), False) for s, t in patches if s < U16_MAX]
+    all_ours = sorted([*kept, *new_runs])
+    placed: bool | None = None
+    next_cursor = low if cursor is None else cursor
+    if need > 0:
+        taken = union([*foreign_cover, *((s, t) for s, t, _ in all_ours), *lease_runs])
+        start = None
+        for size in dict.fromkeys((max(block, need), need)):
+            start = _free_run(low, high, size, taken, next_cursor)
+            if start is not None:
+                all_ours = sorted([*all_ours, (start, start + size, False)])
+                next_cursor = start + size if start + size <= high else low
+                break
+        placed = start is not None
+        if not placed:
+            problems.append(f"no run of {need} ports in {low}-{high} is clear of the "
+                            "table's live entries")
+    target = math.ceil(now + horizon)
+    ours: dict[int, Entry] = {}
+    for s, t, was_intact in all_ours:
+        old = still.get(s)
+        if was_intact and old is not None and old.size == t - s and old.expires > target - renew_after:
+            ours[s] = old
+        else:
+            ours[s] = Entry(t - s, target)
+    # Expired or empty entries lying under one of our blocks go (the crate drops them too).
+    runs = sorted((s, s + e.size) for s, e in ours.items())
     i = 0
     for b in sorted(keys):
-        while i < len(wanted) and wanted[i][1] <= b:
+        while i < len(runs) and runs[i][1] <= b:
             i += 1
-        if i == len(wanted):
+        if i == len(runs):
             break
-        if wanted[i][0] < b + (keys[b].size or 1):
+        if runs[i][0] < b + (keys[b].size or 1):
             del keys[b]
-    published: dict[int, Entry] = {}
-    before = table.keys
-    for start, end, expires in wanted:
-        old = before.get(start) if start in owned_set else None
-        if (old is not None and old.size == end - start
-                and expires - slack <= old.expires <= expires):
-            entry = old  # fresh enough: leave the file alone (and build nothing)
-        else:
-            entry = Entry(end - start, expires)
-        keys[start] = entry
-        published[start] = entry
-    return Merged(Table(keys=keys, next=table.next, extra=dict(table.extra)), published, problems)
+    keys.update(ours)
+    new = Table(keys=keys, next=table.next, extra=dict(table.extra))
+    changed = new.keys != table.keys
+    foreign = sorted((s, t - s) for s, t in foreign_live)
+    return Plan(new, ours, foreign, changed, placed, next_cursor, problems)
 
 
-# ------------------------------------------------------------------ the I/O part
+def needs_exchange(parsed: Parsed, now: float, mine: Mapping[int, Entry]) -> list[str]:
+    """Why the table as read (without the lock) must be rewritten now; empty if it need not.
 
-
-@dataclass(frozen=True, slots=True)
-class SyncResult(Generic[C]):
-    """What one :meth:`PortallocTable.sync` did.
-
-    ``status``: "ok" (read, merged, written if anything changed, all under the
-    lock), "skipped" (the lock was not obtained within the timeout: nothing read
-    or written) or "error" (an OS error; ``problems`` says which). ``foreign`` are
-    the live foreign runs ``choose`` was given: fresh under the lock, else the
-    last ones seen that are still live. ``problems`` are for the log.
+    Checked whenever the table changes, so a corrupt table, a foreign entry reaching
+    too far ahead, or a block of ours changed by someone else is dealt with at once,
+    not at the next renewal.
     """
-
-    status: Literal["ok", "skipped", "error"]
-    foreign: tuple[Span, ...]
-    chosen: C | None
-    published: bool
-    """True when ``chosen`` (if any) and all of ``ours`` are in the table now."""
-    wrote: bool
-    waited: float
-    """Seconds spent waiting for the lock."""
-    problems: tuple[str, ...] = ()
-
-    @property
-    def locked(self) -> bool:
-        return self.status == "ok"
+    why: list[str] = []
+    if parsed.repair:
+        why.append("the table needs repair")
+    if len(intact(parsed.table, mine)) != len(mine):
+        why.append("a block of ours was changed or removed")
+    return why
 
 
-def _file_mode(dir_mode: int) -> int:
-    # Files we create get the directory's read/write bits (a group-shared 2775
-    # directory gives 0664), so the crate running as another runner user can still
-    # open `lock` read-write and replace the table.
-    return (dir_mode & 0o666) | 0o600
-
-
-def _open_or_create(path: str, flags: int, mode: int) -> int:
-    try:
-        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    except FileExistsError:
-        return os.open(path, flags | os.O_CLOEXEC)
-    with contextlib.suppress(OSError):
-        os.fchmod(fd, mode)  # the umask must not take away the bits others need
-    return fd
-
-
-@dataclass(slots=True)
-class Locked:
-    """The crate's lock, held, and the table as read under it (from :meth:`PortallocTable.begin`).
-
-    Give it back with :meth:`PortallocTable.finish` (publish) or
-    :meth:`PortallocTable.abandon` (write nothing); until then every crate caller waits.
-    """
-
-    fd: int
-    mode: int
-    wall: float
-    waited: float
-    parsed: Parsed
-    missing: bool
-    """No table file existed: the crate reads that as empty; one is created only to publish."""
-    owned: set[int]
-    foreign: list[Span]
-
-
-@dataclass(frozen=True, slots=True)
-class Unlocked:
-    """:meth:`PortallocTable.begin` could not hold the lock: go on with ``foreign`` (stale)."""
-
-    status: Literal["skipped", "error"]
-    foreign: list[Span]
-    waited: float
-    problems: tuple[str, ...]
-
-
-_FileId = tuple[int, int, int, int]
-"""(device, inode, size, mtime in ns): the table file as we last saw it."""
-
-
-def _file_id(st: os.stat_result) -> _FileId:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-class PortallocTable:
-    """The crate's directory, used from one process under the crate's own lock.
-
-    Blocking: call it from a worker thread (see :class:`portlease.broker.share.PortallocShare`).
-    One exchange at a time (an internal mutex); each one opens ``lock`` afresh, so a
-    lock file deleted and recreated by hand is followed.
-
-    An exchange is :meth:`begin` (lock, read, find the foreign entries), then the
-    caller's grant, then :meth:`finish` (merge, write, unlock); :meth:`sync` does
-    all three for callers that can run the grant in the same thread. The table
-    we last wrote or read is kept with its file's identity (inode, size, mtime):
-    while the file is still that one, nobody else has written it (the crate
-    replaces it by rename, which makes a new inode), and it is not parsed again.
-    """
-
-    def __init__(
-        self,
-        directory: str,
-        *,
-        lock_timeout: float = 0.5,
-        horizon: float = CRATE_RESERVATION,
-        slack: float = 10.0,
-    ) -> None:
-        self.directory = directory
-        self.lock_timeout = lock_timeout
-        self.horizon = horizon
-        self.slack = slack
-        self._mutex = threading.Lock()
-        self._published: dict[int, Entry] = {}
-        self._last_foreign: list[tuple[Span, int]] = []  # with each entry's expires
-        self._seen: tuple[_FileId, Table] | None = None
-
-    @property
-    def published(self) -> dict[int, Entry]:
-        """Our entries as of the last successful sync."""
-        return dict(self._published)
-
-    # -------------------------------------------------------------- one exchange
-
-    def begin(
-        self, ours: Mapping[int, tuple[int, float | None]], *, now: float | None = None
-    ) -> Locked | Unlocked:
-        """Take the crate's lock (waiting at most ``lock_timeout``) and read the table.
-
-        ``ours`` (base -> (count, seconds left or None)) tells our own entries from
-        foreign ones, including ours from before a restart. On :class:`Locked` the
-        caller must call :meth:`finish` or :meth:`abandon`, from any thread.
-        ``now`` is Unix time (default ``time.time()``): the table is in wall-clock seconds.
-        """
-        t0 = time.monotonic()
-        deadline = t0 + self.lock_timeout
-        if not self._mutex.acquire(timeout=self.lock_timeout):
-            return self._unlocked("skipped", now, time.monotonic() - t0,
-                                  ["another sync of this table is still running"])
-        try:
-            got = self._begin_locked(ours, now, deadline, t0)
-        except BaseException:
-            self._mutex.release()
-            raise
-        if isinstance(got, Unlocked):
-            self._mutex.release()
-        return got
-
-    def finish(
-        self,
-        held: Locked,
-        ours: Mapping[int, tuple[int, float | None]],
-        *,
-        chosen: C | None = None,
-    ) -> SyncResult[C]:
-        """Publish ``ours`` (taken after the grant, so it includes it) and release the lock.
-
-        ``chosen``, a run granted under this lock hold that is not in ``ours``, is
-        published too and comes back in the result.
-        """
-        try:
-            return self._finish_locked(held, ours, chosen)
-        finally:
-            os.close(held.fd)  # closing our only fd on that open file releases the flock
-            self._mutex.release()
-
-    def abandon(self, held: Locked) -> None:
-        """Release the lock without writing (the grant failed)."""
-        os.close(held.fd)
-        self._mutex.release()
-
-    def sync(
-        self,
-        ours: Mapping[int, tuple[int, float | None]],
-        choose: Callable[[list[Span]], C | None] | None = None,
-        *,
-        now: float | None = None,
-    ) -> SyncResult[C]:
-        """Read the table, let ``choose`` pick a run, publish ours, all in one lock hold.
-
-        ``choose(foreign)`` is called exactly once (if given): under the lock when it
-        was obtained, otherwise after the timeout with the last known live foreign
-        runs; its result (anything with ``start`` and ``count``, or None) is
-        published in the same write. An exception from ``choose`` propagates after
-        the lock is released, with nothing written.
-        """
-        held = self.begin(ours, now=now)
-        if isinstance(held, Unlocked):
-            chosen = choose(list(held.foreign)) if choose is not None else None
-            return SyncResult(held.status, tuple(held.foreign), chosen, False, False,
-                              held.waited, held.problems)
-        try:
-            chosen = choose(list(held.foreign)) if choose is not None else None
-        except BaseException:
-            self.abandon(held)
-            raise
-        return self.finish(held, ours, chosen=chosen)
-
-    # -------------------------------------------------------------- internals
-
-    def _unlocked(
-        self, status: Literal["skipped", "error"], now: float | None, waited: float,
-        problems: list[str],
-    ) -> Unlocked:
-        wall = time.time() if now is None else now
-        stale = [run for run, expires in self._last_foreign if wall < expires]
-        return Unlocked(status, stale, waited, tuple(problems))
-
-    def _lock(self, fd: int, deadline: float) -> bool:
-        # Non-blocking attempts with growing sleeps: a blocking flock in a thread
-        # could not be given up on, and the crate holds the lock ~1 ms per call.
-        delay = 0.001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EINTR):
-                    raise
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            time.sleep(min(delay, left))
-            delay = min(delay * 2, 0.02)
-
-    def _open_lock(self) -> tuple[int, int]:
-        os.makedirs(self.directory, exist_ok=True)  # as the crate does (create_dir_all)
-        mode = _file_mode(os.stat(self.directory).st_mode)
-        path = os.path.join(self.directory, LOCK_NAME)
-        try:
-            return _open_or_create(path, os.O_RDWR, mode), mode
-        except PermissionError:
-            # flock needs no write access; the crate's own file may be 0644 and not ours.
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC), mode
-
-    def _read(self) -> tuple[bytes | None, _FileId | None, Table | None]:
-        """(bytes, file id, None), or (None, id, table) when the file is the one we last saw."""
-        path = os.path.join(self.directory, DATA_NAME)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None, None, None
-        with os.fdopen(fd, "rb") as f:
-            fid = _file_id(os.fstat(fd))
-            if self._seen is not None and self._seen[0] == fid:
-                return None, fid, self._seen[1]
-            return f.read(_MAX_TABLE_BYTES + 1), fid, None
-
-    def _write(self, data: bytes, mode: int) -> _FileId:
-        path = os.path.join(self.directory, DATA_NAME)
-        tmp = os.path.join(self.directory, TMP_NAME)
-        with contextlib.suppress(FileNotFoundError):
-            mode = _file_mode(os.stat(path).st_mode)  # keep the table's own mode
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)  # left over by a crashed writer; we hold the lock
-        fd = _open_or_create(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW, mode)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fdatasync(fd)
-                fid = _file_id(os.fstat(fd))
-            os.rename(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return fid
-
-    def _begin_locked(
-        self, ours: Mapping[int, tuple[int, float | None]], now: float | None, deadline: float,
-        t0: float,
-    ) -> Locked | Unlocked:
-        try:
-            fd, mode = self._open_lock()
-        except OSError as exc:
-            return self._unlocked("error", now, time.monotonic() - t0,
-                                  [f"cannot open {self.directory}/{LOCK_NAME}: {exc}"])
-        try:
-            got = self._lock(fd, deadline)
-        except OSError as exc:
-            os.close(fd)
-            return self._unlocked("error", now, time.monotonic() - t0,
-                                  [f"flock on {self.directory}/{LOCK_NAME}: {exc}"])
-        waited = time.monotonic() - t0
-        if not got:
-            os.close(fd)
-            return self._unlocked("skipped", now, waited, [
-                f"{self.directory}/{LOCK_NAME} held by another process for over "
-                f"{self.lock_timeout:g} s; table not read or written"])
-        try:
-            wall = time.time() if now is None else now
-            try:
-                raw, fid, known = self._read()
-            except OSError as exc:
-                # Unreadable is not corrupt: writing now could destroy others' entries.
-                os.close(fd)
-                return self._unlocked("error", now, waited,
-                                      [f"cannot read {self.directory}/{DATA_NAME}: {exc}"])
-            if known is not None:
-                parsed = Parsed(known, [], repair=False)
-            else:
-                if raw is not None and len(raw) > _MAX_TABLE_BYTES:
-                    raw = b"too large"
-                parsed = parse(raw)
-                self._seen = (fid, parsed.table) if fid is not None and not parsed.repair else None
-            owned = owned_bases(parsed.table, ours, self._published)
-            foreign = foreign_ranges(parsed.table, wall, owned)
-            self._last_foreign = [(r, parsed.table.keys[r[0]].expires) for r in foreign]
-            missing = fid is None
-            return Locked(fd, mode, wall, waited, parsed, missing, owned, foreign)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def _finish_locked(
-        self, held: Locked, ours: Mapping[int, tuple[int, float | None]], chosen: C | None,
-    ) -> SyncResult[C]:
-        parsed = held.parsed
-        claim = Run(chosen.start, chosen.count) if chosen is not None else None
-        merged = merge(parsed.table, held.wall, ours, held.owned, claim=claim,
-                       horizon=self.horizon, slack=self.slack)
-        problems = parsed.problems + merged.problems
-        if held.missing:
-            # No file: the crate reads that as empty. Create one only to publish,
-            # with `next` explicit (see empty_table).
-            changed = bool(merged.table.keys)
-            if merged.table.next is None:
-                merged.table.next = LOW
-        else:
-            changed = parsed.repair or merged.table != parsed.table
-        wrote = False
-        foreign = tuple(held.foreign)
-        if changed:
-            try:
-                fid = self._write(render(merged.table), held.mode)
-            except OSError as exc:
-                self._seen = None
-                problems.append(f"cannot write {self.directory}/{DATA_NAME}: {exc}; "
-                                "leases not published")
-                return SyncResult("error", foreign, chosen, False, False, held.waited,
-                                  tuple(problems))
-            wrote = True
-            self._seen = (fid, merged.table)
-        self._published = merged.published
-        return SyncResult("ok", foreign, chosen, True, wrote, held.waited, tuple(problems))
+def grantable(ours: Mapping[int, Entry], now: float, margin: float) -> list[Span]:
+    """Our blocks that may still be granted from: at least ``margin`` seconds before expiry."""
+    return sorted((b, e.size) for b, e in ours.items() if e.expires - now >= margin)

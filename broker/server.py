@@ -187,6 +187,7 @@ class Broker:
             self.share = PortallocShare(
                 self.config.portalloc_dir, snapshot=self._share_snapshot,
                 allocator=lambda: self.core.table.allocator, log=log,
+                memo=f"{self.journal.path}.portalloc",
             )
         self._faults = _RateLimited(logging.ERROR, "%d request(s) met a broker bug, the last: %s")
         self._refusals = _RateLimited(logging.WARNING, "refused %d connection(s): %s")
@@ -309,9 +310,9 @@ class Broker:
                     nursery.start_soon(self._tick)
                     nursery.start_soon(self._watchdog)
                     if self.share is not None:
-                        # Publish restored leases before the first grant, then keep them fresh.
-                        await self.share.start()
-                        nursery.start_soon(self.share.refresh_forever)
+                        # Publishes restored leases and the blocks grants need; never
+                        # waited for here: a wedged share directory must not stop hello.
+                        nursery.start_soon(self.share.run)
                     nursery.start_soon(self.driver.run)
                     if portserver is not None:
                         endpoint = PortServer(self, portserver)
@@ -407,7 +408,12 @@ class Broker:
     def request(self, session: Session, line: bytes) -> Reply:
         """The reply to one line, or (a lease while the portalloc share is on) a task that makes it."""
         request = decode_line(line)
-        if self.share is not None and session.hello and isinstance(request, p.Lease):
+        if (self.share is not None and session.hello and isinstance(request, p.Lease)
+                and not self.share.has_room(request.count)
+                and request.count <= self.table.limits.max_ports_per_request
+                and self.table.ports_of_uid(session.peer.uid) + request.count
+                <= self.table.limits.max_ports_per_uid):
+            # Only a grant that needs a new block of the crate's table waits (for its lock).
             return functools.partial(self._shared_request, session, request)
         return self._answer(session, request)
 
@@ -432,7 +438,15 @@ class Broker:
 
     async def _shared_request(self, session: Session, request: p.Lease) -> bytes:
         assert self.share is not None
-        return await self.share.around_grant(functools.partial(self._answer, session, request))
+        try:
+            refusal = await self.share.make_room(request.count)
+        except Exception as exc:  # the share must never end the connection driver
+            self._faults.note(f"portalloc share: {exc!r}"[:300])
+            refusal = "the fedimint-portalloc share failed; try again"
+        if refusal is not None:
+            self.metrics.refused(p.ErrorCode.BUSY.value)
+            return p.encode(p.Error(id=request.id, code=p.ErrorCode.BUSY, message=refusal))
+        return self._answer(session, request)
 
     def _finish(self, session: Session, outcome: Outcome, now: Instant) -> p.Reply:
         reply = outcome.reply

@@ -18,7 +18,13 @@ portlease package. It follows the crate (0.13) step by step:
   bind on 127.0.0.1 fails jumps past that port;
 - the run is stored as ``{"size": n, "expires": now + 120}``, ``next`` becomes
   the run's end, and the table is written pretty-printed to
-  ``fm-portalloc.tmp``, fdatasync'd and renamed over ``fm-portalloc.json``.
+  ``fm-portalloc.tmp``, fdatasync'd and renamed over ``fm-portalloc.json``;
+- the table is read and written **unbuffered**, as the crate does
+  (``serde_json::from_reader`` and ``to_writer_pretty`` on a bare ``File``): one
+  ``read()`` per byte, and one ``write()`` per token of the pretty printer (about 30
+  per entry). That is what a crate call costs (about 57 µs per entry in the table,
+  measured against the real crate), and what it holds the lock for; a buffered
+  stand-in is 23-37x faster than the real thing at 500-2,000 entries.
 
 Deviations, for tests only: ``--low/--high/--reservation`` change the constants
 (defaults are the crate's), and where the crate would spin forever holding the
@@ -82,8 +88,7 @@ def _key(name: str) -> int:
 def load(path: str, low: int = LOW) -> tuple[int, dict[int, tuple[int, int]]]:
     """(next, {base: (size, expires)}), read with serde's strictness."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_unbuffered(path)
     except FileNotFoundError:
         return low, {}
     try:
@@ -104,20 +109,49 @@ def load(path: str, low: int = LOW) -> tuple[int, dict[int, tuple[int, int]]]:
     return nxt, table
 
 
+def read_unbuffered(path: str) -> bytes:
+    """The whole file, one read() per byte: serde_json's reader on an unbuffered File."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        out = bytearray()
+        read = os.read
+        while byte := read(fd, 1):
+            out += byte
+        return bytes(out)
+    finally:
+        os.close(fd)
+
+
+def pretty_tokens(nxt: int, table: dict[int, tuple[int, int]]) -> list[bytes]:
+    """The writes serde_json's PrettyFormatter makes for the table, one item per write()."""
+    ind = b"  "
+    out = [b"{", b"\n", ind, b'"', b"next", b'"', b": ", str(nxt).encode(), b",\n", ind,
+           b'"', b"keys", b'"', b": ", b"{"]
+    for i, (base, (size, expires)) in enumerate(sorted(table.items())):
+        out += [b"\n" if i == 0 else b",\n", ind, ind, b'"', str(base).encode(), b'"', b": ",
+                b"{", b"\n", ind, ind, ind, b'"', b"size", b'"', b": ", str(size).encode(),
+                b",\n", ind, ind, ind, b'"', b"expires", b'"', b": ", str(expires).encode(),
+                b"\n", ind, ind, b"}"]
+    out += [b"\n", ind, b"}"] if table else [b"}"]
+    out += [b"\n", b"}"]
+    return out
+
+
 def store(directory: str, nxt: int, table: dict[int, tuple[int, int]]) -> None:
-    body = {
-        "next": nxt,
-        "keys": {str(b): {"size": s, "expires": e} for b, (s, e) in sorted(table.items())},
-    }
-    write_raw(directory, json.dumps(body, indent=2).encode())
+    write_raw(directory, pretty_tokens(nxt, table))
 
 
-def write_raw(directory: str, data: bytes) -> None:
+def write_raw(directory: str, data: bytes | list[bytes]) -> None:
+    """Write ``fm-portalloc.tmp`` (one write() per item of ``data``), fdatasync, rename."""
     tmp = os.path.join(directory, "fm-portalloc.tmp")
-    with open(tmp, "wb") as f:  # create + truncate + write, like OpenOptions in util.rs
-        f.write(data)
-        f.flush()
-        os.fdatasync(f.fileno())
+    # create + truncate + write, like OpenOptions in util.rs (no O_EXCL, follows links)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        for item in [data] if isinstance(data, bytes) else data:
+            os.write(fd, item)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
     os.rename(tmp, os.path.join(directory, DATA))
 
 
