@@ -31,20 +31,40 @@ Options (command line, or the same name in the ini file):
 ``--portlease-required=yes|no`` / ``portlease_required``
     What a test that needs ports does when no broker can be reached: fail
     (the default) or skip.
+``--portlease-no-fixtures`` / ``portlease_fixtures = auto|true|false``
+    Whether the port fixtures of other plugins are served by leases (below).
+
+The ecosystem's port fixtures, leased. The fixtures existing suites already use
+return leased ports instead of "bind port 0, close and hope", with the same
+names, types and scopes: pytest-asyncio's ``unused_tcp_port``,
+``unused_udp_port`` (function scope, an ``int``) and
+``unused_tcp_port_factory``, ``unused_udp_port_factory`` (session scope, a new
+lease per call, all released at the session's end); anyio's ``free_tcp_port``,
+``free_udp_port`` and ``free_tcp_port_factory``, ``free_udp_port_factory``
+(``factory(family=None) -> int``); aiohttp's ``aiohttp_unused_port`` (function
+scope, a callable). A leased port is free for TCP and UDP alike. They are
+registered as a plugin of their own at the session's start, after every
+installed plugin, so pytest resolves the names to them whatever order it
+loaded the plugins in; a fixture of the same name in a ``conftest.py`` still
+wins, as it would over any plugin. ``auto`` (the default) turns them on where
+a broker is configured (``--portlease-socket``, ``portlease_socket``,
+``$PORTLEASE_SOCKET``) or the host has a system deployment; ``true`` turns
+them on everywhere (a per-user broker is started on demand), ``false`` or
+``--portlease-no-fixtures`` off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket as _socket
+import types
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
-    import socket
-
     from .grant import Lease
     from .sync import Connection
 
@@ -77,7 +97,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="fail (yes, the default) or skip (no) tests that need ports when no portlease "
         "broker can be reached",
     )
+    group.addoption(
+        "--portlease-no-fixtures", dest="portlease_no_fixtures", action="store_true", default=False,
+        help="leave other plugins' port fixtures (unused_tcp_port, free_tcp_port, "
+        "aiohttp_unused_port, ...) alone instead of serving them from leases",
+    )
     parser.addini("portlease_socket", "socket of the portlease broker (see --portlease-socket)")
+    parser.addini(
+        "portlease_fixtures",
+        "serve pytest-asyncio's, anyio's and aiohttp's port fixtures from leases: auto (where a "
+        "broker is configured or a system deployment exists), true or false",
+        default="auto",
+    )
     parser.addini(
         "portlease_required", "fail (true) or skip (false) tests needing ports with no broker",
         type="bool", default=True,
@@ -106,13 +137,64 @@ def _required(config: pytest.Config) -> bool:
     return bool(config.getini("portlease_required"))
 
 
+_RUN: str | None = None
+"""On an xdist worker, the run it belongs to: the controller's pid and command line
+(a worker's own is execnet's ``python -c ...``, which tells no run from another)."""
+
+
 def _note(nodeid: str) -> str:
     from .protocol import MAX_NOTE
     from .session import default_note
 
-    ci = default_note()
-    note = f"{nodeid} {ci}" if ci else nodeid
+    parts = [nodeid, _RUN, default_note()]
+    note = " ".join(part for part in parts if part)
     return note[:MAX_NOTE]  # long parametrized ids get cut
+
+
+def _run_of_worker(config: pytest.Config) -> str | None:
+    """``[run PID: pytest ARGS]`` on an xdist worker, from the controller's argv xdist passes."""
+    workerinput = getattr(config, "workerinput", None)
+    if not isinstance(workerinput, dict):
+        return None
+    argv = workerinput.get("mainargv")
+    if not isinstance(argv, list) or not argv:
+        return None
+    # `python -m pytest` leaves pytest/__main__.py in argv[0]; either way the run is "pytest".
+    words = ["pytest", *(str(arg) for arg in argv[1:])]
+    # The workers are the controller's children (execnet's popen gateway).
+    return f"[run {os.getppid()}: {' '.join(words)}]"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _RUN
+    _RUN = _run_of_worker(config)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    config = session.config
+    if _fixtures_on(config) and not config.pluginmanager.has_plugin(_OVERRIDES):
+        # Registered now, after every plugin pytest loaded (entry points, -p, the
+        # conftests' pytest_plugins): for one name at the same level, pytest
+        # takes the definition registered last.
+        config.pluginmanager.register(ecosystem_fixtures(), _OVERRIDES)
+
+
+def _fixtures_on(config: pytest.Config) -> bool:
+    if config.getoption("portlease_no_fixtures", False):
+        return False
+    setting = str(config.getini("portlease_fixtures") or "auto").strip().lower()
+    if setting == "auto":
+        from .host.locations import explicit_socket, system_deployment
+
+        configured, _ = _socket_setting(config)
+        return bool(configured or explicit_socket() or system_deployment())
+    try:
+        return _yes_no(setting)
+    except ValueError:
+        raise pytest.UsageError(
+            f"portlease_fixtures = {setting!r}: expected auto, true or false"
+        ) from None
 
 
 @pytest.fixture(scope="session")
@@ -184,10 +266,158 @@ def free_port(port_lease: LeaseFactory) -> int:
 
 
 @pytest.fixture
-def leased_socket(port_lease: LeaseFactory) -> socket.socket:
+def leased_socket(port_lease: LeaseFactory) -> _socket.socket:
     """A TCP socket listening on a leased port; closed and released when the test ends.
 
     ``leased_socket.getsockname()[1]`` is the port. The socket belongs to the
     lease: pass it (or its ``fileno()``) to the server, don't close it yourself.
     """
     return port_lease(1).socket()
+
+
+# ---------------------------------------------------------------- other plugins' fixtures, leased
+
+_OVERRIDES = "portlease-ecosystem-fixtures"
+
+
+class LeasedPortFactory:
+    """A callable giving a new leased port per call, held until the session ends.
+
+    Stands in for pytest-asyncio's ``unused_*_port_factory`` (called with no
+    argument) and anyio's ``FreePortFactory`` (``factory(family=None)``, with
+    its ``kind``). A lease is free for TCP and UDP on IPv4 and IPv6, so
+    ``family`` changes nothing.
+    """
+
+    def __init__(self, lease: Callable[[], int], kind: _socket.SocketKind) -> None:
+        self._lease = lease
+        self._kind = kind
+
+    @property
+    def kind(self) -> _socket.SocketKind:
+        """The socket type the port is for (anyio's factories have it)."""
+        return self._kind
+
+    def __call__(self, family: _socket.AddressFamily | None = None) -> int:
+        return self._lease()
+
+
+def _current_test() -> str:
+    return _CURRENT or "session"
+
+
+_CURRENT: str | None = None
+"""The node id of the running test: the note of a session factory's lease."""
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    global _CURRENT
+    _CURRENT = item.nodeid
+    try:
+        return (yield)
+    finally:
+        _CURRENT = None
+
+
+def _session_factory(conn: Connection, kind: _socket.SocketKind) -> Iterator[LeasedPortFactory]:
+    from .protocol.errors import PortleaseError
+
+    made: list[Lease] = []
+
+    def lease() -> int:
+        held = conn.lease(1, note=_note(_current_test()))
+        made.append(held)
+        return held.port
+
+    yield LeasedPortFactory(lease, kind)
+    for held in reversed(made):
+        if not held.released:
+            with contextlib.suppress(PortleaseError):
+                conn.release(held)
+
+
+def _leased_port(port_lease: LeaseFactory) -> int:
+    return port_lease(1).port
+
+
+def _unused_tcp_port(port_lease: LeaseFactory) -> int:
+    """A leased port (portlease, in place of pytest-asyncio's), released after the test."""
+    return _leased_port(port_lease)
+
+
+def _unused_udp_port(port_lease: LeaseFactory) -> int:
+    """A leased port for UDP (portlease, in place of pytest-asyncio's), released after the test."""
+    return _leased_port(port_lease)
+
+
+def _unused_tcp_port_factory(portlease_connection: Connection) -> Iterator[LeasedPortFactory]:
+    """``factory()``: a new leased port per call (portlease, in place of pytest-asyncio's);
+    all released when the session ends."""
+    yield from _session_factory(portlease_connection, _socket.SOCK_STREAM)
+
+
+def _unused_udp_port_factory(portlease_connection: Connection) -> Iterator[LeasedPortFactory]:
+    """``factory()``: a new leased UDP port per call (portlease, in place of pytest-asyncio's);
+    all released when the session ends."""
+    yield from _session_factory(portlease_connection, _socket.SOCK_DGRAM)
+
+
+def _free_tcp_port(port_lease: LeaseFactory) -> int:
+    """A leased port (portlease, in place of anyio's), released after the test."""
+    return _leased_port(port_lease)
+
+
+def _free_udp_port(port_lease: LeaseFactory) -> int:
+    """A leased port for UDP (portlease, in place of anyio's), released after the test."""
+    return _leased_port(port_lease)
+
+
+def _free_tcp_port_factory(portlease_connection: Connection) -> Iterator[LeasedPortFactory]:
+    """``factory(family=None)``: a new leased port per call (portlease, in place of anyio's);
+    all released when the session ends."""
+    yield from _session_factory(portlease_connection, _socket.SOCK_STREAM)
+
+
+def _free_udp_port_factory(portlease_connection: Connection) -> Iterator[LeasedPortFactory]:
+    """``factory(family=None)``: a new leased UDP port per call (portlease, in place of
+    anyio's); all released when the session ends."""
+    yield from _session_factory(portlease_connection, _socket.SOCK_DGRAM)
+
+
+def _aiohttp_unused_port(port_lease: LeaseFactory) -> Callable[[], int]:
+    """``aiohttp_unused_port()``: a new leased port per call (portlease, in place of
+    aiohttp's); all released after the test."""
+
+    def unused_port() -> int:
+        return _leased_port(port_lease)
+
+    return unused_port
+
+
+_FUNCTION_SCOPED = (_unused_tcp_port, _unused_udp_port, _free_tcp_port, _free_udp_port,
+                    _aiohttp_unused_port)
+_SESSION_SCOPED = (_unused_tcp_port_factory, _unused_udp_port_factory, _free_tcp_port_factory,
+                   _free_udp_port_factory)
+FIXTURE_NAMES = tuple(f.__name__[1:] for f in (*_FUNCTION_SCOPED, *_SESSION_SCOPED))
+"""The other plugins' fixture names served here."""
+
+
+def ecosystem_fixtures() -> types.ModuleType:
+    """The plugin object holding the leased fixtures, under the other plugins' names.
+
+    Made only when registered (:func:`pytest_sessionstart`): defined at module
+    level, they would belong to this plugin, registered before the plugins
+    they replace.
+    """
+    fixtures: dict[str, Any] = {}
+    for func in _FUNCTION_SCOPED:
+        fixtures[func.__name__] = pytest.fixture(func, name=func.__name__[1:])
+    for func in _SESSION_SCOPED:
+        fixtures[func.__name__] = pytest.fixture(func, name=func.__name__[1:], scope="session")
+    # A module object: pytest reads a plugin's fixtures off a module (or a class),
+    # not off the instance of a plain object.
+    holder = types.ModuleType(f"{__name__}.ecosystem", "pytest-asyncio's, anyio's and aiohttp's "
+                              "port fixtures, served by portlease leases")
+    holder.__dict__.update(fixtures)
+    return holder

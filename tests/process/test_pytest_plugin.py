@@ -72,7 +72,9 @@ def test_lease(port_lease, portlease_connection, request, i):
     assert ports.ports == tuple(range(ports.port, ports.port + 3))
     mine = [info for info in portlease_connection.status().leases
             if info.ports == list(ports.ports)]
-    assert [info.note for info in mine] == [request.node.nodeid]
+    # A worker's note names its test and its run (the controller: pid and command line).
+    assert len(mine) == 1 and mine[0].note.startswith(request.node.nodeid + " [run ")
+    assert f"[run {os.getppid()}: pytest -n 2 " in mine[0].note
     assert mine[0].pid == os.getpid()
     hold(ports.ports, request.node.nodeid)
 
