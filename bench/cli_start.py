@@ -12,11 +12,13 @@ this shared machine falls on all of them alike), median of ``--rounds``:
 - ``python -c "import portlease.client"``: what the pytest plugin pays in every
   pytest run of everyone who installed portlease;
 - ``python -c "import msgspec"``: the one dependency, for scale;
+- ``import pytest`` and ``import pytest, portlease.client.pytest_plugin``: what
+  the plugin module adds to a pytest run, beyond the package;
 - ``portlease --version``: the entry point and its parser, nothing sent;
 - ``portlease lease -n 3 -- true``: connect, lease, run ``true``, release.
 
 Everything runs from a **regular (non-editable) install** in a throwaway venv
-(``pip install '.[broker]'``), as a user has it: an editable install adds an
+(``pip install '.[broker]' pytest``), as a user has it: an editable install adds an
 import hook to every start of the interpreter (pathlib, re, ... imported by its
 ``.pth``), which hides the same modules' cost in portlease. ``--venv DIR`` reuses a
 venv made that way. A broker from the same venv serves ``--range`` on a private
@@ -47,18 +49,24 @@ REPO = Path(__file__).resolve().parents[1]
 def make_venv(where: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(where)], check=True)
     subprocess.run([str(where / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
-                    f"{REPO}[broker]"], check=True)
+                    f"{REPO}[broker]", "pytest"], check=True)
     return where
 
 
-def timed(argv: list[str], env: dict[str, str]) -> float:
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of one run of ``argv``; CPU is user + system of it and its children.
+
+    On a shared machine the wall time swings with the other load; the CPU time
+    much less, so both are reported.
+    """
     start = time.perf_counter()
-    pid = os.posix_spawn(argv[0], argv, env)
-    _, status = os.waitpid(pid, 0)
+    pid = os.posix_spawn(argv[0], argv, env, file_actions=[
+        (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
+    _, status, usage = os.wait4(pid, 0)
     elapsed = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{argv} failed with status {os.waitstatus_to_exitcode(status)}")
-    return elapsed
+    return elapsed, usage.ru_utime + usage.ru_stime
 
 
 def importtime(python: str, argv: list[str], env: dict[str, str]
@@ -81,6 +89,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--venv", type=Path, help="a venv with portlease[broker] installed (not -e)")
+    parser.add_argument("--baseline", type=Path, metavar="VENV",
+                        help="also time the same commands from this venv (an older install), "
+                        "in the same rounds")
     parser.add_argument("--range", default="31000-31199", help="ports for the bench's broker")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -105,31 +116,48 @@ def main() -> int:
                 "python -c pass": [python, "-c", "pass"],
                 "import msgspec": [python, "-c", "import msgspec"],
                 "import portlease.client": [python, "-c", "import portlease.client"],
+                "import pytest": [python, "-c", "import pytest"],
+                "import pytest + the plugin": [
+                    python, "-c", "import pytest, portlease.client.pytest_plugin"],
                 "portlease --version": [exe, "--version"],
                 "portlease lease -n 3 -- true": [exe, "lease", "-n", "3", "--", "true"],
             }
+            if args.baseline:
+                old_python = str(args.baseline / "bin" / "python")
+                old_exe = str(args.baseline / "bin" / "portlease")
+                contenders["baseline: import portlease.client"] = [
+                    old_python, "-c", "import portlease.client"]
+                contenders["baseline: portlease --version"] = [old_exe, "--version"]
+                contenders["baseline: lease -n 3 -- true"] = [
+                    old_exe, "lease", "-n", "3", "--", "true"]
             names = list(contenders)
             for argv in contenders.values():  # warm the page cache and the bytecode
                 timed(argv, env)
             times: dict[str, list[float]] = {name: [] for name in names}
+            cpu: dict[str, list[float]] = {name: [] for name in names}
             for r in range(args.rounds):
                 order = names[r % len(names):] + names[:r % len(names)]
                 for name in order:
-                    times[name].append(timed(contenders[name], env))
+                    wall, used = timed(contenders[name], env)
+                    times[name].append(wall)
+                    cpu[name].append(used)
             top, own = importtime(python, contenders["portlease lease -n 3 -- true"], env)
         finally:
             broker.terminate()
             broker.wait(10)
 
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    med_cpu = {name: statistics.median(t) * 1e3 for name, t in cpu.items()}
     bare = med["python -c pass"]
     py = subprocess.run([python, "-c", "import sys, msgspec; print(sys.version.split()[0], "
                          "msgspec.__version__)"], capture_output=True, text=True).stdout.split()
     print(f"Python {py[0]}, msgspec {py[1]}; median of {args.rounds} interleaved rounds, "
           "regular install" + (f" ({venv})" if args.venv else " (throwaway venv)"))
-    print(f"{'command':34} {'median ms':>10} {'x bare':>8} {'+ ms':>7}")
+    bare_cpu = med_cpu["python -c pass"]
+    print(f"{'command':36} {'wall ms':>8} {'x bare':>7} {'+ ms':>6} {'CPU ms':>8} {'x bare':>7}")
     for name in names:
-        print(f"{name:34} {med[name]:10.1f} {med[name] / bare:8.2f} {med[name] - bare:7.1f}")
+        print(f"{name:36} {med[name]:8.1f} {med[name] / bare:7.2f} {med[name] - bare:6.1f} "
+              f"{med_cpu[name]:8.1f} {med_cpu[name] / bare_cpu:7.2f}")
     lease_ratio = med["portlease lease -n 3 -- true"] / bare
     client_extra = med["import portlease.client"] - bare
     print(f"target lease ≤ 2.5 x bare: {lease_ratio:.2f} x "
@@ -147,6 +175,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "python": py[0], "msgspec": py[1], "rounds": args.rounds, "median_ms": med,
+            "median_cpu_ms": med_cpu,
             "lease_ratio": lease_ratio, "client_import_extra_ms": client_extra,
             "importtime_top": top, "importtime_own": own,
         }, indent=2) + "\n")

@@ -10,9 +10,13 @@ trio or asyncio in. ``TrioConnection`` is the old name of ``AsyncConnection``.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import TYPE_CHECKING, Any
 
+# Not `from typing import TYPE_CHECKING`: typing (with re, enum, collections) is
+# most of what importing this package would cost; type checkers know this spelling.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from .aio import AsyncConnection, connect, open_lease
     from .grant import Lease
     from .protocol.codes import ErrorCode

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import shlex
@@ -101,6 +100,8 @@ def _detached(args: argparse.Namespace, env_offsets: dict[str, int]) -> int:
         lease = conn.lease(args.count, ttl=args.ttl, note=args.note or default_note(),
                            detach=True)
     if args.json:
+        import json  # --json only: `lease -- CMD`, run per CI step, never needs it
+
         print(json.dumps({"ports": list(lease.ports), "token": lease.token,
                           "expires": lease.expires, "ttl": lease.ttl}))
     elif args.export:

@@ -58,7 +58,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from portlease.client.host import procnet
 from portlease.client.sync import Connection
 
 from .exitcodes import EXIT_CANNOT_RUN, EXIT_NOT_FOUND
@@ -322,6 +321,9 @@ def _release_held(pid: int, holds: dict[int, socket.socket], until: float) -> No
                   "the placeholder is gone", file=sys.stderr)
         holds.clear()
         return
+    # Only --hold reads the socket tables: a plain `lease -- CMD` does not pay for it.
+    from portlease.client.host import procnet
+
     for port in procnet.listening(holds, pid):
         holds.pop(port).close()
 
