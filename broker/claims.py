@@ -56,17 +56,9 @@ def presence_name(uid: int, pid: int) -> str:
     return f"\0{BROKER_PREFIX}{uid}/{pid}"
 
 
-def _out_of_fds(exc: OSError, held: int) -> OSError:
-    soft = _soft_limit()
-    return OSError(
-        exc.errno,
-        f"out of file descriptors ({os.strerror(exc.errno or 0)}): each leased port holds one "
-        f"for its host-wide claim; {held} held, open-file limit {soft} (raise LimitNOFILE or ulimit -n)",
-    )
-
-
-def _soft_limit() -> int:
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+def out_of_fds(exc: OSError) -> bool:
+    """Whether ``exc`` says the process (or the system) has no file descriptor left."""
+    return exc.errno in _OUT_OF_FDS
 
 
 class Claims:
@@ -102,7 +94,7 @@ class Claims:
             s = _socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         except OSError as exc:
             if exc.errno in _OUT_OF_FDS:
-                raise _out_of_fds(exc, len(self._held)) from None
+                raise self.fds_exhausted(exc) from None
             raise
         try:
             s.bind(f"{self._prefix}{port}")
@@ -112,10 +104,20 @@ class Claims:
                 self.taken_elsewhere += 1
                 return False
             if exc.errno in _OUT_OF_FDS:
-                raise _out_of_fds(exc, len(self._held)) from None
+                raise self.fds_exhausted(exc) from None
             raise
         self._held[port] = s
         return True
+
+    def fds_exhausted(self, exc: OSError) -> OSError:
+        """The error to refuse a grant with when ``exc`` (EMFILE, ENFILE) met a claim or a bind probe."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return OSError(
+            exc.errno,
+            f"out of file descriptors ({os.strerror(exc.errno or 0)}): each leased port holds one "
+            f"for its host-wide claim; {len(self._held)} held, open-file limit {soft} "
+            "(raise LimitNOFILE or ulimit -n)",
+        )
 
     def take_pending(self, port: int) -> bool:
         """:meth:`take`, remembering a claim newly taken until :meth:`settle`."""
@@ -183,4 +185,4 @@ def announce(uid: int, pid: int) -> socket.socket | None:
     return s
 
 
-__all__ = ["Claims", "announce", "claim_name", "presence_name"]
+__all__ = ["Claims", "announce", "claim_name", "out_of_fds", "presence_name"]

@@ -33,7 +33,7 @@ from portlease.client.protocol.errors import ConfigError, LeaseError
 from . import kernel
 from . import portalloc as pa
 from .allocator import Allocator, BindCheck
-from .claims import Claims, announce
+from .claims import Claims, announce, out_of_fds
 from .config import Config, default_state_path
 from .connections import Driver, Reply
 from .core import (
@@ -230,17 +230,22 @@ class Broker:
         A claim taken here stays pending until :meth:`_finish` keeps it for a
         lease or releases it; one whose port then fails the bind check goes back at once.
         """
-        assert self.claims is not None
+        claims = self.claims
+        assert claims is not None
         try:
-            if not self.claims.take_pending(port):
+            if not claims.take_pending(port):
                 return False
+            ok = self._check(port)
         except OSError as exc:
-            self._claims_full.note(str(exc.strerror or exc))
-            raise
-        if self._check(port):
-            return True
-        self.claims.release((port,))
-        return False
+            if not out_of_fds(exc):
+                raise
+            # The claims hold most of the fds, so say so, whichever socket failed.
+            exc = claims.fds_exhausted(exc)
+            self._claims_full.note(str(exc.strerror))
+            raise exc from None
+        if not ok:
+            claims.release((port,))
+        return ok
 
     def _reclaim_claims(self) -> None:
         """Take the claims of restored leases; one whose port another holder claims now is dropped.
