@@ -28,6 +28,11 @@ from portlease.client.protocol.errors import Exhausted, InUse, NotFound, QuotaEx
 
 from .allocator import Allocator, BindCheck
 
+EXPIRY_SLACK = 64
+"""Stale entries the expiry heap may hold beyond one per live expiry before it is rebuilt
+(see :meth:`LeaseTable._set_expiry`): the heap holds at most ``2 * live + EXPIRY_SLACK``
+entries, however often leases are renewed."""
+
 ORPHAN_KEEP_TTLS = 10
 """An orphan whose owner still runs is kept at most this many TTLs after the
 restart: long enough for a process stopped across it, short enough that a lease
@@ -136,6 +141,9 @@ class LeaseTable:
     _by_connection: dict[int, set[str]] = field(default_factory=dict)
     _ports_by_uid: dict[int | None, int] = field(default_factory=dict)
     _expiries: list[tuple[float, str]] = field(default_factory=list)
+    """A heap of (expiry, token); an entry whose token's live expiry differs is stale."""
+    _expiry_of: dict[str, float] = field(default_factory=dict)
+    """The one live expiry of each unbound lease (what :meth:`expire` acts on)."""
     _ports_held: int = 0
 
     # ------------------------------------------------------------ queries
@@ -158,6 +166,11 @@ class LeaseTable:
 
     def leases_of(self, connection: int) -> list[LeaseRecord]:
         return [self._by_token[t] for t in self._by_connection.get(connection, ())]
+
+    @property
+    def expiry_entries(self) -> tuple[int, int]:
+        """(entries in the expiry heap, live expiries): the heap's bound is checkable."""
+        return len(self._expiries), len(self._expiry_of)
 
     # ------------------------------------------------------------ operations
 
@@ -282,13 +295,13 @@ class LeaseTable:
         ports. Detached leases expire regardless: their owners chose the TTL.
         """
         out = []
-        heap = self._expiries
-        while heap and heap[0][0] <= now:
-            when, token = heapq.heappop(heap)
-            record = self._by_token.get(token)
-            # Entries are never removed from the heap; skip stale ones.
-            if record is None or record.connection is not None or record.expires != when:
+        # Not a local alias: removing a lease may rebuild the heap (_bound_expiries).
+        while self._expiries and self._expiries[0][0] <= now:
+            when, token = heapq.heappop(self._expiries)
+            # A renew or a bind leaves the old entry in the heap: skip it.
+            if self._expiry_of.get(token) != when:
                 continue
+            record = self._by_token[token]
             if (
                 record.orphaned
                 and owner_alive is not None
@@ -393,6 +406,8 @@ class LeaseTable:
         self._ports_held -= record.count
         self.allocator.unhold(record.start, record.count)
         record.expires = None
+        if self._expiry_of.pop(record.token, None) is not None:
+            self._bound_expiries()
 
     def _count(self, record: LeaseRecord) -> None:
         uid = record.peer.uid
@@ -409,6 +424,8 @@ class LeaseTable:
     def _bind(self, record: LeaseRecord, connection: int) -> None:
         record.connection = connection
         record.expires = None
+        if self._expiry_of.pop(record.token, None) is not None:
+            self._bound_expiries()
         self._by_connection.setdefault(connection, set()).add(record.token)
 
     def _unbind(self, record: LeaseRecord) -> None:
@@ -423,5 +440,21 @@ class LeaseTable:
         record.connection = None
 
     def _set_expiry(self, record: LeaseRecord, when: float) -> None:
+        """Arm the lease's one live expiry: O(log n), and the heap stays O(leases).
+
+        The entry an earlier expiry pushed stays in the heap, stale, until it is
+        popped or the heap is rebuilt from the live expiries, which happens once
+        stale entries outnumber live ones (plus EXPIRY_SLACK; a bind or an end
+        makes an entry stale too): a rebuild costs O(live) and follows at least
+        as many new stale entries, so a renew loop costs amortised O(log n) time
+        and no memory.
+        """
         record.expires = when
+        self._expiry_of[record.token] = when
         heapq.heappush(self._expiries, (when, record.token))
+        self._bound_expiries()
+
+    def _bound_expiries(self) -> None:
+        if len(self._expiries) > 2 * len(self._expiry_of) + EXPIRY_SLACK:
+            self._expiries = [(w, t) for t, w in self._expiry_of.items()]
+            heapq.heapify(self._expiries)

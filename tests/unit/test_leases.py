@@ -5,12 +5,12 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from portlease.broker.allocator import Allocator
-from portlease.broker.leases import LeaseRecord, LeaseState, LeaseTable, Limits, Peer
+from portlease.broker.leases import EXPIRY_SLACK, LeaseRecord, LeaseState, LeaseTable, Limits, Peer
 from portlease.client.protocol.errors import Exhausted, InUse, LeaseError, NotFound, QuotaExceeded, TooLarge
 
 LOW, HIGH = 1000, 1063
@@ -184,9 +184,71 @@ class LeaseMachine(RuleBasedStateMachine):
         for uid, n in per_uid.items():
             assert self.table.ports_of_uid(uid) == n <= 40
 
+    @invariant()
+    def expiry_heap_is_bounded_by_the_leases(self) -> None:
+        entries, live = self.table.expiry_entries
+        assert live == sum(r.expires is not None for r in self.table)
+        assert entries <= 2 * live + EXPIRY_SLACK
+
 
 LeaseMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 TestLeaseMachine = LeaseMachine.TestCase
+
+
+def detached_table(n: int, ttl: float = 10.0) -> tuple[LeaseTable, list[str]]:
+    table = LeaseTable(Allocator(LOW, HIGH))
+    tokens = [f"d{i}" for i in range(n)]
+    for t in tokens:
+        table.grant(token=t, count=1, ttl=ttl, now=0.0, bind_ok=always, peer=Peer(uid=1), connection=None)
+    return table, tokens
+
+
+def test_renewing_in_a_loop_keeps_one_heap_entry_per_lease() -> None:
+    """Issue 20: 4.74 M renews grew the heap (and the broker) by ~480 MB, never freed."""
+    table, (token,) = detached_table(1)
+    for i in range(20_000):
+        table.renew(token, now=i * 1e-3)
+        entries, live = table.expiry_entries
+        assert live == 1 and entries <= 2 + EXPIRY_SLACK
+    # The lease still expires exactly once, at its last renewal's time.
+    last = table.get(token)
+    assert last is not None and last.expires is not None
+    assert table.expire(last.expires - 1e-6) == []
+    assert [r.token for r in table.expire(last.expires)] == [token]
+    assert table.expiry_entries[1] == 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["renew"] * 6 + ["release", "reclaim", "detach", "expire"]),
+                              st.integers(0, 7), st.sampled_from([0.0, 0.5, 2.0, 40.0])),
+                    min_size=150, max_size=400))
+def test_heap_stays_bounded_and_expiry_matches_the_records(ops: list[tuple[str, int, float]]) -> None:
+    """Whatever mix of renews, binds and ends: at most 2 * live + EXPIRY_SLACK heap entries,
+    and expire() ends exactly the unbound leases whose own expiry has come."""
+    table, tokens = detached_table(8, ttl=100.0)
+    now = 0.0
+    for op, i, dt in ops:
+        now += dt
+        token = tokens[i]
+        record = table.get(token)
+        if op == "expire":
+            due = {r.token for r in table if r.connection is None and r.expires is not None
+                   and r.expires <= now}
+            assert {r.token for r in table.expire(now)} == due
+        elif record is None:  # released or expired: a new lease under the same token
+            table.grant(token=token, count=1, ttl=100.0, now=now, bind_ok=always, peer=Peer(uid=1),
+                        connection=None)
+        elif op == "renew":
+            table.renew(token, now)
+        elif op == "release":
+            table.release(token)
+        elif op == "reclaim":
+            table.reclaim(token, connection=i + 1)
+        else:
+            table.detach(token, now)
+        entries, live = table.expiry_entries
+        assert live == sum(r.expires is not None for r in table)
+        assert entries <= 2 * live + EXPIRY_SLACK
 
 
 def test_restore_skips_records_that_overlap_or_leave_the_range() -> None:
