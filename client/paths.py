@@ -5,11 +5,10 @@ both clients and the CLI:
 
 1. ``--socket`` / ``socket=`` (explicit);
 2. ``$PORTLEASE_SOCKET``;
-3. the system socket, wherever a system deployment exists: its directory
-   (``/run/portlease``) or the system config file
-   (``/etc/portlease/config.toml``) is present;
-4. the per-user socket, ``$XDG_RUNTIME_DIR/portlease/portlease.sock``, else
-   ``/tmp/portlease-$UID/portlease.sock``.
+3. ``/run/portlease/portlease.sock`` where a system deployment exists
+   (``/run/portlease`` or ``/etc/portlease/config.toml`` is present);
+4. else the per-user socket, ``$XDG_RUNTIME_DIR/portlease/portlease.sock``, or
+   ``/tmp/portlease-$UID/portlease.sock`` without ``XDG_RUNTIME_DIR``.
 
 Only the per-user socket is ever started on demand (see
 :mod:`portlease.client.autostart`); a system broker that is down is waited for
@@ -35,7 +34,7 @@ import os
 import socket as _socket
 import stat
 import struct
-from typing import Literal
+from typing import Final, Literal
 
 # The rule itself lives in host.locations; the shells reach it through this module.
 from portlease.client.host.locations import (
@@ -204,7 +203,15 @@ class Dialing:
 
 
 def unavailable(choice: SocketChoice, exc: OSError, *, autostart_on: bool) -> BrokerUnavailable:
-    """The :class:`BrokerUnavailable` for a socket that did not answer with ``exc``."""
+    """The :class:`BrokerUnavailable` for a socket that did not answer with ``exc``.
+
+    It says what is true and what to run: the system broker is down (and how to
+    see why); or nothing answers at the path, and how to start a broker there,
+    installing the broker's extra first where it is missing. Autostart is named
+    only when ``$PORTLEASE_AUTOSTART`` turned it off: a caller that never starts a
+    broker (``portlease status``, ``autostart=False``) chose so, and was told nothing
+    about it that needs undoing.
+    """
     reason = exc.strerror or str(exc)
     path = choice.path
     if choice.system:
@@ -215,33 +222,58 @@ def unavailable(choice: SocketChoice, exc: OSError, *, autostart_on: bool) -> Br
             "installed", paths=(path,),
         )
     if choice.source == "argument":
-        how = ("start one there with `portlease serve --socket PATH`, or pass the socket of a "
-               "running broker")
+        how = (f"{start_advice('`portlease serve --socket PATH`', there=True)}, or pass the "
+               "socket of a running broker")
     elif choice.source == "PORTLEASE_SOCKET":
-        how = ("it comes from $PORTLEASE_SOCKET: start a broker there with `portlease serve "
-               "--socket PATH`, or point PORTLEASE_SOCKET at a running one")
-    elif not autostart_on:
-        how = ("autostart is off (PORTLEASE_AUTOSTART=0, or autostart=False): start one with "
-               "`portlease serve`, or turn autostart on")
+        how = (f"it comes from $PORTLEASE_SOCKET: "
+               f"{start_advice('`portlease serve --socket PATH`', there=True)}, or point "
+               "PORTLEASE_SOCKET at a running one")
+    elif not autostart_on and not autostart_enabled(None):
+        setting = os.environ.get("PORTLEASE_AUTOSTART", "").strip()
+        how = (f"autostart is off (PORTLEASE_AUTOSTART={setting}): {start_advice()}, or unset "
+               "PORTLEASE_AUTOSTART to let clients start one")
     else:
-        how = "start one with `portlease serve`"
+        how = start_advice()
     return BrokerUnavailable(f"no portlease broker answers at {path} ({reason}); {how}",
                              paths=(path,))
+
+
+BROKER_EXTRA: Final = ("trio", "sdnotify")
+"""What ``portlease serve`` needs beyond the client: the ``broker`` extra."""
+
+
+def broker_installed() -> bool:
+    """Whether ``portlease serve`` can run here: the ``broker`` extra's modules are found.
+
+    Looked up, not imported: importing trio costs more than everything else a
+    failing client does.
+    """
+    from importlib.util import find_spec  # only on the way to an error message
+
+    return all(find_spec(name) is not None for name in BROKER_EXTRA)
+
+
+def start_advice(command: str = "`portlease serve`", *, there: bool = False) -> str:
+    """"start one with COMMAND", preceded by installing the broker's extra where it is missing."""
+    start = f"start one {'there ' if there else ''}with {command}"
+    if broker_installed():
+        return start
+    return f"install the broker first, `pip install 'portlease[broker]'`, then {start}"
 
 
 def autostart_failed(choice: SocketChoice, exc: OSError) -> BrokerUnavailable:
     """The :class:`BrokerUnavailable` to raise when starting the per-user broker failed."""
     return BrokerUnavailable(
         f"no portlease broker answers at {choice.path}, and starting one failed: "
-        f"{exc.strerror or exc}; start one with `portlease serve`",
+        f"{exc.strerror or exc}; {start_advice()}",
         paths=(choice.path,),
     )
 
 
 __all__ = [
-    "CHECK_SYSTEM", "SOCKET_NAME", "SYSTEM_CONFIG", "SYSTEM_DIR", "SYSTEM_SOCKET", "Action",
-    "Dialing", "SocketChoice", "Source", "autostart_failed", "check_directory", "check_peer",
-    "choose_socket", "directory_problem", "explicit_socket", "on_connect_error", "peer_uid",
-    "system_config", "system_deployment", "system_dir", "system_socket", "unavailable",
-    "unsafe_directory", "user_socket",
+    "BROKER_EXTRA", "CHECK_SYSTEM", "SOCKET_NAME", "SYSTEM_CONFIG", "SYSTEM_DIR", "SYSTEM_SOCKET",
+    "Action", "Dialing", "SocketChoice", "Source", "autostart_failed", "broker_installed",
+    "check_directory", "check_peer", "choose_socket", "directory_problem", "explicit_socket",
+    "on_connect_error", "peer_uid", "start_advice", "system_config", "system_deployment",
+    "system_dir", "system_socket", "unavailable", "unsafe_directory", "user_socket",
 ]

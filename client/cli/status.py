@@ -107,8 +107,12 @@ def _squatters_table(reply: p.StatusReply, broker_pid: int | None) -> str:
 def _watch_status(args: argparse.Namespace) -> int:
     """Redraw the status every ``args.watch`` seconds; wait out broker restarts.
 
+    On a terminal each refresh overwrites the last in place. Into a pipe or a
+    file (``| tee watch.log``, a CI log) there is no screen to redraw: each
+    refresh is a plain frame followed by a blank line, with no escape codes.
     With ``--json`` each refresh is one JSON object on its own line instead.
     """
+    in_place = sys.stdout.isatty()
     conn: Connection | None = None
     try:
         while True:
@@ -131,11 +135,13 @@ def _watch_status(args: argparse.Namespace) -> int:
             if args.json:
                 if text:
                     sys.stdout.write(text + "\n")
-            else:
+            elif in_place:
                 # Home the cursor and overwrite line by line (erasing each line's
                 # tail and whatever is below) instead of clearing: no flicker.
                 frame = "".join(f"{line}\x1b[K\n" for line in text.splitlines())
                 sys.stdout.write("\x1b[H" + frame + "\x1b[J")
+            else:
+                sys.stdout.write(text + "\n\n")
             sys.stdout.flush()
             time.sleep(args.watch)
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import pwd
 import signal
 import socket
@@ -86,6 +87,44 @@ def test_status_groups_leases_by_user() -> None:
 
 
 def test_status_watch_refreshes_in_place_through_a_broker_restart(broker: BrokerProc) -> None:
+    # On a terminal: a pty, as a person watching has.
+    master, slave = pty.openpty()
+    watch = subprocess.Popen(
+        [PYTHON, "-m", "portlease", "status", "--socket", broker.socket, "--watch", "0.1"],
+        stdout=slave, env=dict(os.environ, PORTLEASE_AUTOSTART="0"),
+    )
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 20
+
+    def read_until(text: bytes) -> None:
+        nonlocal seen
+        while text not in seen and time.monotonic() < deadline:
+            seen += os.read(master, 65536)
+        assert text in seen, seen[-500:]
+
+    try:
+        read_until(b"0 leases, 0 ports held")
+        with Connection(broker.socket) as conn:
+            conn.lease(2)
+            read_until(b"1 lease, 2 ports held")
+            # A broker restart does not end the watch: it says so and carries on.
+            broker.kill()
+            read_until(b"(retrying every 0.1 s)")
+            seen = b""
+            broker.start()
+            read_until(b"1 lease, 2 ports held")  # reclaimed by conn, shown by the watch
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(timeout=30) == 0
+    finally:
+        watch.kill()
+        os.close(master)
+    assert seen.count(b"\x1b[H") >= 2 and b"\x1b[K" in seen
+    assert b"1 lease, 2 ports held" in seen
+
+
+def test_status_watch_into_a_pipe_writes_plain_frames(broker: BrokerProc) -> None:
+    """`status --watch | tee log`: no screen to redraw, so no escape codes, one frame per refresh."""
     watch = subprocess.Popen(
         [PYTHON, "-m", "portlease", "status", "--socket", broker.socket, "--watch", "0.1"],
         stdout=subprocess.PIPE, env=dict(os.environ, PORTLEASE_AUTOSTART="0"),
@@ -93,28 +132,40 @@ def test_status_watch_refreshes_in_place_through_a_broker_restart(broker: Broker
     assert watch.stdout is not None
     seen = b""
     deadline = time.monotonic() + 20
-
-    def read_until(text: bytes) -> None:
-        nonlocal seen
-        while text not in seen and time.monotonic() < deadline:
-            seen += os.read(watch.stdout.fileno(), 65536)  # type: ignore[union-attr]
-        assert text in seen, seen[-500:]
-
-    read_until(b"0 leases, 0 ports held")
-    with Connection(broker.socket) as conn:
-        conn.lease(2)
-        read_until(b"1 lease, 2 ports held")
-        # A broker restart does not end the watch: it says so and carries on.
-        broker.kill()
-        read_until(b"(retrying every 0.1 s)")
-        seen = b""
-        broker.start()
-        read_until(b"1 lease, 2 ports held")  # reclaimed by conn, shown by the watch
+    while seen.count(b"ports held") < 3 and time.monotonic() < deadline:
+        seen += os.read(watch.stdout.fileno(), 65536)
     watch.send_signal(signal.SIGINT)
     seen += watch.communicate(timeout=30)[0]
     assert watch.returncode == 0
-    assert seen.count(b"\x1b[H") >= 2 and b"\x1b[K" in seen
-    assert b"1 lease, 2 ports held" in seen
+    assert b"\x1b" not in seen, seen[:300]
+    # Every frame ends in a blank line; the one ^C cut short (if any) is left out.
+    frames = seen.decode().split("\n\n")[:-1]
+    assert len(frames) >= 3, seen[-500:]
+    for frame in frames:
+        assert frame.splitlines()[-1].startswith("0 leases, 0 ports held"), frame
+
+
+def test_status_with_no_broker_says_what_is_true_and_what_to_run(tmp_path: Path) -> None:
+    """Nothing configured, nothing turned off: no word about autostart, which status never uses."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PORTLEASE_SOCKET", "PORTLEASE_AUTOSTART")}
+    env.update(XDG_RUNTIME_DIR=str(tmp_path), PORTLEASE_SYSTEM_DIR=str(tmp_path / "no-sys"),
+               PORTLEASE_SYSTEM_CONFIG=str(tmp_path / "no-config.toml"))
+    sock = tmp_path / "portlease" / "portlease.sock"
+    out = subprocess.run([PYTHON, "-m", "portlease", "status"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 69
+    assert out.stderr == (f"portlease: no portlease broker answers at {sock} (No such file or "
+                          "directory); start one with `portlease serve`\n")
+    # Without the broker's extra, `portlease serve` would fail: install it first.
+    lean = ("import sys\nsys.modules['trio'] = None\nfrom portlease.cli import main\n"
+            "sys.exit(main(['status']))\n")
+    out = subprocess.run([PYTHON, "-c", lean], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 69
+    assert out.stderr.endswith("; install the broker first, `pip install 'portlease[broker]'`, "
+                               "then start one with `portlease serve`\n"), out.stderr
+    # Where a system broker is deployed, its being down is what is said (after the
+    # client's 30 s wait for it): tests/unit/test_paths.py and test_autostart.py.
 
 
 def test_status_with_many_long_notes_is_shown_whole(broker: BrokerProc) -> None:

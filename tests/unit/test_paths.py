@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,8 @@ def test_directory_problems(tmp_path: Path) -> None:
     assert "belongs to uid" in (directory_problem(str(d), uid=os.getuid() + 1) or "")
 
 
-def test_what_to_do_when_connect_fails() -> None:
+def test_what_to_do_when_connect_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORTLEASE_AUTOSTART", "0")
     user = SocketChoice("/r/portlease/portlease.sock", "per-user")
     system = SocketChoice("/run/portlease/portlease.sock", "system")
     refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
@@ -82,7 +84,8 @@ def test_what_to_do_when_connect_fails() -> None:
         assert "autostart" not in str(err) and "starting one" not in str(err)
 
     off = on_connect_error(user, missing, autostart_on=False, autostart_tried=False)
-    assert isinstance(off, BrokerUnavailable) and "autostart is off" in str(off)
+    assert isinstance(off, BrokerUnavailable)
+    assert "autostart is off (PORTLEASE_AUTOSTART=0)" in str(off) and "unset PORTLEASE_AUTOSTART" in str(off)
 
     down = paths.unavailable(system, missing, autostart_on=True)
     assert "socket file is missing" in str(down)
@@ -94,7 +97,10 @@ def test_what_to_do_when_connect_fails() -> None:
     assert "PORTLEASE_SOCKET" not in str(arg) and "/a.sock" in str(arg)
 
 
-def test_a_dial_autostarts_once_and_waits_for_a_system_broker_until_its_deadline() -> None:
+def test_a_dial_autostarts_once_and_waits_for_a_system_broker_until_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PORTLEASE_AUTOSTART", raising=False)
     missing = FileNotFoundError(errno.ENOENT, "No such file or directory")
     user = paths.Dialing(SocketChoice("/r/portlease/portlease.sock", "per-user"), autostart=True,
                          deadline=10.0, max_delay=0.1)
@@ -115,5 +121,23 @@ def test_a_dial_autostarts_once_and_waits_for_a_system_broker_until_its_deadline
 
     off = paths.Dialing(SocketChoice("/r/portlease/portlease.sock", "per-user"), autostart=False,
                         deadline=10.0, max_delay=0.1)
-    with pytest.raises(BrokerUnavailable, match="autostart is off"):
+    # The caller chose not to start a broker (autostart=False, as `portlease status`
+    # does): nothing about autostart to undo, only how to start one.
+    with pytest.raises(BrokerUnavailable) as refused:
         off.after_error(missing, 0.0)
+    assert "autostart" not in str(refused.value)
+    assert str(refused.value).endswith("; start one with `portlease serve`")
+
+
+def test_without_the_broker_extra_the_advice_installs_it_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = FileNotFoundError(errno.ENOENT, "No such file or directory")
+    user = SocketChoice("/r/portlease/portlease.sock", "per-user")
+    assert paths.broker_installed()  # the test extra has the broker's
+    monkeypatch.setitem(sys.modules, "trio", None)  # what an import of a missing module meets
+    assert not paths.broker_installed()
+    install = "install the broker first, `pip install 'portlease[broker]'`, then start one"
+    for err in (paths.unavailable(user, missing, autostart_on=False),
+                paths.autostart_failed(user, missing),
+                paths.unavailable(SocketChoice("/a.sock", "argument"), missing, autostart_on=True)):
+        assert install in str(err), err
+    assert "trio" not in sys.modules or sys.modules["trio"] is None  # looked up, never imported
