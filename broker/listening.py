@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 from dataclasses import dataclass
 
 from portlease.client.host.probe import answers
@@ -61,6 +62,52 @@ def _group_id(group: str | None) -> int:
         raise ConfigError(f"group {group!r} does not exist") from None
 
 
+def _already_serving(path: str, lock_fd: int) -> AlreadyServing:
+    """The error for a socket another broker serves, naming that broker's pid and what to run."""
+    pid = _peer_pid(path) or _flock_holder(lock_fd)
+    who = ""
+    if pid is not None:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                who = f" (pid {pid}, {f.read().strip()})"
+        except OSError:
+            who = f" (pid {pid})"
+    return AlreadyServing(
+        f"another portlease broker is serving on {path}{who}; see what it holds with "
+        f"`portlease status --socket {path}`, and stop it before serving there"
+    )
+
+
+def _peer_pid(path: str) -> int | None:
+    # The process that listens there (SO_PEERCRED of a probe connection; under
+    # socket activation that is systemd, which holds the socket).
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+            probe.settimeout(1.0)
+            probe.connect(path)
+            raw = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid = struct.unpack("3i", raw)[0]
+    return pid if pid > 0 else None
+
+
+def _flock_holder(lock_fd: int) -> int | None:
+    # A broker still starting holds the lock before its socket answers: /proc/locks
+    # names the pid holding a flock on the lock file's inode.
+    st = os.fstat(lock_fd)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device:
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def bind_unix_socket(path: str, mode: int, group: str | None) -> Listening:
     """Create the listening socket at ``path``, safely replacing a stale one."""
     gid = _group_id(group)
@@ -76,8 +123,9 @@ def bind_unix_socket(path: str, mode: int, group: str | None) -> Listening:
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        holder = _already_serving(path, lock_fd)
         os.close(lock_fd)
-        raise AlreadyServing(f"another portlease broker is serving on {path}") from None
+        raise holder from None
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -87,8 +135,9 @@ def bind_unix_socket(path: str, mode: int, group: str | None) -> Listening:
             os.close(lock_fd)
             raise StartupError(f"{path} exists and is not a socket; not replacing it")
         if answers(path):
+            holder = _already_serving(path, lock_fd)
             os.close(lock_fd)
-            raise AlreadyServing(f"another portlease broker is serving on {path}")
+            raise holder
         log.info("removing stale socket %s (nothing answers on it)", path)
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

@@ -134,6 +134,14 @@ def test_a_bare_number_as_cmd_suggests_the_count_option(broker: BrokerProc) -> N
     assert out.returncode == 127 and "did you mean" not in out.stderr, out.stderr
 
 
+def test_serve_on_a_served_socket_names_the_broker_and_points_at_status(broker: BrokerProc) -> None:
+    assert broker.proc is not None
+    out = portlease("serve", "--socket", broker.socket)
+    assert out.returncode == 75, out
+    assert f"another portlease broker is serving on {broker.socket} (pid {broker.proc.pid}, " in out.stderr
+    assert f"`portlease status --socket {broker.socket}`" in out.stderr, out.stderr
+
+
 def test_serve_help_tells_the_truth_about_its_socket() -> None:
     text = " ".join(portlease("serve", "--help").stdout.split())
     assert "socket to listen on (default: $PORTLEASE_SOCKET, else the per-user socket" in text
