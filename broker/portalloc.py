@@ -549,13 +549,17 @@ def plan(
             f"{len(lost)} of our blocks ({', '.join(str(b) for b in sorted(lost)[:5])}"
             f"{', …' if len(lost) > 5 else ''}) were changed or removed by someone else; "
             "taken back where no live entry overlaps them")
-    # Our blocks, cut around live foreign entries (only a lost block can overlap one).
+    # Our blocks, cut around live foreign entries (a lost block, or one a member wrote
+    # an entry over) and around each other (as we wrote them, they never overlap).
     pieces: list[tuple[int, int, bool]] = []  # (start, end, intact as it stands)
-    for base, e in sorted(mine.items()):
-        if base in still:
-            pieces.append((base, base + e.size, True))
-            continue
-        pieces.extend((s, t, False) for s, t in subtract([(base, base + e.size)], foreign_cover))
+    taken = list(foreign_cover)
+    for base, e in sorted(mine.items(), key=lambda be: (be[0] not in still, be[0])):
+        cut = subtract([(base, base + e.size)], taken)
+        whole = cut == [(base, base + e.size)]
+        if not whole and base in still:
+            problems.append(f"our block {base}+{e.size} overlaps live entries; cut around them")
+        pieces.extend((s, t, whole and base in still) for s, t in cut)
+        taken = union([*taken, *cut])
     pieces.sort()
     # Which pieces hold a lease: one sweep, both sorted.
     busy: list[bool] = []
@@ -614,7 +618,8 @@ def plan(
             ours[s] = old
         else:
             ours[s] = Entry(t - s, target)
-    # Expired or empty entries lying under one of our blocks go (the crate drops them too).
+    # Expired or empty entries lying under one of our blocks go (the crate drops them
+    # too); live ones were cut around above. One sweep, both sorted.
     runs = sorted((s, s + e.size) for s, e in ours.items())
     i = 0
     for b in sorted(keys):
@@ -622,7 +627,8 @@ def plan(
             i += 1
         if i == len(runs):
             break
-        if runs[i][0] < b + (keys[b].size or 1):
+        e = keys[b]
+        if runs[i][0] < b + (e.size or 1) and (not e.size or not e.live(now) or b in ours):
             del keys[b]
     keys.update(ours)
     new = Table(keys=keys, next=table.next, extra=dict(table.extra))
