@@ -27,7 +27,7 @@ import trio
 
 from portlease.client import protocol as p
 from portlease.client.host import procnet
-from portlease.client.host.procinfo import boot_id, process_started, user_name
+from portlease.client.host.procinfo import boot_id, process_started, read_cmdline, user_name
 from portlease.client.protocol.errors import ConfigError, LeaseError
 
 from . import kernel
@@ -52,7 +52,7 @@ from .listening import open_listeners
 from .logs import set_level
 from .metrics import Metrics, Snapshot, write_textfile
 from .notify import Notifier
-from .peers import identify, owner_alive, peer_of
+from .peers import holders_now, identify, owner_alive, peer_of
 from .portserver_shell import PortServer
 from .share import PortallocShare
 from .state import Journal
@@ -154,6 +154,8 @@ class Broker:
     _check: BindCheck = field(init=False, repr=False)
     _presence: socket.socket | None = field(init=False, default=None)
     _conns_by_uid: dict[int | None, int] = field(default_factory=dict)
+    _conn_inodes: dict[int, int] = field(default_factory=dict)
+    """Connection id → the inode of our end of it."""
     _stopping: bool = False
     _idle_since: float = 0.0
     _last_status: str = ""
@@ -357,6 +359,9 @@ class Broker:
     # -------------------------------------------------------- connections (connections.Handler)
 
     def _session_for(self, conn_id: int, sock: socket.socket) -> Session:
+        # Our end's inode: `status` finds who holds the other end once the
+        # process that connected is gone (see _show_holders_now).
+        self._conn_inodes[conn_id] = os.fstat(sock.fileno()).st_ino
         return Session(id=conn_id, peer=peer_of(sock))
 
     def opened(self, session: Session) -> bytes | None:
@@ -380,6 +385,7 @@ class Broker:
 
     def closed(self, session: Session) -> None:
         """A connection is gone: its count drops and its bound leases end."""
+        self._conn_inodes.pop(session.id, None)
         uid = session.peer.uid
         left = self._conns_by_uid.get(uid, 1) - 1
         if left > 0:
@@ -439,7 +445,43 @@ class Broker:
             return p.MetricsReply(id=request.id, text=self.metrics_text())
         else:
             outcome = self.core.handle(session, request, now, self.clients)
-        return self._finish(session, outcome, now)
+        reply = self._finish(session, outcome, now)
+        if isinstance(reply, p.StatusReply):
+            self._show_holders_now(reply)
+        return reply
+
+    def _show_holders_now(self, reply: p.StatusReply) -> None:
+        """Name the process that holds each bound lease now, where the one that took it is gone.
+
+        A child that inherited the connection (``portlease lease -- sh -c
+        'server &'``) keeps the lease after the wrapper exits; the pid the kernel
+        gave at connect() is then the wrapper's, long gone. Only for those leases,
+        and only on ``status``: the other end of each such connection is looked up
+        (socket diagnostics) and its holder found in /proc (one scan of every
+        process's fds, which a broker that is neither root nor the holder's uid
+        cannot read: the original pid is shown then).
+        """
+        bound = {r.start: r for r in self.table if r.connection is not None}
+        stale: dict[int, list[p.LeaseInfo]] = {}
+        alive: dict[int, bool] = {}
+        for info in reply.leases:
+            record = bound.get(info.ports[0])
+            if record is None or record.connection is None:
+                continue
+            conn = record.connection
+            if conn not in alive:
+                alive[conn] = owner_alive(record.peer)
+            if not alive[conn]:
+                stale.setdefault(conn, []).append(info)
+        ends = {conn: self._conn_inodes[conn] for conn in stale if conn in self._conn_inodes}
+        if not ends:
+            return
+        for conn, pid in holders_now(ends).items():
+            cmdline = read_cmdline(pid)
+            if cmdline is not None and len(cmdline) > p.STATUS_TEXT_MAX:
+                cmdline = cmdline[: p.STATUS_TEXT_MAX - 1] + "…"
+            for info in stale[conn]:
+                info.pid, info.cmdline = pid, cmdline
 
     async def _shared_request(self, session: Session, request: p.Lease) -> bytes:
         assert self.share is not None

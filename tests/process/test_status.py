@@ -168,6 +168,31 @@ def test_status_with_no_broker_says_what_is_true_and_what_to_run(tmp_path: Path)
     # client's 30 s wait for it): tests/unit/test_paths.py and test_autostart.py.
 
 
+def test_status_names_the_process_that_holds_a_lease_now(broker: BrokerProc) -> None:
+    """The wrapper exits; a leftover child keeps the inherited connection, so the lease: it is named."""
+    wrapper = subprocess.run(
+        [PYTHON, "-m", "portlease", "lease", "--socket", broker.socket, "-n", "2", "--",
+         "sh", "-c", "sleep 30 </dev/null >/dev/null 2>&1 & echo $!"],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ, PORTLEASE_AUTOSTART="0"),
+    )
+    assert wrapper.returncode == 0, wrapper.stderr
+    leftover = int(wrapper.stdout)
+    try:
+        (info,) = json.loads(portlease("status", "--socket", broker.socket, "--json").stdout)["leases"]
+        assert info["state"] == "attached"
+        assert info["pid"] == leftover and info["cmdline"] == "sleep 30", info
+        line = next(x for x in portlease("status", "--socket", broker.socket).stdout.splitlines()
+                    if "attached" in x)
+        assert f" {leftover} " in line and line.endswith("sleep 30"), line
+    finally:
+        os.kill(leftover, signal.SIGKILL)
+    # Its end closes the connection, and with it the lease.
+    deadline = time.monotonic() + 10
+    while Raw(broker.socket).call({"op": "status"})["leases"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert Raw(broker.socket).call({"op": "status"})["leases"] == []
+
+
 def test_status_with_many_long_notes_is_shown_whole(broker: BrokerProc) -> None:
     # A reply far larger than one request line may be: 40 leases, notes at the cut.
     with Connection(broker.socket) as conn:
