@@ -225,6 +225,7 @@ def port_alloc(directory: str, n: int, a: argparse.Namespace) -> int:
             break
         table[base] = (n, int(time.time()) + a.reservation)
         store(directory, base + n, table)
+        a.last_expires = table[base][1]
         return base
 
 
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         "--use", type=float, default=0.0, help="seconds each run is 'in use' after it is returned"
     )
     p.add_argument("--log", help="append one JSON line per run: ports and monotonic use interval")
+    p.add_argument("--wall", action="store_true",
+                   help="log wall times instead: written (the call returned), expires, done")
     p = sub.add_parser("hold")
     p.add_argument("seconds", type=float)
     p = sub.add_parser("corrupt")
@@ -261,18 +264,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Error: {exc}", file=sys.stderr)
                 return 1
             t0 = time.monotonic()
+            written = time.time()
             print(base, flush=True)
             time.sleep(a.use)
             if a.log:
-                line = json.dumps(
-                    {
-                        "who": f"crate-{os.getpid()}",
-                        "start": base,
-                        "count": a.n,
-                        "t0": t0,
-                        "t1": time.monotonic(),
-                    }
-                )
+                record: dict[str, Any] = {"who": f"crate-{os.getpid()}", "start": base, "count": a.n}
+                if a.wall:
+                    record.update(written=written, expires=a.last_expires, done=time.time())
+                else:
+                    record.update(t0=t0, t1=time.monotonic())
+                line = json.dumps(record)
                 with open(a.log, "a") as f:
                     f.write(line + "\n")
         return 0
