@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.metadata
+import itertools
 import os
 import re
 import shutil
@@ -267,6 +268,19 @@ def test_each_picture_is_rendered_from_its_current_source(name: str, tmp_path: P
     assert _svg_texts(committed) == _svg_texts((tmp_path / "fresh.svg").read_text()), (
         f"docs/diagrams/{name}.svg is stale: run docs/diagrams/render.sh")
     assert (DIAGRAMS / f"{name}.png").stat().st_size > 10_000
+
+
+def test_no_picture_title_is_split_into_runs_on_one_line() -> None:
+    """A bold run and a plain run on one baseline are placed apart by Graphviz's font
+    metrics; a viewer with other fonts runs them together ("--hold 0(server binds by
+    itself)"). Titles put the plain part on a line of its own."""
+    for svg in sorted(DIAGRAMS.glob("*.svg")):
+        texts = re.findall(r'<text ([^>]*)>([^<]*)</text>', svg.read_text())
+        for (attrs, words), (next_attrs, next_words) in itertools.pairwise(texts):
+            y = re.search(r' y="([^"]+)"', attrs)
+            next_y = re.search(r' y="([^"]+)"', next_attrs)
+            if "bold" in attrs and y and next_y and y.group(1) == next_y.group(1):
+                raise AssertionError(f"{svg.name}: {words!r} and {next_words!r} share a line")
 
 
 def test_pictures_name_what_the_code_uses() -> None:

@@ -141,3 +141,37 @@ def test_without_the_broker_extra_the_advice_installs_it_first(monkeypatch: pyte
                 paths.unavailable(SocketChoice("/a.sock", "argument"), missing, autostart_on=True)):
         assert install in str(err), err
     assert "trio" not in sys.modules or sys.modules["trio"] is None  # looked up, never imported
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _plain(text: str) -> str:
+    # Markdown's backticks, a .dot label's line breaks and wrapping are not wording.
+    return " ".join(text.replace("`", "").replace("\\n", " ").replace("``", "").split())
+
+
+def test_the_socket_rule_has_one_wording_everywhere() -> None:
+    """Step 3 of the rule (when the system socket is chosen) is said in the same words by
+    --help, the code's docstrings, the README, concepts.md, its picture and the Rust docs."""
+    from portlease.client.cli.main import build_parser
+    from portlease.client.host import locations
+
+    rule = locations.SYSTEM_RULE
+    assert rule == ("where a system deployment exists (/run/portlease or "
+                    "/etc/portlease/config.toml is present)")
+    said = {
+        "portlease --help": build_parser().format_help(),
+        "portlease lease --help": build_parser("lease").format_help(),
+        "client/host/locations.py": locations.__doc__ or "",
+        "client/paths.py": paths.__doc__ or "",
+        **{doc: (ROOT / doc).read_text() for doc in ("README.md", "docs/concepts.md", "docs/rust.md")},
+    }
+    for where, text in said.items():
+        # The Rust docs go on inside the parenthesis (the test hooks), hence no ")".
+        assert f"/run/portlease/portlease.sock {rule[:-1]}" in _plain(text), where
+    picture = _plain((ROOT / "docs" / "diagrams" / "socket-choice.dot").read_text())
+    assert rule.removeprefix("where ") in picture
+    for text in [*said.values(), picture]:
+        for other in ("when it exists", "if it exists", "wherever a system", "system deployment?"):
+            assert other not in _plain(text), other
