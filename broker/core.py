@@ -7,9 +7,10 @@ fresh tokens, the bind check and the peer's credentials, and gets back an
 *before* the reply leaves. When the journal refuses a new lease, the shell
 calls :meth:`BrokerCore.roll_back` and sends the reply it returns instead.
 
-Every rule about *what* the broker answers lives here (the hello gate, TTL
-defaults, the reply to each request, the size of a ``status`` page); every rule
-about *which* lease may do what lives in :mod:`.leases`.
+Every rule about *what* the broker answers lives here (the hello gate, from
+:mod:`portlease.client.protocol.conversation`; TTL defaults, the reply to each
+request, the size of a ``status`` page); every rule about *which* lease may do
+what lives in :mod:`.leases`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import assert_never
 
 from portlease import __version__
 from portlease.client import protocol as p
+from portlease.client.protocol import conversation
 from portlease.client.protocol.errors import Busy, LeaseError
 
 from .allocator import BindCheck
@@ -161,13 +163,13 @@ class BrokerCore:
         return outcome
 
     def _handle(self, session: Session, req: p.AnyRequest, now: Instant, clients: int) -> Outcome:
+        refusal = conversation.hello_gate(session.hello, req)
+        if refusal is not None:
+            return Outcome(refusal)
         if isinstance(req, p.Hello):
-            return self._hello(session, req)
-        if not session.hello:
-            return Outcome(p.Error(
-                id=req.id, code=p.ErrorCode.HELLO_REQUIRED,
-                message=f'send {{"op":"hello","id":0,"version":{p.PROTOCOL_VERSION}}} first',
-            ))
+            session.hello = True
+            return Outcome(p.Welcome(id=req.id, version=p.PROTOCOL_VERSION, broker=BROKER_NAME,
+                                     pid=self.pid))
         table = self.table
         match req:
             case p.Lease():
@@ -207,16 +209,6 @@ class BrokerCore:
                 raise AssertionError("unreachable")
             case _:
                 assert_never(req)
-
-    def _hello(self, session: Session, req: p.Hello) -> Outcome:
-        if req.version != p.PROTOCOL_VERSION:
-            return Outcome(p.Error(
-                id=req.id, code=p.ErrorCode.VERSION,
-                message=f"protocol version {req.version} is not spoken here; "
-                f"this broker speaks version {p.PROTOCOL_VERSION}",
-            ))
-        session.hello = True
-        return Outcome(p.Welcome(id=req.id, version=p.PROTOCOL_VERSION, broker=BROKER_NAME, pid=self.pid))
 
     def _lease(self, session: Session, req: p.Lease, now: Instant) -> Outcome:
         self._know_start(session)

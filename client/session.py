@@ -178,7 +178,7 @@ class Session:
         self.timeout = timeout
         self._on_lost = on_lost
         self._ids = itertools.count(1)
-        self._pending: dict[p.RequestId, Call[Any]] = {}
+        self._pending: p.Outstanding[Call[Any]] = p.Outstanding()
         self._handshake: _Handshake | None = None
         self._hello_due = False
         self._framer = p.LineFramer(p.MAX_REPLY_LINE)
@@ -209,9 +209,8 @@ class Session:
         self._framer.clear()
         self._handshake = None
         self.welcomed = False
-        calls, self._pending = list(self._pending.values()), {}
         failed = []
-        for call in calls:
+        for call in self._pending.clear():
             if call.abandoned:
                 continue  # the broker released whatever it granted with the socket
             call.error = (Dropped if retry else ConnectionLost)(f"connection to the broker lost: {why}")
@@ -253,7 +252,7 @@ class Session:
             self._handshake = hs
         for call in calls:
             call.request.id = next(self._ids)
-            self._pending[call.request.id] = call
+            self._pending.sent(call.request.id, call)
             requests.append(call.request)
         return b"".join(p.encode(r) for r in requests)
 
@@ -300,17 +299,12 @@ class Session:
                 if isinstance(reply, p.Error) and held.token in self.leases:
                     self._lose(held, f"reclaim refused: {reply.code.value}: {reply.message}")
                 return True
-        if reply.id is None:
-            if not isinstance(reply, p.Error) or not self._pending:
-                return True
-            # The broker could not read a request of ours; replies come in
-            # order, so it is the oldest one in flight.
-            call = self._pending.pop(next(iter(self._pending)))
-        else:
-            found = self._pending.pop(reply.id, None)
-            if found is None:
-                return True
-            call = found
+        # The handshake is matched above by id (its lines are ours, always
+        # readable): an id-null error, the broker's refusal of a line or of the
+        # connection itself, goes to the oldest call (protocol.conversation).
+        call = self._pending.answer(reply)
+        if call is None:
+            return True
         call.reply = reply
         if call.abandoned:
             self._undo(call)

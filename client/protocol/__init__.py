@@ -5,6 +5,8 @@
 - :mod:`.errors`: every exception, one per error code plus the client's own;
 - :mod:`.messages`: every request and reply (msgspec structs, tagged unions);
 - :mod:`.framing`: the one line framer;
+- :mod:`.conversation`: the conversation rules (hello first, replies in
+  request order, an ``id: null`` error answers the oldest request);
 
 It imports msgspec and the standard library only, and nothing of
 :mod:`portlease.client` or :mod:`portlease.broker`: both import it.
@@ -29,6 +31,11 @@ from .bounds import (
 )
 from .codes import (
     ErrorCode,
+)
+from .conversation import (
+    HELLO_REQUIRED_MESSAGE,
+    Outstanding,
+    hello_gate,
 )
 from .framing import (
     LineFramer,
@@ -74,6 +81,7 @@ from .messages import (
 
 __all__ = [
     "DEFAULT_PORTS_PER_REQUEST",
+    "HELLO_REQUIRED_MESSAGE",
     "MAX_COUNT",
     "MAX_LINE",
     "MAX_NOTE",
@@ -101,6 +109,7 @@ __all__ = [
     "Metrics",
     "MetricsReply",
     "Note",
+    "Outstanding",
     "Ping",
     "Pong",
     "Reclaim",
@@ -122,5 +131,6 @@ __all__ = [
     "decode_request",
     "encode",
     "error_for_bad_line",
+    "hello_gate",
     "to_builtins",
 ]
