@@ -148,12 +148,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _plain(text: str) -> str:
     # Markdown's backticks, a .dot label's line breaks and wrapping are not wording.
-    return " ".join(text.replace("`", "").replace("\\n", " ").replace("``", "").split())
+    return " ".join(text.replace("`", "").replace("\\n", " ").replace("//!", " ").split())
 
 
 def test_the_socket_rule_has_one_wording_everywhere() -> None:
     """Step 3 of the rule (when the system socket is chosen) is said in the same words by
-    --help, the code's docstrings, the README, concepts.md, its picture and the Rust docs."""
+    --help, the code's docstrings, the README, the docs, the picture and the Rust crate."""
     from portlease.client.cli.main import build_parser
     from portlease.client.host import locations
 
@@ -165,10 +165,12 @@ def test_the_socket_rule_has_one_wording_everywhere() -> None:
         "portlease lease --help": build_parser("lease").format_help(),
         "client/host/locations.py": locations.__doc__ or "",
         "client/paths.py": paths.__doc__ or "",
-        **{doc: (ROOT / doc).read_text() for doc in ("README.md", "docs/concepts.md", "docs/rust.md")},
+        **{doc: (ROOT / doc).read_text() for doc in (
+            "README.md", "docs/concepts.md", "docs/usage.md", "docs/rust.md",
+            "client/rust/src/lib.rs", "client/rust/src/socket.rs")},
     }
     for where, text in said.items():
-        # The Rust docs go on inside the parenthesis (the test hooks), hence no ")".
+        # Some go on inside the parenthesis (the test hooks), hence no ")".
         assert f"/run/portlease/portlease.sock {rule[:-1]}" in _plain(text), where
     picture = _plain((ROOT / "docs" / "diagrams" / "socket-choice.dot").read_text())
     assert rule.removeprefix("where ") in picture

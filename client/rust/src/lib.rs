@@ -22,7 +22,8 @@
 //!
 //! The socket is chosen as the Python client chooses it: `$PORTLEASE_SOCKET`,
 //! else the system socket `/run/portlease/portlease.sock` where a system
-//! deployment exists, else the per-user socket (`$XDG_RUNTIME_DIR/portlease/portlease.sock`,
+//! deployment exists (`/run/portlease` or `/etc/portlease/config.toml` is
+//! present), else the per-user socket (`$XDG_RUNTIME_DIR/portlease/portlease.sock`,
 //! else `/tmp/portlease-$UID/portlease.sock`), with the same safety checks.
 //! This crate never starts a broker: run `portlease serve`, or install the
 //! system service.

@@ -4,10 +4,10 @@
 //!
 //! 1. an explicit socket ([`crate::Builder::socket`]);
 //! 2. `$PORTLEASE_SOCKET`;
-//! 3. the system socket `/run/portlease/portlease.sock`, wherever a system
-//!    deployment exists: its directory (`/run/portlease`) or the system config
-//!    file (`/etc/portlease/config.toml`) is present (`PORTLEASE_SYSTEM_DIR` and
-//!    `PORTLEASE_SYSTEM_CONFIG` move them; they are test hooks);
+//! 3. the system socket `/run/portlease/portlease.sock` where a system
+//!    deployment exists (`/run/portlease` or `/etc/portlease/config.toml` is
+//!    present; `PORTLEASE_SYSTEM_DIR` and `PORTLEASE_SYSTEM_CONFIG` move them, as
+//!    test hooks);
 //! 4. the per-user socket `$XDG_RUNTIME_DIR/portlease/portlease.sock`, else
 //!    `/tmp/portlease-$UID/portlease.sock`.
 //!
