@@ -5,17 +5,11 @@ only the standard library and msgspec (no trio, anyio or asyncio), so a test
 suite, a shell wrapper or any thread can use it cheaply.
 
 A lease lives as long as its connection. When the broker itself goes away
-(restart, upgrade, crash) the leases must be reclaimed within their TTL even if
-the program makes no call meanwhile (a test holding a port for minutes), so
-reclaim cannot only ride on the next call. Instead **one watcher thread per
-process** waits, in one ``epoll`` set, for a hang-up on every open connection
-that holds leases. It is started once, by the first connection that holds an
-attached lease, and never joined: later connections only add their socket to
-the set (one ``epoll_ctl``) and take it out again, so a one-shot
-``with lease(1)`` neither starts nor joins a thread, and a program with a
-hundred connections still has one thread. (A thread per connection, the old
-design, cost a thread start and join on every ``with lease()``.) Requests never
-wake the watcher: it asks for ``EPOLLRDHUP`` only.
+(restart, upgrade, crash) the leases are reclaimed within their TTL even if the
+program makes no call meanwhile: **one watcher thread per process**
+(:mod:`portlease.client.reclaim`) waits for a hang-up on every open connection
+that holds leases, and tells the connection, which reconnects and reclaims
+without ever sleeping in that thread.
 
 Locks are never held across sleeps or connects: a reconnect dials with no lock
 held and installs the new socket under the I/O lock, which only guards one
@@ -33,17 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import socket as _socket
 import sys
 import threading
 import time
-import traceback
-import weakref
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
-from . import paths
+from . import paths, reclaim
 from . import protocol as p
 from .grant import Lease, LostCallback
 from .protocol.errors import BrokerUnavailable, ConnectionLost, LeaseError, UnsafeSocket
@@ -52,8 +43,6 @@ from .session import RECONNECT_MAX_DELAY, Backoff, Call, Dropped, Retry, Session
 __all__ = ["RECONNECT_MAX_DELAY", "Connection", "default_note", "lease"]
 
 T = TypeVar("T")
-
-_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
 
 class Connection:
@@ -116,7 +105,7 @@ class Connection:
                 sock.close()
             return
         if not sys.is_finalizing():
-            _watcher().discard(self)
+            reclaim.watcher().discard(self)
         if sock is not None:
             # shutdown() acts at once for every holder of the socket: the
             # broker releases the leases now, and a thread blocked in recv()
@@ -306,7 +295,7 @@ class Connection:
             self._hung = None
             self._s.new_socket()
         if self._s.leases and self._reclaim:
-            _watcher().watch(self, sock)
+            reclaim.watcher().watch(self, sock)
 
     def _drop_locked(self, sock: _socket.socket, why: str, *, retry: bool) -> None:
         """Forget ``sock`` (caller holds the I/O lock); calls in flight fail."""
@@ -314,7 +303,7 @@ class Connection:
             return
         self._sock = None
         self._down = f"connection to the broker lost: {why}"
-        _watcher().forget(sock)
+        reclaim.watcher().forget(sock)
         self._s.connection_lost(why, retry=retry)
         with contextlib.suppress(OSError):
             sock.shutdown(_socket.SHUT_RDWR)
@@ -323,7 +312,7 @@ class Connection:
             # Kept across drops until a hello is answered, so that a broker that
             # accepts and hangs up forever still meets the deadline.
             self._backoff = self._backoff or self._s.reconnect_backoff(time.monotonic())
-            _watcher().schedule(self, time.monotonic())
+            reclaim.watcher().schedule(self, time.monotonic())
 
     def _reconnect_blocking(self) -> None:
         """Reach the broker again from a caller's thread, sleeping between tries (no lock held)."""
@@ -349,7 +338,7 @@ class Connection:
     def _watch(self) -> None:
         sock = self._sock
         if self._reclaim and sock is not None and self._s.leases:
-            _watcher().watch(self, sock)
+            reclaim.watcher().watch(self, sock)
 
     def _hangup(self, sock: _socket.socket) -> None:
         """The watcher saw ``sock`` hang up."""
@@ -361,7 +350,7 @@ class Connection:
         elif self._sock is sock:
             # A call holds the lock and will see the end itself; look again soon.
             self._hung = sock
-            _watcher().schedule(self, time.monotonic() + 0.01)
+            reclaim.watcher().schedule(self, time.monotonic() + 0.01)
 
     def _recover_step(self, now: float) -> float | None:
         """One reclaim attempt from the watcher; returns when to try again, or None when done.
@@ -428,169 +417,6 @@ def _connect(path: str, deadline: float) -> _socket.socket:
             sock.close()
             raise
         return sock
-
-
-# ---------------------------------------------------------------- the watcher
-
-
-class _Watcher:
-    """The process's one reclaim thread: an epoll set of every watched connection's socket.
-
-    Its lock guards the maps only, never I/O, so ``watch``/``forget``/
-    ``discard`` return at once from any thread.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._ep = select.epoll()
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._ep.register(self._wake, select.EPOLLIN)
-        self._by_fd: dict[int, tuple[weakref.ref[Connection], _socket.socket]] = {}
-        self._due: weakref.WeakKeyDictionary[Connection, float] = weakref.WeakKeyDictionary()
-        self._thread: threading.Thread | None = None
-
-    def watch(self, conn: Connection, sock: _socket.socket) -> None:
-        fd = sock.fileno()
-        if fd < 0:
-            return
-        with self._lock:
-            known = self._by_fd.get(fd)
-            if known is not None and known[1] is sock:
-                return
-            if known is not None:
-                with contextlib.suppress(OSError):
-                    self._ep.unregister(fd)
-            try:
-                self._ep.register(fd, select.EPOLLRDHUP)
-            except OSError:
-                return
-            self._by_fd[fd] = (weakref.ref(conn), sock)
-            self._start_locked()
-
-    def forget(self, sock: _socket.socket) -> None:
-        """Stop watching ``sock`` (before it is closed: its fd number may be reused)."""
-        fd = sock.fileno()
-        if fd < 0 or not self._acquire():
-            return
-        try:
-            known = self._by_fd.get(fd)
-            if known is not None and known[1] is sock:
-                del self._by_fd[fd]
-                with contextlib.suppress(OSError, ValueError):
-                    self._ep.unregister(fd)
-        finally:
-            self._lock.release()
-
-    def schedule(self, conn: Connection, at: float) -> None:
-        with self._lock:
-            self._due[conn] = at
-            self._start_locked()
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake, 1)
-
-    def discard(self, conn: Connection) -> None:
-        if not self._acquire():
-            return  # the thread skips closed connections by itself
-        try:
-            self._due.pop(conn, None)
-            for fd, (ref, _sock) in list(self._by_fd.items()):
-                if ref() is conn:
-                    del self._by_fd[fd]
-                    with contextlib.suppress(OSError, ValueError):
-                        self._ep.unregister(fd)
-        finally:
-            self._lock.release()
-
-    def _start_locked(self) -> None:
-        # Once per process (per forked child): never joined, it dies with the process.
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="portlease-reclaim",
-                                            daemon=True)
-            self._thread.start()
-
-    def _acquire(self) -> bool:
-        # Bounded: at interpreter exit a frozen daemon thread may hold the lock
-        # forever; then the bookkeeping is simply skipped.
-        return self._lock.acquire(timeout=0.5)
-
-    def _run(self) -> None:
-        while True:
-            try:
-                self._step()
-            except Exception:
-                # A bug here must not end reclaim for every connection.
-                print("portlease: the reclaim thread hit a bug:", file=sys.stderr)
-                traceback.print_exc()
-                time.sleep(0.1)
-
-    def _step(self) -> None:
-        with self._lock:
-            due = list(self._due.values())
-        timeout = max(0.0, min(due) - time.monotonic()) if due else -1
-        events = self._ep.poll(timeout)
-        for fd, mask in events:
-            if fd == self._wake:
-                with contextlib.suppress(OSError):
-                    os.eventfd_read(self._wake)
-                continue
-            with self._lock:
-                known = self._by_fd.pop(fd, None)
-                with contextlib.suppress(OSError, ValueError):
-                    self._ep.unregister(fd)
-            if known is None or not mask & _HANGUP:
-                continue
-            conn = known[0]()
-            if conn is not None:
-                conn._hangup(known[1])
-        now = time.monotonic()
-        with self._lock:
-            ready = [conn for conn, at in self._due.items() if at <= now]
-            for conn in ready:
-                del self._due[conn]
-        for conn in ready:
-            try:
-                again = conn._recover_step(now)
-            except Exception:
-                print("portlease: reclaim failed:", file=sys.stderr)
-                traceback.print_exc()
-                again = None
-            if again is not None:
-                self.schedule(conn, again)
-
-    def close(self) -> None:
-        """Drop the inherited epoll set in a forked child (no thread runs there)."""
-        with contextlib.suppress(OSError):
-            self._ep.close()
-        with contextlib.suppress(OSError):
-            os.close(self._wake)
-
-
-_the_watcher: _Watcher | None = None
-_the_watcher_lock = threading.Lock()
-
-
-def _watcher() -> _Watcher:
-    global _the_watcher
-    w = _the_watcher
-    if w is None:
-        with _the_watcher_lock:
-            if _the_watcher is None:
-                _the_watcher = _Watcher()
-            w = _the_watcher
-    return w
-
-
-def _after_fork_in_child() -> None:
-    # The watcher thread did not survive the fork, and its locks may be held by
-    # threads that no longer exist: the child starts from nothing.
-    global _the_watcher, _the_watcher_lock
-    old, _the_watcher = _the_watcher, None
-    _the_watcher_lock = threading.Lock()
-    if old is not None:
-        old.close()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @contextlib.contextmanager

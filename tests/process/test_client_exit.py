@@ -216,12 +216,11 @@ def test_close_returns_even_if_a_frozen_thread_holds_every_lock(broker: BrokerPr
     """
     import threading
 
-    from portlease.client import Connection
-    from portlease.client import sync as sync_module
+    from portlease.client import Connection, reclaim
 
     conn = Connection(broker.socket)
     held = conn.lease(1)
-    watcher = sync_module._watcher()
+    watcher = reclaim.watcher()
     taken, release = threading.Event(), threading.Event()
 
     def freeze() -> None:
