@@ -786,3 +786,71 @@ def test_a_symlink_planted_at_a_broker_file_is_refused(tmp_path: Path, name: str
     assert "Traceback" not in res.stderr
     assert victim.read_text() == "the victim's data\n"
     assert planted.is_symlink()
+
+
+# ---------------------------------------------------------------- half-close (issue 20)
+
+_HALF_CLOSER = """
+import json, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+s.sendall(b'{"op":"hello","id":0,"version":1}\\n{"op":"lease","id":1,"count":2}\\n')
+s.shutdown(socket.SHUT_WR)
+f = s.makefile("rb")
+f.readline()
+print(f.readline().decode().strip(), flush=True)
+time.sleep(600)
+"""
+
+
+def held_ports(path: str) -> set[int]:
+    r = Raw(path)
+    try:
+        return {port for lease in r.call({"op": "status"})["leases"] for port in lease["ports"]}
+    finally:
+        r.close()
+
+
+def wait_until_free(path: str, ports: list[int]) -> None:
+    for _ in range(500):
+        if not set(ports) & held_ports(path):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"ports {ports} still held")
+
+
+def test_a_half_closed_client_keeps_its_lease_until_it_closes(broker: BrokerProc) -> None:
+    """Issue 20: hello + lease, then shutdown(SHUT_WR): the client was told ``granted``
+    for a lease the broker had already ended at the end of input. The lease now lives
+    while the client can still read, and ends when it closes: no longer than a
+    connection that stays open would hold it."""
+    s = connect(broker.socket)
+    lines = Lines(s)
+    s.sendall(encode({"id": 0, **HELLO}, {"id": 1, "op": "lease", "count": 2}))
+    s.shutdown(socket.SHUT_WR)
+    assert lines.next()["reply"] == "hello"
+    granted = lines.next()
+    assert granted["reply"] == "granted", granted
+    assert set(granted["ports"]) <= held_ports(broker.socket)
+    # Still held by that connection: another one cannot take it over.
+    other = Raw(broker.socket)
+    assert other.call({"op": "reclaim", "token": granted["token"]})["code"] == "in-use"
+    other.close()
+    s.close()
+    wait_until_free(broker.socket, granted["ports"])
+    no_traceback(broker)
+
+
+def test_a_half_closed_client_that_dies_frees_its_lease(broker: BrokerProc) -> None:
+    """A half-closed connection pins nothing past its holder: SIGKILL closes it, and the
+    lease ends as it does for any connection."""
+    proc = subprocess.Popen([PYTHON, "-c", _HALF_CLOSER, broker.socket], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        granted = json.loads(proc.stdout.readline())
+        assert granted["reply"] == "granted", granted
+        assert set(granted["ports"]) <= held_ports(broker.socket)
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_until_free(broker.socket, granted["ports"])
