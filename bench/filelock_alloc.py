@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import portalloc_crate as crate  # noqa: E402
+import portalloc_crate as crate
 
 LOW = crate.LOW
 HIGH = crate.HIGH

@@ -35,12 +35,14 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import trio
 
 from . import portalloc as pa
 from .portalloc_files import Exchanged, ShareDir
+
+T = TypeVar("T")
 
 RENEW_AFTER = 30.0
 """Seconds after which a block's expiry is pushed forward (it is written 120 s ahead)."""
@@ -198,6 +200,14 @@ class PortallocShare:
                 if placed is False:
                     return None
         return None
+
+    async def around_grant(self, grant: Callable[[], T], count: int = 1) -> T:
+        """Run ``grant()`` once a published block has room for ``count`` ports, or once
+        waiting for one failed (the grant then finds no room and refuses): for callers
+        that build their own refusal (the portpicker endpoint)."""
+        if not self.has_room(count):
+            await self.make_room(count)
+        return grant()
 
     def lease_ended(self) -> None:
         """A lease ended: empty blocks go back to the crate soon (coalesced with others)."""
