@@ -56,6 +56,7 @@ import trio
 
 from portlease.client import protocol as p
 
+from .config import HOT_WAIT
 from .core import Session
 
 log = logging.getLogger("portlease.broker")
@@ -78,10 +79,6 @@ RECV_SIZE = 16 * 1024
 what a connection can make the broker hold is this plus ``MAX_LINE``."""
 MAX_EVENTS = 4096
 """Events taken from epoll at once."""
-HOT_WAIT = 0.002
-"""Default seconds the loop may wait in its own epoll, when no other trio task is
-runnable and no trio timer is due, before it parks on trio's (see
-:meth:`Driver._loop`); the broker's ``hot_wait`` setting."""
 BUSY_TURNS = 16
 """Rounds served back to back (epoll always had work) before yielding to other trio tasks."""
 ACCEPT_PAUSE = 0.1
@@ -179,6 +176,10 @@ class Driver:
         pending_total: int = PENDING_TOTAL,
         hot_wait: float = HOT_WAIT,
     ) -> None:
+        """``hot_wait``: seconds the loop may wait in its own epoll, when no other trio
+        task is runnable and no trio timer is due, before it parks on trio's (see
+        :meth:`_loop`; the broker's ``hot_wait`` setting). The pending bounds default
+        to PENDING_PER_UID and PENDING_TOTAL."""
         self.listener = listener
         self.handler = handler
         self._session_for = session_for

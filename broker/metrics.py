@@ -93,6 +93,7 @@ class Metrics:
         self._refusals: dict[str, int] = dict.fromkeys(_REFUSALS, 0)
         self._bind_failures: dict[tuple[str, str], int] = dict.fromkeys(_PROBES, 0)
         self._reclaims = 0
+        self._token_misses: dict[tuple[str, int | None], int] = {}
         self._orphan_expiries = 0
         self._duration = _Histogram(DURATION_BUCKETS)
 
@@ -113,6 +114,13 @@ class Metrics:
     def reclaimed(self) -> None:
         """A lease was reclaimed with its token on a new connection."""
         self._reclaims += 1
+
+    def token_missed(self, op: str, uid: int | None) -> int:
+        """A ``release``/``renew``/``detach``/``reclaim`` (``op``) of ``uid`` named a token
+        no lease has; returns that uid's count of such requests so far, every op."""
+        key = (op, uid)
+        self._token_misses[key] = self._token_misses.get(key, 0) + 1
+        return sum(n for (_, u), n in self._token_misses.items() if u == uid)
 
     def orphan_expired(self) -> None:
         """An orphaned (restored, unreclaimed) lease reached its expiry and was freed."""
@@ -154,6 +162,10 @@ class Metrics:
                     [({"proto": p, "family": f}, n) for (p, f), n in sorted(self._bind_failures.items())])
         out.counter("portlease_reclaims", "Leases reclaimed with their token on a new connection.",
                     [({}, self._reclaims)])
+        misses = sorted(self._token_misses.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))
+        out.counter("portlease_token_misses",
+                    "Requests naming a token no lease has (ended, never granted, or guessed), by op and uid.",
+                    [({"op": op, "uid": "" if uid is None else str(uid)}, n) for (op, uid), n in misses])
         out.counter("portlease_orphan_expiries", "Orphaned leases (restored, never reclaimed) that expired.",
                     [({}, self._orphan_expiries)])
         out.histogram("portlease_lease_duration_seconds", "How long leases were held, counted when they end.",

@@ -74,6 +74,9 @@ WALL_JITTER = 0.01
 broker follows it (reading the two clocks is not one instant)."""
 LOG_EVERY = 1.0
 """Seconds between two log lines about the same kind of client fault or refusal."""
+TOKEN_MISS_WARN = 100
+"""Requests of one uid naming a token no lease has, per warning in the log (token guessing)."""
+_TOKEN_OPS = frozenset({"release", "renew", "detach", "reclaim"})
 
 
 def make_allocator(config: Config) -> tuple[Allocator, str | None]:
@@ -171,6 +174,7 @@ class Broker:
     _refusals: _RateLimited = field(init=False)
     _journal_errors: _RateLimited = field(init=False)
     _portserver_refusals: _RateLimited = field(init=False)
+    _token_misses: _RateLimited = field(init=False)
 
     def __post_init__(self) -> None:
         allocator, notice = make_allocator(self.config)
@@ -200,6 +204,10 @@ class Broker:
             logging.WARNING, "portserver: refused %d request(s) (empty reply), the last: %s"
         )
         self._claims_full = _RateLimited(logging.ERROR, "refused %d grant(s): %s")
+        self._token_misses = _RateLimited(
+            logging.WARNING, f"token guessing? %d time(s) {TOKEN_MISS_WARN} more requests of one uid "
+            "named a token no lease has; the last: %s"
+        )
 
     @property
     def table(self) -> LeaseTable:
@@ -305,7 +313,7 @@ class Broker:
     ) -> None:
         """Serve ``listener`` (and portpicker on ``portserver``) until :meth:`stop`;
         leases stay in the journal after."""
-        self.driver = Driver(listener, self, self._session_for)
+        self.driver = Driver(listener, self, self._session_for, hot_wait=self.config.hot_wait)
         self._idle_since = self.clock()
         self._presence = announce(os.geteuid(), os.getpid())
         try:
@@ -517,6 +525,11 @@ class Broker:
             self.claims.settle(kept)
         if isinstance(reply, p.Error):
             self.metrics.refused(reply.code.value)
+            if reply.code is p.ErrorCode.NOT_FOUND and outcome.op in _TOKEN_OPS:
+                peer = session.peer
+                misses = self.metrics.token_missed(outcome.op, peer.uid)
+                if misses % TOKEN_MISS_WARN == 0:
+                    self._token_misses.note(f"uid {peer.uid} (pid {peer.pid}), {misses} in all")
         elif isinstance(reply, p.Reclaimed):
             self.metrics.reclaimed()
         if session.unidentified and not session.identified:
@@ -609,7 +622,8 @@ class Broker:
             return
         # Socket, state, group and the portalloc directory are fixed for the life
         # of the process: changing them under live connections has no safe meaning.
-        for key in ("socket", "state", "group", "portalloc_dir", "socket_mode", "portserver"):
+        for key in ("socket", "state", "group", "portalloc_dir", "socket_mode", "portserver",
+                    "hot_wait"):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("reload: %s changes only at restart; keeping %r", key,
                             getattr(self.config, key))
@@ -686,7 +700,7 @@ class Broker:
                 self._compact_after = now.mono + JOURNAL_RETRY
         self._update_status()
         for limited in (self._faults, self._refusals, self._journal_errors, self._claims_full,
-                        self._portserver_refusals):
+                        self._portserver_refusals, self._token_misses):
             limited.flush()
         if self.clients or len(self.table):
             self._idle_since = now.mono

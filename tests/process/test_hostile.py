@@ -854,3 +854,27 @@ def test_a_half_closed_client_that_dies_frees_its_lease(broker: BrokerProc) -> N
         proc.kill()
         proc.wait()
     wait_until_free(broker.socket, granted["ports"])
+
+
+# ---------------------------------------------------------------- token guessing (issue 20)
+
+
+def test_guessed_tokens_are_counted_per_uid_and_warned_about(broker: BrokerProc) -> None:
+    """Issue 20: 83-85k guessed tokens a second left no trace. Each miss is counted in the
+    metrics by op and uid, and the log warns (rate-limited) per 100 misses of one uid."""
+    r = Raw(broker.socket)
+    guesses = 250
+    r.send(b"".join(json.dumps({"id": i, "op": "reclaim" if i % 2 else "release",
+                                "token": f"{i:032x}"}).encode() + b"\n" for i in range(guesses)))
+    for _ in range(guesses):
+        assert r.line()["code"] == "not-found"
+    text = r.call({"op": "metrics"})["text"]
+    r.close()
+    uid = os.getuid()
+    for op, n in (("reclaim", guesses // 2), ("release", guesses - guesses // 2)):
+        assert f'portlease_token_misses_total{{op="{op}",uid="{uid}"}} {n}\n' in text, text
+    for _ in range(300):
+        if "token guessing?" in broker.log.read_text():
+            break
+        time.sleep(0.01)
+    assert "token guessing?" in broker.log.read_text()

@@ -43,6 +43,8 @@ def busy() -> Metrics:
     m.bind_check_failed("udp", "ipv6")
     m.bind_check_failed("udp", "ipv6")
     m.reclaimed()
+    for op, uid in (("reclaim", 1000), ("reclaim", 1000), ("release", 1000), ("renew", 1001)):
+        m.token_missed(op, uid)
     m.orphan_expired()
     m.orphan_expired()
     for seconds in (0.2, 1.0, 1.5, 45.0, 100000.0):
@@ -73,6 +75,7 @@ def test_openmetrics_parses_and_carries_every_number() -> None:
         "portlease_range_high": "gauge", "portlease_grants": "counter", "portlease_ports_granted": "counter",
         "portlease_refusals": "counter", "portlease_bind_check_failures": "counter",
         "portlease_reclaims": "counter", "portlease_orphan_expiries": "counter",
+        "portlease_token_misses": "counter",
         "portlease_lease_duration_seconds": "histogram",
     }
     assert {f.name: f.unit for f in families}["portlease_lease_duration_seconds"] == "seconds"
@@ -96,6 +99,9 @@ def test_openmetrics_parses_and_carries_every_number() -> None:
     assert value(v, "portlease_bind_check_failures_total", proto="udp", family="ipv6") == 2
     assert value(v, "portlease_reclaims_total") == 1
     assert value(v, "portlease_orphan_expiries_total") == 2
+    assert value(v, "portlease_token_misses_total", op="reclaim", uid="1000") == 2
+    assert value(v, "portlease_token_misses_total", op="release", uid="1000") == 1
+    assert value(v, "portlease_token_misses_total", op="renew", uid="1001") == 1
     # Buckets are cumulative and a value on a bound falls in that bucket (le = "less or equal").
     name = "portlease_lease_duration_seconds"
     assert value(v, name + "_bucket", le="1.0") == 2
@@ -125,6 +131,18 @@ def test_label_values_are_escaped() -> None:
     m.refused(odd)
     v = samples(list(om_parser.text_string_to_metric_families(m.render(SNAP))))
     assert value(v, "portlease_refusals_total", reason=odd) == 1
+
+
+def test_token_misses_count_per_uid_over_every_op() -> None:
+    """Issue 20: guessing tokens (83-85k guesses/s) left no trace. Each miss is counted by
+    op and uid, and the call returns the uid's total, which the broker warns on."""
+    m = Metrics()
+    assert [m.token_missed(op, 7) for op in ("reclaim", "release", "reclaim")] == [1, 2, 3]
+    assert m.token_missed("release", None) == 1
+    families = list(om_parser.text_string_to_metric_families(m.render(SNAP)))
+    v = samples(families)
+    assert value(v, "portlease_token_misses_total", op="reclaim", uid="7") == 2
+    assert value(v, "portlease_token_misses_total", op="release", uid="") == 1
 
 
 def test_a_negative_or_nan_duration_counts_as_zero() -> None:
