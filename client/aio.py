@@ -15,7 +15,11 @@ reclaimed is reported on stderr, passed to ``on_lost``, marked on
 Cancellation never strands a lease: a request cancelled after it was sent
 stays registered, and if the broker grants it anyway the grant is released as
 soon as the reply arrives. Leaving :func:`open_lease` or :func:`connect` for
-any reason closes the socket, and the broker releases every lease bound to it.
+any reason closes the socket, and the broker releases every lease bound to it;
+before that, if a request nobody waits for any more could still be granting a
+detached lease, the replies are read and such a grant released (shielded from
+the cancellation, for at most :data:`~portlease.client.session.SETTLE_MAX`
+seconds).
 Exceptions come out as they were raised, never wrapped in an ``ExceptionGroup``.
 """
 
@@ -43,7 +47,7 @@ from . import paths
 from . import protocol as p
 from .grant import Lease, LostCallback
 from .protocol.errors import BrokerUnavailable, ConnectionLost, LeaseError, PortleaseError, UnsafeSocket
-from .session import RECONNECT_MAX_DELAY, Backoff, Call, Dropped, Retry, Session
+from .session import RECONNECT_MAX_DELAY, SETTLE_MAX, Backoff, Call, Dropped, Retry, Session
 
 __all__ = ["AsyncConnection", "connect", "open_lease"]
 
@@ -264,6 +268,30 @@ class AsyncConnection:
                 if data:
                     await stream.send(data)
 
+    async def _settle(self) -> None:
+        """Before the socket is closed on purpose: give back what abandoned requests were granted.
+
+        The reader task has stopped by now, so this reads the replies itself.
+        Shielded, since it runs as the caller's cancellation unwinds, and
+        bounded, since a stopped broker must not hold the caller up.
+        """
+        stream = self._stream
+        if stream is None or self._closed or not self._s.unsettled:
+            return
+        with anyio.CancelScope(shield=True), \
+                anyio.move_on_after(min(self.timeout, SETTLE_MAX)), \
+                contextlib.suppress(*_BROKEN, PortleaseError):
+            async with self._send_lock:
+                while self._s.unsettled and stream is self._stream:
+                    data = self._s.data_to_send()
+                    if data:
+                        await stream.send(data)
+                        continue
+                    self._s.feed(await stream.receive(65536))
+                    while (event := self._s.next_event()) is not None:
+                        if isinstance(event, Call) and event.waiter is not None:
+                            event.waiter.set()
+
     # -------------------------------------------------------- stream plumbing
 
     async def _dial(self, wait: float | None = None) -> anyio.abc.SocketStream:
@@ -474,11 +502,15 @@ async def connect(
                 # their own exception rather than an ExceptionGroup around it.
                 body_error = exc
             finally:
-                conn.close()
+                # The reader stops; the socket stays open for _settle.
+                tg.cancel_scope.cancel()
     finally:
+        conn._tg = None
+        await conn._settle()
+        last = conn._stream
         conn.close()
-        if stream is not None:
-            await _aclose(stream)
+        for opened in {id(s): s for s in (stream, last) if s is not None}.values():
+            await _aclose(opened)
     if body_error is not None:
         raise body_error
 

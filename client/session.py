@@ -36,6 +36,10 @@ RECONNECT_MAX_DELAY = 0.1
 """Longest pause between attempts to reach a restarting broker. A refused
 connect on a Unix socket costs microseconds, and every pause is time the
 leases spend as orphans, so the clients keep knocking often."""
+SETTLE_MAX = 5.0
+"""Longest a closing connection waits for the replies that may carry a grant
+nobody waits for any more (see :attr:`Session.unsettled`); a broker that is
+stopped must not hold up the caller's cancellation for longer."""
 
 
 def default_note() -> str | None:
@@ -212,7 +216,10 @@ class Session:
         failed = []
         for call in self._pending.clear():
             if call.abandoned:
-                continue  # the broker released whatever it granted with the socket
+                # Nobody waits for it. What the broker granted on this socket
+                # ends with it; a detached grant the shell did not settle
+                # (:attr:`unsettled`) lives until its TTL.
+                continue
             call.error = (Dropped if retry else ConnectionLost)(f"connection to the broker lost: {why}")
             failed.append(call)
         return failed
@@ -347,6 +354,22 @@ class Session:
         self._undos.append(Call(undo, _ignore, p.Reply, abandoned=True))
 
     @property
+    def unsettled(self) -> bool:
+        """Closing the socket now could strand something nobody will hear of.
+
+        True while a request nobody waits for any more is unanswered and its
+        effect would outlive the socket (a detached lease, a reclaim, a
+        release or detach), or while undoing an abandoned grant is yet to be
+        sent or answered. A shell about to close the socket on purpose first
+        reads replies and sends :meth:`data_to_send` until this turns False
+        (for at most :data:`SETTLE_MAX` seconds): connection-bound grants end
+        with the socket anyway, a detached one would be held until its TTL.
+        """
+        return bool(self._undos) or any(
+            call.abandoned and _outlives_socket(call.request) for call in self._pending
+        )
+
+    @property
     def has_data_to_send(self) -> bool:
         """Whether :meth:`data_to_send` has something."""
         return bool(self._undos)
@@ -466,6 +489,12 @@ class Session:
 
 class Dropped(ConnectionLost):
     """The socket went away with the request in flight: worth one retry on a new one."""
+
+
+def _outlives_socket(request: p.Request) -> bool:
+    if isinstance(request, p.Lease):
+        return request.detach
+    return isinstance(request, (p.Release, p.Detach, p.Reclaim))
 
 
 def _ignore(reply: Any) -> None:
