@@ -413,8 +413,8 @@ def ecosystem_fixtures() -> types.ModuleType:
     fixtures: dict[str, Any] = {}
     for func in _FUNCTION_SCOPED:
         fixtures[func.__name__] = pytest.fixture(func, name=func.__name__[1:])
-    for func in _SESSION_SCOPED:
-        fixtures[func.__name__] = pytest.fixture(func, name=func.__name__[1:], scope="session")
+    for factory in _SESSION_SCOPED:
+        fixtures[factory.__name__] = pytest.fixture(factory, name=factory.__name__[1:], scope="session")
     # A module object: pytest reads a plugin's fixtures off a module (or a class),
     # not off the instance of a plain object.
     holder = types.ModuleType(f"{__name__}.ecosystem", "pytest-asyncio's, anyio's and aiohttp's "

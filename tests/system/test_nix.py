@@ -255,7 +255,8 @@ DEFECTS = {
     # The hook expands pytestFlagsArray with `eval`: "not slow" becomes two words.
     "a marker expression in pytestFlagsArray": (
         "package.nix", '  pytestImportMode = "prepend";\n',
-        '  pytestImportMode = "prepend";\n  pytestFlagsArray = [ "-m" "not slow" "-p" "no:cacheprovider" ];\n',
+        '  pytestImportMode = "prepend";\n'
+        '  pytestFlagsArray = [ "-m" "not slow" "-p" "no:cacheprovider" ];\n',
         "ERROR: file or directory not found: slow"),
     # The hook's default import mode leaves tests/ off sys.path.
     "the hook's importlib import mode": (
