@@ -357,10 +357,20 @@ def test_sigkilled_wrappers_ports_free_at_once(container: Container) -> None:
            "import socket,sys\n"
            "for p in map(int, sys.argv[1:]):\n"
            "    s = socket.socket(); s.bind(('127.0.0.1', p)); s.close()", *map(str, w.ports)])
-    cmd_alive = c.run(["kill", "-0", str(w.cmd_pid)], check=False).returncode == 0
-    record("test_sigkilled_wrappers_ports_free_at_once", f"its command still running: {cmd_alive}")
-    if cmd_alive:
-        c.run(["kill", "-KILL", str(w.cmd_pid)], check=False)
+    # The wrapper's CMD dies with it (the kernel kills it when its parent
+    # dies); it is gone once init has reaped it, so wait for that, bounded.
+    def cmd_alive() -> bool:
+        return c.run(["kill", "-0", str(w.cmd_pid)], check=False).returncode == 0
+
+    try:
+        wait_for("the killed wrapper's command to end", lambda: True if not cmd_alive() else None,
+                 timeout=20)
+    finally:
+        alive = cmd_alive()
+        record("test_sigkilled_wrappers_ports_free_at_once", f"its command still running: {alive}")
+        if alive:
+            c.run(["kill", "-KILL", str(w.cmd_pid)], check=False)
+    assert not cmd_alive(), f"the SIGKILLed wrapper's command (pid {w.cmd_pid}) outlived it"
 
 
 def test_restart_with_leases_held_clients_reclaim(container: Container, holders: dict[str, Wrapper]) -> None:
