@@ -9,6 +9,11 @@
     --role hostile  one uid at all its caps: connections, long-note leases, pipelined status
                   never read, slow-loris (run under another uid by ``load.py --hostile``)
     --role honest lease + release (and now and then a new connection) in a loop, latencies
+    --role pipeline  N connections each keeping --depth requests in flight (``ping``, or
+                  ``status`` with after=65535: cheap requests, many connections of one uid)
+    --role pages  take --leases leases with long notes, then N connections each send one
+                  ``status`` (a page of ~700 kB) and never read
+    --role renew  one detached lease renewed --n times, pipelined in batches
 
 Stdlib only: ``load.py --hostile`` runs it as other uids with the system python.
 """
@@ -16,6 +21,7 @@ Stdlib only: ``load.py --hostile`` runs it as other uids with the system python.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import selectors
@@ -350,10 +356,141 @@ def honest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connect_many(path: str, n: int) -> tuple[list[socket.socket], dict[str, int]]:
+    """Up to ``n`` connections that got ``hello``, and the refusals (by code) met on the way."""
+    socks: list[socket.socket] = []
+    refused: dict[str, int] = {}
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        try:
+            s.connect(path)
+            s.sendall(HELLO)
+            reply = json.loads(s.recv(65536).split(b"\n")[0])
+        except (OSError, ValueError) as exc:
+            s.close()
+            refused[type(exc).__name__] = refused.get(type(exc).__name__, 0) + 1
+            continue
+        if reply.get("reply") != "hello":
+            s.close()
+            code = str(reply.get("code", "?"))
+            refused[code] = refused.get(code, 0) + 1
+            continue
+        socks.append(s)
+    return socks, refused
+
+
+def pipeline(args: argparse.Namespace) -> int:
+    """Many connections of one uid, each keeping ``--depth`` cheap requests in flight.
+
+    Prints ``{"ready": ...}`` once every connection is open and flooding, then
+    floods until a line arrives on stdin (or ``--seconds`` pass), then prints
+    the replies it got.
+    """
+    raise_nofile()
+    socks, refused = _connect_many(args.socket, args.n)
+    one = {"ping": b'{"op":"ping","id":1}\n',
+           "status-after": b'{"op":"status","id":1,"after":65535}\n'}[args.request]
+    burst = one * args.depth
+    sel = selectors.DefaultSelector()
+    owed: dict[int, int] = {}
+    for s in socks:
+        s.setblocking(False)
+        s.sendall(burst)
+        owed[s.fileno()] = args.depth
+        sel.register(s, selectors.EVENT_READ)
+    sel.register(sys.stdin, selectors.EVENT_READ)
+    print(json.dumps({"ready": True, "connections": len(socks)}), flush=True)
+    replies = 0
+    end = time.monotonic() + args.seconds
+    running = True
+    while running and time.monotonic() < end:
+        for key, _ in sel.select(0.5):
+            if key.fileobj is sys.stdin:
+                running = False
+                break
+            s = key.fileobj  # type: ignore[assignment]
+            try:
+                data = s.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(s)
+                continue
+            got = data.count(b"\n")
+            replies += got
+            fd = s.fileno()
+            owed[fd] -= got
+            if owed[fd] <= 0:
+                # The whole batch is answered: send the next one at once.
+                with contextlib.suppress(OSError):
+                    s.sendall(burst)
+                owed[fd] += args.depth
+    print(json.dumps({"connections": len(socks), "refused": refused, "replies": replies,
+                      "request": args.request, "depth": args.depth}), flush=True)
+    for s in socks:
+        s.close()
+    return 0
+
+
+def pages(args: argparse.Namespace) -> int:
+    """Leases with long escaped notes (so a ``status`` page is as large as it gets), then ``--n``
+    connections each sending one ``status`` and never reading its reply."""
+    raise_nofile()
+    holders, _ = _connect_many(args.socket, -(-args.leases // 1000))
+    # A control character is six bytes in a JSON reply (\u0001): the largest page a
+    # small range of leases can make.
+    note = "\x01" * args.note
+    leases = 0
+    for s in holders:
+        want = min(1000, args.leases - leases)
+        s.sendall(b"".join(json.dumps({"op": "lease", "id": i + 1, "count": 1,
+                                       "note": note}).encode() + b"\n" for i in range(want)))
+        f = s.makefile("rb")
+        leases += sum(json.loads(f.readline()).get("reply") == "granted" for _ in range(want))
+    socks, refused = _connect_many(args.socket, args.n)
+    for s in socks:
+        s.sendall(b'{"op":"status","id":1}\n')
+    print(json.dumps({"ready": True, "connections": len(socks), "refused": refused,
+                      "leases": leases}), flush=True)
+    sys.stdin.readline()  # hold everything, unread, until told
+    print(json.dumps({"connections": len(socks), "leases": leases}), flush=True)
+    for s in socks + holders:
+        s.close()
+    return 0
+
+
+def renew(args: argparse.Namespace) -> int:
+    """One detached lease renewed ``--n`` times, ``--depth`` renews pipelined at a time."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(60)
+    s.connect(args.socket)
+    f = s.makefile("rb")
+    s.sendall(HELLO)
+    f.readline()
+    s.sendall(b'{"op":"lease","id":1,"count":1,"detach":true,"ttl":86400}\n')
+    token = json.loads(f.readline())["token"]
+    burst = (json.dumps({"op": "renew", "id": 2, "token": token}).encode() + b"\n") * args.depth
+    done, t0 = 0, time.monotonic()
+    while done < args.n:
+        s.sendall(burst)
+        for _ in range(args.depth):
+            f.readline()
+        done += args.depth
+    took = time.monotonic() - t0
+    s.sendall(json.dumps({"op": "release", "id": 3, "token": token}).encode() + b"\n")
+    f.readline()
+    s.close()
+    print(json.dumps({"renews": done, "seconds": took}), flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--role", choices=["hold", "loris", "flood", "status", "hostile", "honest"],
-                    required=True)
+    ap.add_argument("--role", choices=["hold", "loris", "flood", "status", "hostile", "honest",
+                                       "pipeline", "pages", "renew"], required=True)
     ap.add_argument("--socket", required=True)
     ap.add_argument("--n", type=int, default=1)
     ap.add_argument("--id", default="0")
@@ -362,9 +499,12 @@ def main() -> int:
     ap.add_argument("--leases", type=int, default=4096, help="hostile: leases to hold")
     ap.add_argument("--note", type=int, default=1000, help="hostile: bytes of each lease's note")
     ap.add_argument("--status-conns", type=int, default=64, help="hostile: pipelined status writers")
+    ap.add_argument("--pad", default="", help="ignored: makes the command line longer (pages)")
+    ap.add_argument("--depth", type=int, default=64, help="pipeline, renew: requests in flight")
+    ap.add_argument("--request", choices=["ping", "status-after"], default="ping", help="pipeline")
     args = ap.parse_args()
     roles = {"hold": hold, "loris": loris, "flood": flood, "status": status_loop, "hostile": hostile,
-             "honest": honest}
+             "honest": honest, "pipeline": pipeline, "pages": pages, "renew": renew}
     return roles[args.role](args)
 
 

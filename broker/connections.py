@@ -445,6 +445,9 @@ class Driver:
             conn.readable = False
             conn.eof = True
             return False
+        # A short read took all there was: what comes later, epoll reports (level-
+        # triggered), so no read that would only say EAGAIN follows every request.
+        conn.readable = len(data) == RECV_SIZE
         conn.framer.feed(data)
         return True
 
