@@ -12,6 +12,10 @@ this shared machine falls on all of them alike), median of ``--rounds``:
 - ``python -c "import portlease.client"``: what the pytest plugin pays in every
   pytest run of everyone who installed portlease;
 - ``python -c "import msgspec"``: the one dependency, for scale;
+- ``import msgspec, argparse, socket``: the floor under any ``lease -- CMD`` that
+  parses its arguments with argparse and speaks the protocol (msgspec Structs);
+  and the same with ``dataclasses`` (which imports inspect, ast, dis, tokenize):
+  what the sync client's dataclasses add to it;
 - ``import pytest`` and ``import pytest, portlease.client.pytest_plugin``: what
   the plugin module adds to a pytest run, beyond the package;
 - ``portlease --version``: the entry point and its parser, nothing sent;
@@ -115,6 +119,10 @@ def main() -> int:
             contenders = {
                 "python -c pass": [python, "-c", "pass"],
                 "import msgspec": [python, "-c", "import msgspec"],
+                "floor: msgspec, argparse, socket": [
+                    python, "-c", "import msgspec, argparse, socket"],
+                "floor + dataclasses": [
+                    python, "-c", "import msgspec, argparse, socket, dataclasses"],
                 "import portlease.client": [python, "-c", "import portlease.client"],
                 "import pytest": [python, "-c", "import pytest"],
                 "import pytest + the plugin": [
