@@ -46,8 +46,17 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 from . import paths
 from . import protocol as p
 from .grant import Lease, LostCallback
-from .protocol.errors import BrokerUnavailable, ConnectionLost, LeaseError, PortleaseError, UnsafeSocket
-from .session import RECONNECT_MAX_DELAY, SETTLE_MAX, Backoff, Call, Dropped, Retry, Session
+from .protocol.errors import BrokerUnavailable, ConnectionLost, LeaseError, PortleaseError
+from .session import (
+    RECONNECT_MAX_DELAY,
+    SETTLE_MAX,
+    Call,
+    Dropped,
+    GiveUp,
+    Reconnect,
+    Retry,
+    Session,
+)
 
 __all__ = ["AsyncConnection", "connect", "open_lease"]
 
@@ -72,7 +81,7 @@ class AsyncConnection:
         timeout: float = 30.0,
         reclaim: bool = True,
         on_lost: LostCallback | None = None,
-        client: str = "portlease-async",
+        client: str | None = None,
         autostart: bool | None = None,
     ) -> None:
         self._choice = paths.choose_socket(socket)
@@ -80,13 +89,13 @@ class AsyncConnection:
         self.timeout = timeout
         self._reclaim = reclaim
         self._autostart = autostart
-        self._s = Session(client, on_lost=on_lost, timeout=timeout)
+        self._s = Session(client or "portlease-async", on_lost=on_lost, timeout=timeout)
         self._stream: anyio.abc.SocketStream | None = None
         self._send_lock = anyio.Lock()
         self._closed = False
         self._fatal: LeaseError | None = None
         self._down = "not connected"
-        self._backoff: Backoff | None = None
+        self._reconnect: Reconnect | None = None  # kept across drops until a hello is answered
         # Set (and replaced) whenever a reconnect round ends, well or badly.
         self._round_done = anyio.Event()
         # Set when a caller needs a connection while none is up and no lease
@@ -148,8 +157,16 @@ class AsyncConnection:
 
     @property
     def broker_pid(self) -> int | None:
-        """Pid of the broker this connection last said hello to (None before the first request)."""
+        """Pid of the broker this connection last said hello to (None before the first request).
+
+        Hello rides on the first request; :meth:`ping` says it when no other request is due.
+        """
         return self._s.broker_pid
+
+    def fileno(self) -> int:
+        """The socket's file descriptor, or -1 while not connected."""
+        stream = self._stream
+        return _raw(stream).fileno() if stream is not None else -1
 
     @property
     def closed(self) -> bool:
@@ -411,28 +428,26 @@ class AsyncConnection:
             except ConnectionLost as exc:
                 return str(exc)
             if self._s.welcomed:
-                self._backoff = None
+                self._reconnect = None
             self._flush_soon()
 
     async def _recover(self) -> None:
         """One reconnect round: reach a broker, or give the leases up at the deadline."""
         self._wanted = anyio.Event()
-        backoff = self._backoff = self._backoff or self._s.reconnect_backoff(anyio.current_time())
+        round_ = self._reconnect = self._reconnect or Reconnect(self._s, anyio.current_time())
         while True:
             try:
                 stream = await self._dial(wait=0)
                 break
-            except UnsafeSocket as exc:
-                self._give_up(str(exc))
-                return
             except (BrokerUnavailable, OSError) as exc:
                 if self._closed:
                     return
-                delay = backoff.next_delay(anyio.current_time())
-                if delay is None:
-                    self._give_up(str(exc))
+                step = round_.after_failure(exc, anyio.current_time())
+                if isinstance(step, GiveUp):
+                    self._down = f"broker unreachable: {exc}"
+                    self._end_round()
                     return
-                await anyio.sleep(delay)
+                await anyio.sleep(step)
         if self._closed:
             await _aclose(stream)
             return
@@ -441,11 +456,6 @@ class AsyncConnection:
         if self._s.leases and self._tg is not None:
             # Say hello now, not at the next call: it carries the reclaims.
             self._tg.start_soon(self._ping_quietly)
-
-    def _give_up(self, why: str) -> None:
-        self._s.give_up(why)
-        self._down = f"broker unreachable: {why}"
-        self._end_round()
 
     async def _ping_quietly(self) -> None:
         with contextlib.suppress(PortleaseError):
@@ -469,7 +479,7 @@ async def connect(
     timeout: float = 30.0,
     reclaim: bool = True,
     on_lost: LostCallback | None = None,
-    client: str = "portlease-async",
+    client: str | None = None,
     autostart: bool | None = None,
 ) -> AsyncIterator[AsyncConnection]:
     """Connect to the broker for the duration of an ``async with`` block.

@@ -26,7 +26,7 @@ import msgspec
 
 from . import protocol as p
 from .grant import Lease, LostCallback, report_lost
-from .protocol.errors import ConnectionLost, LeaseError, LeaseLost, error_class
+from .protocol.errors import ConnectionLost, LeaseError, LeaseLost, UnsafeSocket, error_class
 
 T = TypeVar("T")
 
@@ -118,6 +118,51 @@ class Backoff:
             return None
         delay = min(self.delay, self.deadline - now)
         self.delay = min(self.delay * 2, RECONNECT_MAX_DELAY)
+        return delay
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """A reconnect round's last step: stop trying and raise :attr:`error`.
+
+    The leases at stake were reported lost (:meth:`Session.give_up`) before
+    this step is returned.
+    """
+
+    error: BaseException
+
+
+class Reconnect:
+    """A round of reaching a vanished broker again: the one policy of every shell.
+
+    A shell runs it as a short loop: connect (one attempt, no waiting: the
+    round has its own schedule); on success install the socket and say hello
+    (which carries the reclaims); on a failure ask :meth:`after_failure`,
+    which answers the seconds to sleep before connecting again, or
+    :class:`GiveUp`. The round lasts until a hello is answered on a new socket
+    (the shell then drops it), so a broker that accepts and hangs up at once
+    still meets the deadline.
+    """
+
+    __slots__ = ("_backoff", "_session")
+
+    def __init__(self, session: Session, now: float) -> None:
+        self._session = session
+        self._backoff = session.reconnect_backoff(now)
+
+    def after_failure(self, exc: BaseException, now: float) -> float | GiveUp:
+        """Connecting, or saying hello, failed with ``exc``: seconds to sleep, or give up.
+
+        An unsafe socket ends the round at once (trying it again will not make
+        it safe); anything else is retried until the deadline.
+        """
+        if isinstance(exc, UnsafeSocket):
+            self._session.give_up(str(exc))
+            return GiveUp(exc)
+        delay = self._backoff.next_delay(now)
+        if delay is None:
+            self._session.give_up(str(exc))
+            return GiveUp(ConnectionLost(f"broker unreachable: {exc}"))
         return delay
 
 

@@ -37,8 +37,17 @@ from typing import Any, TypeVar
 from . import paths, reclaim
 from . import protocol as p
 from .grant import Lease, LostCallback
-from .protocol.errors import BrokerUnavailable, ConnectionLost, LeaseError, UnsafeSocket
-from .session import RECONNECT_MAX_DELAY, Backoff, Call, Dropped, Retry, Session, default_note
+from .protocol.errors import BrokerUnavailable, ConnectionLost, LeaseError
+from .session import (
+    RECONNECT_MAX_DELAY,
+    Call,
+    Dropped,
+    GiveUp,
+    Reconnect,
+    Retry,
+    Session,
+    default_note,
+)
 
 __all__ = ["RECONNECT_MAX_DELAY", "Connection", "default_note", "lease"]
 
@@ -63,7 +72,7 @@ class Connection:
         timeout: float = 30.0,
         reclaim: bool = True,
         on_lost: LostCallback | None = None,
-        client: str = "portlease-sync",
+        client: str | None = None,
         autostart: bool | None = None,
     ) -> None:
         self._choice = paths.choose_socket(socket)
@@ -71,11 +80,11 @@ class Connection:
         self.timeout = timeout
         self._reclaim = reclaim
         self._autostart = autostart
-        self._s = Session(client, on_lost=on_lost, timeout=timeout)
+        self._s = Session(client or "portlease-sync", on_lost=on_lost, timeout=timeout)
         self._io = threading.Lock()
         self._sock: _socket.socket | None = None
         self._hung: _socket.socket | None = None  # hung up, not yet dropped (a call held the lock)
-        self._backoff: Backoff | None = None
+        self._reconnect: Reconnect | None = None  # kept across drops until a hello is answered
         self._down = "not connected"
         self._pid = os.getpid()
         self._closed = False
@@ -118,6 +127,11 @@ class Connection:
                 finally:
                     self._io.release()
         self._s.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran (or the ``with`` block ended)."""
+        return self._closed
 
     def fileno(self) -> int:
         """The socket's file descriptor, or -1 while not connected."""
@@ -179,9 +193,10 @@ class Connection:
 
     @property
     def broker_pid(self) -> int | None:
-        """Pid of the broker this connection said hello to (says hello first if it has not)."""
-        if self._s.broker_pid is None and not self._closed:
-            self.ping()
+        """Pid of the broker this connection last said hello to (None before the first request).
+
+        Hello rides on the first request; :meth:`ping` says it when no other request is due.
+        """
         return self._s.broker_pid
 
     # -------------------------------------------------------- requests
@@ -229,7 +244,7 @@ class Connection:
                         if not data:
                             raise EOFError("the broker closed the connection")
                         self._s.feed(data)
-                self._backoff = None
+                self._reconnect = None
             except TimeoutError:
                 self._drop_locked(sock, f"no answer within {self.timeout:g} s", retry=False)
                 raise ConnectionLost(
@@ -309,27 +324,21 @@ class Connection:
             sock.shutdown(_socket.SHUT_RDWR)
         sock.close()
         if self._s.leases and self._reclaim and not self._closed:
-            # Kept across drops until a hello is answered, so that a broker that
-            # accepts and hangs up forever still meets the deadline.
-            self._backoff = self._backoff or self._s.reconnect_backoff(time.monotonic())
+            self._reconnect = self._reconnect or Reconnect(self._s, time.monotonic())
             reclaim.watcher().schedule(self, time.monotonic())
 
     def _reconnect_blocking(self) -> None:
         """Reach the broker again from a caller's thread, sleeping between tries (no lock held)."""
-        backoff = self._backoff or self._s.reconnect_backoff(time.monotonic())
+        round_ = self._reconnect = self._reconnect or Reconnect(self._s, time.monotonic())
         while self._sock is None:
             self._usable()
             try:
-                sock = self._dial()
-            except UnsafeSocket as exc:
-                self._s.give_up(str(exc))
-                raise
+                sock = self._dial(wait=0)
             except (BrokerUnavailable, OSError) as exc:
-                delay = backoff.next_delay(time.monotonic())
-                if delay is None:
-                    self._s.give_up(str(exc))
-                    raise ConnectionLost(f"broker unreachable: {exc}") from None
-                time.sleep(delay)
+                step = round_.after_failure(exc, time.monotonic())
+                if isinstance(step, GiveUp):
+                    raise step.error from None
+                time.sleep(step)
                 continue
             self._install(sock)
 
@@ -365,19 +374,13 @@ class Connection:
             return None
         if sock is not None and self._s.welcomed:
             return None  # a call got there first
-        backoff = self._backoff = self._backoff or self._s.reconnect_backoff(now)
+        round_ = self._reconnect = self._reconnect or Reconnect(self._s, now)
         if sock is None:
             try:
                 new = self._dial(wait=0)
-            except UnsafeSocket as exc:
-                self._s.give_up(str(exc))
-                return None
             except (BrokerUnavailable, OSError) as exc:
-                delay = backoff.next_delay(now)
-                if delay is None:
-                    self._s.give_up(str(exc))
-                    return None
-                return now + delay
+                step = round_.after_failure(exc, now)
+                return None if isinstance(step, GiveUp) else now + step
             self._install(new)
             sock = self._sock
             if sock is None:
@@ -388,11 +391,9 @@ class Connection:
         except (ConnectionLost, LeaseError) as exc:
             if self._closed or not self._s.leases:
                 return None
-            delay = backoff.next_delay(time.monotonic())
-            if delay is None:
-                self._s.give_up(str(exc))
-                return None
-            return time.monotonic() + delay
+            now = time.monotonic()
+            step = round_.after_failure(exc, now)
+            return None if isinstance(step, GiveUp) else now + step
         return None
 
 

@@ -309,3 +309,26 @@ def test_a_reply_far_longer_than_a_request_line_is_read() -> None:
     assert len(big) > 8 * p.MAX_LINE
     done = deliver(s, welcome(sent[0]["id"]) + big)
     assert done == [call] and len(call.result().leases) == 1000
+
+
+def test_a_reconnect_round_sleeps_on_the_backoff_then_gives_the_leases_up() -> None:
+    from portlease.client.protocol.errors import UnsafeSocket
+    from portlease.client.session import GiveUp, Reconnect
+
+    s = Session("t", timeout=1.0)
+    held = Lease((20000,), "tok", 2.0)
+    s.leases["tok"] = held
+    round_ = Reconnect(s, now=0.0)
+    now, slept = 0.0, []
+    while not isinstance(step := round_.after_failure(OSError("refused"), now), GiveUp):
+        slept.append(step)
+        now += step
+    assert slept[0] == 0.02 and max(slept) <= RECONNECT_MAX_DELAY
+    assert now == pytest.approx(2.0)  # the longest TTL at stake
+    assert isinstance(step.error, ConnectionLost) and "refused" in str(step.error)
+    assert held.lost is not None and not s.leases
+    # An unsafe socket ends a round at once, with that very error.
+    s.leases["t2"] = other = Lease((20001,), "t2", 60.0)
+    unsafe = UnsafeSocket("not yours")
+    step = Reconnect(s, now=0.0).after_failure(unsafe, 0.0)
+    assert isinstance(step, GiveUp) and step.error is unsafe and other.lost is not None
