@@ -5,7 +5,6 @@
     python bench/load.py --hostile       # as root: one uid floods at its caps while another
                                          # uid leases (issues 11 and 20; --short: a few s each)
     python bench/load.py --renew 1000000 # one detached lease renewed N times: broker RSS
-    python bench/load.py --hot-wait      # the hot_wait setting against 0, interleaved rounds
 
 Phases, each against a real ``portlease serve`` process:
 
@@ -36,7 +35,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portlease.broker.config import HOT_WAIT
 from rawproto import Raw
 
 HERE = Path(__file__).resolve().parent
@@ -595,69 +592,6 @@ def renew_heap(args: argparse.Namespace, short: Path, figures: dict[str, Any]) -
           f"{row['rss_before_mib']:.1f} -> {row['rss_after_mib']:.1f} MiB (peak {row['vmhwm_mib']:.1f} MiB)")
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        x = f.read().rsplit(")", 1)[1].split()
-    return (int(x[11]) + int(x[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def hot_wait(args: argparse.Namespace, short: Path, figures: dict[str, Any]) -> None:
-    """Two brokers, ``hot_wait`` at its default and at 0, on halves of ``--hostile-range``;
-    rounds alternate between them. Per operation: the client's wall time (median of
-    the rounds' means) and the broker's CPU (utime + stime), for a one-shot lease (connect,
-    hello + lease, close) and for lease + release on an open connection."""
-    low, high = map(int, args.hostile_range.split("-"))
-    mid = (low + high) // 2
-    settings = {"default": (HOT_WAIT, f"{low}-{mid}"), "off": (0.0, f"{mid + 1}-{high}")}
-    brokers = {}
-    for name, (value, rng) in settings.items():
-        d = short / f"hot-{name}"
-        d.mkdir()
-        brokers[name] = Broker(d, rng, {"log_level": "warning", "hot_wait": value}).start()
-    one_shot = b'{"op":"hello","id":0,"version":1}\n{"op":"lease","id":1,"count":1}\n'
-
-    def shots(path: str, n: int) -> None:
-        for _ in range(n):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(path)
-            s.sendall(one_shot)
-            buf = b""
-            while buf.count(b"\n") < 2:
-                buf += s.recv(4096)
-            s.close()
-
-    def open_conn(path: str, n: int) -> None:
-        c = hello(path)
-        for _ in range(n):
-            c.call({"op": "release", "token": c.call({"op": "lease", "count": 1})["token"]})
-        c.close()
-
-    rows: dict[str, dict[str, list[tuple[float, float]]]] = {
-        name: {"one-shot": [], "open": []} for name in brokers}
-    try:
-        for _ in range(args.hot_rounds):
-            for kind, fn in (("one-shot", shots), ("open", open_conn)):
-                for name, b in brokers.items():
-                    assert b.proc is not None
-                    fn(b.socket, 200)  # warm
-                    c0, t0 = cpu_seconds(b.proc.pid), time.perf_counter()
-                    fn(b.socket, args.hot_n)
-                    wall = time.perf_counter() - t0
-                    rows[name][kind].append((wall / args.hot_n, (cpu_seconds(b.proc.pid) - c0) / args.hot_n))
-    finally:
-        for b in brokers.values():
-            b.stop()
-    out = {}
-    for name, kinds in rows.items():
-        for kind, samples in kinds.items():
-            wall = sorted(w for w, _ in samples)[len(samples) // 2] * 1e6
-            cpu = sorted(c for _, c in samples)[len(samples) // 2] * 1e6
-            out[f"{name}/{kind}"] = {"wall_us": wall, "broker_cpu_us": cpu}
-            print(f"hot_wait {settings[name][0]:g} s, {kind}: {wall:.1f} us per op (wall, client), "
-                  f"broker CPU {cpu:.1f} us per op (median of {len(samples)} rounds of {args.hot_n})")
-    figures["hot_wait"] = out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--conns", type=int, default=10_000)
@@ -685,17 +619,14 @@ def main() -> int:
                     help="seconds the honest client runs during each of FLOODS (half that alone)")
     ap.add_argument("--flood-conns", type=int, default=1000)
     ap.add_argument("--renew", type=int, default=0, help="only the renew figure: this many renews")
-    ap.add_argument("--hot-wait", action="store_true", help="only the hot_wait figure")
-    ap.add_argument("--hot-rounds", type=int, default=7)
-    ap.add_argument("--hot-n", type=int, default=2000, help="operations per round")
     ap.add_argument("--results", type=Path, default=HERE / "results",
                     help="with --hostile: where hostile-<mode>.json goes")
     args = ap.parse_args()
-    if args.renew or args.hot_wait:
+    if args.renew:
         short = Path(tempfile.mkdtemp(prefix="pll-"))
         figures: dict[str, Any] = {}
         try:
-            (renew_heap if args.renew else hot_wait)(args, short, figures)
+            renew_heap(args, short, figures)
         finally:
             shutil.rmtree(short, ignore_errors=True)
         if args.json:

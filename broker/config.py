@@ -20,10 +20,6 @@ Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 
-HOT_WAIT = 0.002
-"""The default ``hot_wait`` (s): bench/hotpath.py measures it against 0."""
-
-
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Every broker setting. Unknown keys in the file are an error, not ignored."""
 
@@ -61,10 +57,6 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     metrics_textfile: str | None = None
     """Write the metrics (classic Prometheus text format) to this file, atomically, for
     node_exporter's textfile collector."""
-    hot_wait: Annotated[float, msgspec.Meta(ge=0, le=0.1)] = HOT_WAIT
-    """Seconds the connection loop may wait for the next event in its own epoll while
-    nothing else in the broker is due, before it parks on trio's (0: never); fixed until
-    restart (see broker/connections.py)."""
 
     def __post_init__(self) -> None:
         kernel.parse_exclude(self.exclude)  # a bad entry is an error at load, with its value

@@ -56,7 +56,6 @@ import trio
 
 from portlease.client import protocol as p
 
-from .config import HOT_WAIT
 from .core import Session
 
 log = logging.getLogger("portlease.broker")
@@ -174,18 +173,13 @@ class Driver:
         *,
         pending_per_uid: int = PENDING_PER_UID,
         pending_total: int = PENDING_TOTAL,
-        hot_wait: float = HOT_WAIT,
     ) -> None:
-        """``hot_wait``: seconds the loop may wait in its own epoll, when no other trio
-        task is runnable and no trio timer is due, before it parks on trio's (see
-        :meth:`_loop`; the broker's ``hot_wait`` setting). The pending bounds default
-        to PENDING_PER_UID and PENDING_TOTAL."""
+        """The bounds of pending reply bytes default to PENDING_PER_UID and PENDING_TOTAL."""
         self.listener = listener
         self.handler = handler
         self._session_for = session_for
         self.pending_per_uid = pending_per_uid
         self.pending_total = pending_total
-        self.hot_wait = hot_wait
         self.conns: dict[int, Conn] = {}
         self.pending = 0
         """Reply bytes not yet written, over every connection."""
@@ -236,18 +230,9 @@ class Driver:
             if not self._accepting and trio.current_time() >= self._accept_resume:
                 self._accepting = True
                 ep.register(lfd, select.EPOLLIN)
+            # No waiting in this epoll before parking on trio's: a "hot wait" of up
+            # to 2 ms here gained nothing measurable (docs/performance.md).
             events = ep.poll(0, MAX_EVENTS)
-            if not events and not rounds and self.hot_wait > 0:
-                # Leases come in bursts (a test suite's set-up, a client's hang-up
-                # right after its reply): the next event is usually microseconds
-                # away. Waiting for it here, briefly and only while nothing else in
-                # trio could run, spares the round trip through trio's scheduler
-                # that parking on the epoll fd costs per wake-up. Anything trio has
-                # to do meanwhile (a signal, a worker thread's result) waits at most
-                # hot_wait.
-                stats = trio.lowlevel.current_statistics()
-                if stats.tasks_runnable == 0 and stats.seconds_to_next_deadline > self.hot_wait:
-                    events = ep.poll(self.hot_wait, MAX_EVENTS)
             if not events and not rounds:
                 busy = 0
                 if self._accepting:

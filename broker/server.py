@@ -313,7 +313,7 @@ class Broker:
     ) -> None:
         """Serve ``listener`` (and portpicker on ``portserver``) until :meth:`stop`;
         leases stay in the journal after."""
-        self.driver = Driver(listener, self, self._session_for, hot_wait=self.config.hot_wait)
+        self.driver = Driver(listener, self, self._session_for)
         self._idle_since = self.clock()
         self._presence = announce(os.geteuid(), os.getpid())
         try:
@@ -622,8 +622,7 @@ class Broker:
             return
         # Socket, state, group and the portalloc directory are fixed for the life
         # of the process: changing them under live connections has no safe meaning.
-        for key in ("socket", "state", "group", "portalloc_dir", "socket_mode", "portserver",
-                    "hot_wait"):
+        for key in ("socket", "state", "group", "portalloc_dir", "socket_mode", "portserver"):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("reload: %s changes only at restart; keeping %r", key,
                             getattr(self.config, key))

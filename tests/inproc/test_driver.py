@@ -298,7 +298,7 @@ def test_a_reply_made_by_a_task_wakes_the_parked_loop_for_the_lines_behind_it(so
         assert await c.next() == {"id": 2, "reply": "pong"}
         c.close()
 
-    serve(sock_path, body, hot_wait=0.0)
+    serve(sock_path, body)
 
 
 @pytest.mark.parametrize("op", ["fail", "bug"], ids=["task", "handler"])
