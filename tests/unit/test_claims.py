@@ -10,10 +10,10 @@ import textwrap
 from collections.abc import Iterator
 
 import pytest
-from conftest import claim_test_block
 
 from portlease.broker.claims import Claims, claim_name, presence_name
 from portlease.client.host import procnet
+from testblocks import claim_test_block
 
 
 @pytest.fixture
