@@ -878,3 +878,66 @@ def test_guessed_tokens_are_counted_per_uid_and_warned_about(broker: BrokerProc)
             break
         time.sleep(0.01)
     assert "token guessing?" in broker.log.read_text()
+
+
+# ---------------------------------------------------------------- reply memory per uid (issue 20)
+
+HOARD_CONNS = 700
+
+
+def page_hoarder(path: str) -> Callable[[Ctl], Any]:
+    """FLOOD_LEASES leases with long notes, then HOARD_CONNS connections that each send one
+    ``status`` (a full page, ~660 kB) and never read, until the test says so."""
+
+    def run(ctl: Ctl) -> Any:
+        s = connect(path, timeout=30)
+        lines = Lines(s)
+        assert call(s, lines, {"id": "hello", **HELLO})["reply"] == "hello"
+        for start in range(0, FLOOD_LEASES, 100):
+            ids = range(start, start + 100)
+            s.sendall(encode(*({"id": i, "op": "lease", "count": 1, "note": NOTE} for i in ids)))
+            for _ in ids:
+                assert lines.next()["reply"] == "granted"
+        hoard = []
+        for _ in range(HOARD_CONNS):
+            # Without waiting for hello: once this uid is over its bound, none of its
+            # connections is answered (new ones included) until it reads.
+            h = connect(path, timeout=60)
+            h.sendall(encode({"id": 0, **HELLO}, {"id": 1, "op": "status"}))
+            hoard.append((h, Lines(h)))
+        ctl.send({"hoarding": len(hoard)})
+        ctl.recv(120)
+        sizes = []
+        for h, h_lines in hoard:
+            assert h_lines.next()["reply"] == "hello"
+            sizes.append(len(h_lines.raw()))
+            h.close()
+        s.close()
+        return {"replies": len(sizes), "smallest": min(sizes)}
+
+    return run
+
+
+def test_connections_that_never_read_their_pages_do_not_grow_the_broker(
+    users: Users, open_dir: Path, spawn: Callable[[str, Callable[[Ctl], Any]], UserProc]
+) -> None:
+    """Issue 20: 1,000 connections of one uid each asked for a 700 kB ``status`` page and
+    never read: one reply per connection is not a bound per uid, and the broker reached
+    699 MB. Now reply bytes pending for a uid are bounded (PENDING_PER_UID) and that uid
+    is not read while over it: the broker stays small, another uid is served, and every
+    page still arrives once the hoarder reads."""
+    b = start_broker(open_dir, users, f"max_leases_per_connection = {FLOOD_LEASES}\n")
+    try:
+        assert b.proc is not None
+        hoarder = spawn(users.attacker, page_hoarder(b.socket))
+        assert hoarder.expect("hoarding", timeout=180) == HOARD_CONNS
+        _, rss = run_honest(spawn, users, b)
+        mem = vm_kib(b.proc.pid)
+        assert max(rss, mem["VmRSS"], mem["VmHWM"]) < RSS_LIMIT_KIB, (rss, mem)
+        hoarder.send({"read": True})
+        got = hoarder.result(timeout=300)
+        assert got["replies"] == HOARD_CONNS and got["smallest"] > 100_000, got
+        assert vm_kib(b.proc.pid)["VmHWM"] < RSS_LIMIT_KIB
+        no_traceback(b)
+    finally:
+        b.stop()
