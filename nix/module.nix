@@ -477,7 +477,9 @@ in
           description = "portlease broker (port leases for CI jobs)";
           inherit documentation;
           requires = [ "portlease.socket" ];
-          after = [ "portlease.socket" ];
+          # As the unit file: ordered after both sockets, so the broker starts
+          # with every fd systemd will hand it (LISTEN_FDNAMES).
+          after = runnerSockets;
           # X-StopIfChanged=false: when the unit changes (a new package),
           # switch-to-configuration restarts the service in place. Otherwise it
           # stops portlease.socket with it, and RemoveOnStop= deletes the

@@ -51,6 +51,11 @@ python3Packages.buildPythonApplication {
     python3Packages.prometheus-client
     python3Packages.uvicorn
     python3Packages.mypy
+    # The ecosystem's port fixtures and portpicker, served by portlease leases.
+    python3Packages.pytest-asyncio
+    python3Packages.aiohttp
+    python3Packages.pytest-aiohttp
+    python3Packages.portpicker
   ];
 
   # The build sandbox has loopback networking, so the unit, in-process and

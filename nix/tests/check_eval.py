@@ -135,7 +135,8 @@ def check_units_agree(out: dict[str, Any]) -> None:
     compare_section(
         "portlease.service [Unit]", service_file["Unit"],
         {"Description": service["description"], "Documentation": service["documentation"],
-         "Requires": service["requires"], "After": service["after"]},
+         # NixOS renders a list of units as one space-separated line, as the file has it.
+         "Requires": [" ".join(service["requires"])], "After": [" ".join(service["after"])]},
     )
     exec_start = service["serviceConfig"]["ExecStart"]
     check(

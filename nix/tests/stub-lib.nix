@@ -230,6 +230,11 @@ let
     "prometheus-client"
     "uvicorn"
     "mypy"
+    # nixpkgs attribute names, checked in nixpkgs' pkgs/development/python-modules.
+    "pytest-asyncio"
+    "aiohttp"
+    "pytest-aiohttp"
+    "portpicker"
   ] (name: drv "python3-${name}");
 
   pkgs = {
