@@ -316,12 +316,19 @@ class Driver:
             return
         if ev & (_IN | _GONE) and not conn.eof:
             conn.readable = True
-            if conn.queued:
-                # Level-triggered epoll would report it every round until its
-                # turn comes: it is read at its turn, not before.
-                self._watch(conn, None)
-            elif not conn.waiting and not conn.out:
-                self._queue(conn)
+            if not conn.queued:
+                if not conn.waiting and not conn.out:
+                    self._queue(conn)
+            elif not ev & _GONE:
+                # Level-triggered epoll would report it every round until its turn
+                # comes: it is read at its turn, not before; a hang-up still shows.
+                self._watch(conn, _HUP_ONLY)
+            elif conn.share.blocked:
+                # Its uid gets no turn until its clients read, and this one never
+                # will: end it now, so that its leases do not outlast it.
+                self._drop(conn)
+            else:
+                self._watch(conn, None)  # its turn reads what it sent, then ends it
 
     def _queue(self, conn: Conn) -> None:
         if conn.queued:

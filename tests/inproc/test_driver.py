@@ -259,6 +259,32 @@ def test_a_uid_that_does_not_read_stops_being_read_and_others_are_served(sock_pa
     serve(sock_path, body, pending_per_uid=BOUND, pending_total=8 * BOUND)
 
 
+def test_a_connection_of_a_stopped_uid_that_closes_ends_at_once(sock_path: str) -> None:
+    """While a uid is over its bound none of its connections gets a turn; one of them that
+    closes meanwhile still ends at once (and with it its leases), not when the uid reads."""
+    async def body(driver: Driver, h: Handler) -> None:
+        hoarders = [Client(sock_path, 1000) for _ in range(6)]
+        for c in hoarders:
+            await c.send(line("big", 1, size=BIG))
+        await trio.testing.wait_all_tasks_blocked()
+        share = driver.share_of(1000)
+        assert share is not None and share.blocked
+        late = Client(sock_path, 1000)
+        await late.send(line("ping", 2))
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.ids.count(2) == 0 and len(driver) == 7  # not served: its uid is stopped
+        late.close()
+        with trio.fail_after(HANG):
+            while len(driver) == 7:
+                await trio.sleep(0.001)
+        assert share.blocked and len(h.closed_ids) == 1
+        for c in hoarders:
+            assert (await c.next())["reply"] == "big"
+            c.close()
+
+    serve(sock_path, body, pending_per_uid=BOUND, pending_total=8 * BOUND)
+
+
 def test_the_total_bound_serves_only_uids_with_nothing_pending(sock_path: str) -> None:
     """Two hoarding uids reach the total bound; a third uid that reads its replies is still served."""
     async def body(driver: Driver, h: Handler) -> None:
