@@ -238,9 +238,10 @@ def _client_loop(sock: str, stop: threading.Event, log: list[dict[str, Any]]) ->
                 continue
             after = time.time()
             time.sleep(0.005)
+            releasing = time.time()
             conn.release(lease.token)
             log.append({"start": lease.ports[0], "count": len(lease.ports), "before": before,
-                        "after": after, "end": time.time()})
+                        "after": after, "releasing": releasing})
 
 
 def run_chaos(tmp_path: Path, port_range: str, seconds: float, crates: int = 2,
@@ -281,7 +282,10 @@ def run_chaos(tmp_path: Path, port_range: str, seconds: float, crates: int = 2,
         if c["written"] < g["before"] and g["after"] < c["expires"] - 0.05
         and g["start"] < c["start"] + c["count"] and c["start"] < g["start"] + g["count"]
     ]
-    holds = [{"start": g["start"], "count": g["count"], "t0": g["before"], "t1": g["end"]}
+    # A lease surely held from its reply's arrival until its release was sent: two
+    # of these intervals that overlap are a port held twice. (Request-to-reply-to-
+    # release-reply would flag a grant answered the moment another's release landed.)
+    holds = [{"start": g["start"], "count": g["count"], "t0": g["after"], "t1": g["releasing"]}
              for g in grants]
     holds += [{"start": c["start"], "count": c["count"], "t0": c["written"], "t1": c["done"]}
               for c in crate_runs]
