@@ -883,20 +883,24 @@ def test_guessed_tokens_are_counted_per_uid_and_warned_about(broker: BrokerProc)
 
 # ---------------------------------------------------------------- reply memory per uid (issue 20)
 
-HOARD_CONNS = 700
+HOARD_CONNS = 900
+HOARD_LEASES = 300
+"""Few enough to share RANGE with the status flood running in another xdist worker."""
+HOARD_NOTE = "\x01" * 1000
+"""Six bytes a character in a JSON reply: a page of HOARD_LEASES leases is ~570 kB."""
 
 
 def page_hoarder(path: str) -> Callable[[Ctl], Any]:
-    """FLOOD_LEASES leases with long notes, then HOARD_CONNS connections that each send one
-    ``status`` (a full page, ~660 kB) and never read, until the test says so."""
+    """HOARD_LEASES leases with long escaped notes, then HOARD_CONNS connections that each
+    send one ``status`` (a page of ~570 kB) and never read, until the test says so."""
 
     def run(ctl: Ctl) -> Any:
         s = connect(path, timeout=30)
         lines = Lines(s)
         assert call(s, lines, {"id": "hello", **HELLO})["reply"] == "hello"
-        for start in range(0, FLOOD_LEASES, 100):
+        for start in range(0, HOARD_LEASES, 100):
             ids = range(start, start + 100)
-            s.sendall(encode(*({"id": i, "op": "lease", "count": 1, "note": NOTE} for i in ids)))
+            s.sendall(encode(*({"id": i, "op": "lease", "count": 1, "note": HOARD_NOTE} for i in ids)))
             for _ in ids:
                 assert lines.next()["reply"] == "granted"
         hoard = []
@@ -938,10 +942,10 @@ def test_connections_that_never_read_their_pages_do_not_grow_the_broker(
 ) -> None:
     """Issue 20: 1,000 connections of one uid each asked for a 700 kB ``status`` page and
     never read: one reply per connection is not a bound per uid, and the broker reached
-    699 MB. Now reply bytes pending for a uid are bounded (PENDING_PER_UID) and that uid
-    is not read while over it: the broker stays small, another uid is served, and every
-    page still arrives once the hoarder reads."""
-    b = start_broker(open_dir, users, f"max_leases_per_connection = {FLOOD_LEASES}\n")
+    699 MB (here, 900 pages of ~570 kB: ~360 MiB). Now reply bytes pending for a uid
+    are bounded (PENDING_PER_UID) and that uid is not read while over it: the broker
+    stays small, another uid is served, and every page still arrives once it reads."""
+    b = start_broker(open_dir, users)
     try:
         assert b.proc is not None
         hoarder = spawn(users.attacker, page_hoarder(b.socket))
