@@ -247,7 +247,8 @@ def hostile(args: argparse.Namespace) -> int:
     opened = time.monotonic() - t0
     # Leases with long notes on the first connections, pipelined, until the uid's cap.
     note = "n" * args.note
-    leases, lease_errors = 0, {}
+    leases = 0
+    lease_errors: dict[str, int] = {}
     for s in socks[: -(-args.leases // 1000)]:
         want = min(1000, args.leases - leases)
         if want <= 0:
