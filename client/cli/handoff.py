@@ -25,7 +25,7 @@ import contextlib
 import errno
 import re
 import socket
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from portlease.client.protocol.errors import ConfigError
 
@@ -35,8 +35,7 @@ _LISTEN_SPEC = re.compile(r"^(?P<offset>\d+)(?:/(?P<proto>tcp|udp))?(?:=(?P<name
 _FDNAME = re.compile(r"^[!-9;-~]{1,255}$")
 
 
-@dataclass(frozen=True)
-class ListenSpec:
+class ListenSpec(NamedTuple):
     """One ``--listen OFFSET[/udp][=NAME]``."""
 
     offset: int

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from .wrapper import Plan, run_plan
 
     note = args.note or " ".join([default_note() or "", shlex.join(cmd)]).strip()
-    return run_plan(Plan(cmd=cmd, count=args.count, socket=args.socket, note=note[:p.MAX_NOTE],
+    return run_plan(Plan(cmd=cmd, port_count=args.count, socket=args.socket, note=note[:p.MAX_NOTE],
                     env_offsets=env_offsets, listen=listen, listen_host=args.listen_host,
                     hold=hold, hold_timeout=args.hold_timeout))
 

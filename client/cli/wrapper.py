@@ -55,8 +55,7 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from portlease.client.sync import Connection
 
@@ -77,19 +76,22 @@ _PR_SET_PDEATHSIG = 1
 _ENV_DROPPED = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 
 
-@dataclass
-class Plan:
-    """Everything ``portlease lease -- CMD`` was asked to do, already validated."""
+class Plan(NamedTuple):
+    """Everything ``portlease lease -- CMD`` was asked to do, already validated.
+
+    A NamedTuple rather than a dataclass, as are the CLI's other records: this
+    runs once per CI step, and dataclasses costs milliseconds to import.
+    """
 
     cmd: list[str]
-    count: int = 1
-    socket: str | None = None
-    note: str | None = None
-    env_offsets: dict[str, int] = field(default_factory=dict)
-    listen: list[ListenSpec] = field(default_factory=list)
-    listen_host: str | None = None
-    hold: list[int] = field(default_factory=list)
-    hold_timeout: float = 60.0
+    port_count: int
+    socket: str | None
+    note: str | None
+    env_offsets: dict[str, int]
+    listen: list[ListenSpec]
+    listen_host: str | None
+    hold: list[int]
+    hold_timeout: float
 
 
 def run_plan(plan: Plan) -> int:
@@ -117,7 +119,7 @@ def run_plan(plan: Plan) -> int:
 
 def _run_on(conn: Connection, plan: Plan) -> int | None:
     """Lease on ``conn`` and run CMD; CMD's exit status, or None if a port could not be bound."""
-    lease = conn.lease(plan.count, note=plan.note)
+    lease = conn.lease(plan.port_count, note=plan.note)
     env = {k: v for k, v in os.environ.items() if k not in _ENV_DROPPED}
     env["PORTLEASE_PORTS"] = " ".join(map(str, lease.ports))
     env["PORTLEASE_PORT"] = str(lease.port)

@@ -23,8 +23,7 @@ paths; they are test hooks, not configuration.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 SYSTEM_DIR: Final = "/run/portlease"
 SYSTEM_SOCKET: Final = "/run/portlease/portlease.sock"
@@ -75,9 +74,12 @@ def user_socket() -> str:
     return os.path.join("/tmp", f"portlease-{os.getuid()}", SOCKET_NAME)
 
 
-@dataclass(frozen=True, slots=True)
-class SocketChoice:
-    """A socket path and why it was chosen."""
+class SocketChoice(NamedTuple):
+    """A socket path and why it was chosen.
+
+    A NamedTuple, not a dataclass: the ``portlease`` command imports this module
+    on every start, and dataclasses brings inspect, ast, dis and tokenize along.
+    """
 
     path: str
     source: Source
