@@ -40,9 +40,8 @@ from typing import Any
 from portlease.broker.claims import Claims
 from portlease.broker.config import Config
 from portlease.broker.core import Session
+from portlease.broker.handler import Broker
 from portlease.broker.leases import Peer
-from portlease.broker.notify import Notifier
-from portlease.broker.server import Broker
 from portlease.broker.state import Journal
 from rawproto import Raw
 
@@ -56,7 +55,7 @@ def _range(text: str) -> tuple[int, int]:
 
 def make_broker(directory: Path, low: int, high: int, *, claims: bool) -> tuple[Broker, Session]:
     config = Config(port_min=low, port_max=high, ttl=60.0)
-    broker = Broker(config=config, journal=Journal(str(directory / "state.jsonl")), notifier=Notifier(),
+    broker = Broker(config=config, journal=Journal(str(directory / "state.jsonl")),
                     host_claims=claims)
     broker.restore()
     session = Session(id=1, peer=Peer(pid=os.getpid(), uid=os.getuid(), gid=os.getgid()))

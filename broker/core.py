@@ -1,7 +1,7 @@
 """The broker's protocol core: one request in, one reply and the journal changes out.
 
 Pure, in the way h11 is: no trio, sockets, threads or clock of its own. The
-shell (:mod:`.server`) passes in the time (an :class:`~.leases.Instant`),
+shell (:mod:`.handler`) passes in the time (an :class:`~.leases.Instant`),
 fresh tokens, the bind check and the peer's credentials, and gets back an
 :class:`Outcome`: the reply to send and the :data:`Change` records to journal
 *before* the reply leaves. When the journal refuses a new lease, the shell

@@ -60,7 +60,7 @@ NOTE = "portpicker"
 
 
 class Host(Protocol):
-    """What the endpoint needs from the broker (:class:`.server.Broker`)."""
+    """What the endpoint needs from the broker (:class:`.handler.Broker`)."""
 
     def opened(self, session: Session) -> bytes | None:
         """Admit a connection (per-uid limit), or say why not."""

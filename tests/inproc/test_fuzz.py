@@ -32,9 +32,8 @@ from hypothesis import strategies as st
 from brokerproc import BrokerProc, Raw
 from portlease.broker.config import Config
 from portlease.broker.core import Session
+from portlease.broker.handler import Broker
 from portlease.broker.leases import Peer
-from portlease.broker.notify import Notifier
-from portlease.broker.server import Broker
 from portlease.broker.state import Journal
 from portlease.client import protocol as p
 
@@ -166,7 +165,7 @@ def inproc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProc]:
         port_min=INPROC_RANGE[0], port_max=INPROC_RANGE[1], ttl=30.0, max_ports_per_request=16,
         max_ports_per_uid=40, max_leases_per_connection=8,
     )
-    broker = Broker(config=config, journal=Journal(str(d / "state.jsonl")), notifier=Notifier())
+    broker = Broker(config=config, journal=Journal(str(d / "state.jsonl")))
     broker.restore()
     victim = Session(id=1, peer=Peer(pid=os.getpid(), uid=4242, gid=4242))
     _welcome, granted = InProc(broker, victim, "", []).run(victim, [

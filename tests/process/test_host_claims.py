@@ -35,9 +35,8 @@ from brokerproc import PYTHON, BrokerProc, Raw
 from localusers import temporary_users
 from portlease.broker.config import Config
 from portlease.broker.core import Session
+from portlease.broker.handler import Broker
 from portlease.broker.leases import Peer
-from portlease.broker.notify import Notifier
-from portlease.broker.server import Broker
 from portlease.broker.state import Journal
 from portlease.client.host import procnet
 
@@ -420,7 +419,7 @@ def test_out_of_file_descriptors_is_a_clear_busy_not_a_crash(
 def _inproc(tmp_path: Path, port_range: str) -> Broker:
     low, high = map(int, port_range.split("-"))
     config = Config(port_min=low, port_max=high, ttl=30.0)
-    broker = Broker(config=config, journal=Journal(str(tmp_path / "s.jsonl")), notifier=Notifier())
+    broker = Broker(config=config, journal=Journal(str(tmp_path / "s.jsonl")))
     broker.restore()
     return broker
 

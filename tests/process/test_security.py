@@ -30,12 +30,11 @@ import pytest
 
 from brokerproc import BrokerProc, Raw, wait_for_socket
 from localusers import shared_directory, temporary_users
-from portlease.broker import server
+from portlease.broker import handler
 from portlease.broker.config import Config
 from portlease.broker.core import Session
+from portlease.broker.handler import Broker
 from portlease.broker.leases import Peer
-from portlease.broker.notify import Notifier
-from portlease.broker.server import Broker
 from portlease.broker.state import Journal
 from portlease.client import BrokerUnavailable
 from portlease.client import Connection as Client
@@ -231,7 +230,7 @@ def test_another_uid_cannot_touch_a_lease_without_its_token(users: Users, open_d
 
 def test_tokens_are_128_bit_and_unguessable(tmp_path: Path) -> None:
     config = Config(port_min=20800, port_max=20899, ttl=30.0)
-    broker = Broker(config=config, journal=Journal(str(tmp_path / "s.jsonl")), notifier=Notifier())
+    broker = Broker(config=config, journal=Journal(str(tmp_path / "s.jsonl")))
     broker.restore()
     session = Session(id=1, peer=Peer(pid=os.getpid(), uid=0, gid=0), hello=True)
 
@@ -249,7 +248,7 @@ def test_tokens_are_128_bit_and_unguessable(tmp_path: Path) -> None:
         tokens = grant_and_release(4000)
     finally:
         broker.shutdown()
-    assert p.TOKEN_BYTES * 8 == 128 and server.secrets is secrets  # the CSPRNG, not random
+    assert p.TOKEN_BYTES * 8 == 128 and handler.secrets is secrets  # the CSPRNG, not random
     assert broker.core.new_token.func is secrets.token_hex  # type: ignore[attr-defined]  # the CSPRNG, not random
     assert len(set(tokens)) == len(tokens)
     assert all(len(t) == 32 and set(t) <= HEX for t in tokens)
