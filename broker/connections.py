@@ -387,10 +387,7 @@ class Driver:
             try:
                 line = conn.framer.next_line()
             except p.LineTooLongError:
-                out += p.encode(p.Error(
-                    id=None, code=p.ErrorCode.LINE_TOO_LONG,
-                    message=f"line longer than {p.MAX_LINE} bytes; closing the connection",
-                ))
+                out += p.encode(p.line_too_long())
                 conn.eof = conn.finish = True
                 conn.readable = False
                 conn.framer.clear()

@@ -43,6 +43,8 @@ class Session:
     """``peer`` carries what /proc said (read once, after the first grant's reply left)."""
     unidentified: list[LeaseRecord] = field(default_factory=list)
     """Leases granted to this session before its /proc identity was read."""
+    admitted: bool = False
+    """Counted among its uid's open connections (:meth:`BrokerCore.opened`)."""
 
 
 # ---------------------------------------------------------------- journal changes
@@ -135,6 +137,36 @@ class BrokerCore:
     user_name: Callable[[int], str | None] = lambda uid: None
     range_notice: str | None = None
     """Why part of the range is never granted; appended to ``exhausted`` errors."""
+    metrics_text: Callable[[], str] = lambda: ""
+    """The broker's metrics in the OpenMetrics text format (the shell keeps the counters)."""
+    _conns_by_uid: dict[int | None, int] = field(default_factory=dict)
+
+    # -------------------------------------------------------- connections
+
+    def opened(self, session: Session, open_now: int, max_open: int) -> p.Error | None:
+        """Admit a new connection, or the error that refuses it (the shell sends it and closes).
+
+        ``open_now`` connections were open before this one; the process may hold
+        ``max_open`` (its file descriptors). A uid holds at most
+        ``max_connections_per_uid``; root is not capped, so the operator can
+        always look (``status``).
+        """
+        if open_now >= max_open:
+            return p.Error(id=None, code=p.ErrorCode.BUSY, message="too many connections")
+        uid = session.peer.uid
+        held = self._conns_by_uid.get(uid, 0)
+        if uid not in (None, 0) and held >= self.table.limits.max_connections_per_uid:
+            return p.Error(
+                id=None, code=p.ErrorCode.QUOTA,
+                message=f"uid {uid} has {held} connections open, the per-uid limit; close some",
+            )
+        self._conns_by_uid[uid] = held + 1
+        session.admitted = True
+        return None
+
+    def connections_of(self, uid: int | None) -> int:
+        """Open connections of ``uid`` admitted by :meth:`opened`."""
+        return self._conns_by_uid.get(uid, 0)
 
     # -------------------------------------------------------- requests
 
@@ -201,8 +233,7 @@ class BrokerCore:
             case p.Status():
                 return Outcome(self.status(req, now, clients))
             case p.Metrics():
-                # Answered by the shell, which holds the counters; never reaches here.
-                raise AssertionError("metrics is answered by the shell")
+                return Outcome(p.MetricsReply(id=req.id, text=self.metrics_text()))
             case p.Ping():
                 return Outcome(p.Pong(id=req.id))
             case p.Hello():
@@ -290,6 +321,14 @@ class BrokerCore:
     def closed(self, session: Session) -> list[Change]:
         """The connection closed: every lease bound to it ends."""
         session.unidentified.clear()
+        if session.admitted:
+            session.admitted = False
+            uid = session.peer.uid
+            left = self._conns_by_uid.get(uid, 1) - 1
+            if left > 0:
+                self._conns_by_uid[uid] = left
+            else:
+                self._conns_by_uid.pop(uid, None)
         return [LeaseEnded(r) for r in self.table.drop_connection(session.id)]
 
     def expire(self, now: Instant, owner_alive: Callable[[Peer], bool]) -> list[Change]:

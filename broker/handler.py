@@ -77,6 +77,7 @@ def limits_of(config: Config) -> Limits:
         max_ports_per_request=config.max_ports_per_request,
         max_ports_per_uid=config.max_ports_per_uid,
         max_leases_per_connection=config.max_leases_per_connection,
+        max_connections_per_uid=config.max_connections_per_uid,
     )
 
 
@@ -123,7 +124,6 @@ class Broker:
     claims: Claims | None = field(init=False, default=None)
     _check: BindCheck = field(init=False, repr=False)
     _presence: socket.socket | None = field(init=False, default=None)
-    _conns_by_uid: dict[int | None, int] = field(default_factory=dict)
     _conn_inodes: dict[int, int] = field(default_factory=dict)
     """Connection id → the inode of our end of it."""
     stopping: bool = False
@@ -152,7 +152,7 @@ class Broker:
             new_token=functools.partial(secrets.token_hex, p.TOKEN_BYTES),
             bind_ok=check, pid=os.getpid(), user_name=user_name,
             started_of=process_started,
-            range_notice=notice,
+            range_notice=notice, metrics_text=self.metrics_text,
         )
         if self.config.portalloc_dir:
             self.share = PortallocShare(
@@ -294,33 +294,20 @@ class Broker:
         return Session(id=conn_id, peer=peer_of(sock))
 
     def opened(self, session: Session) -> bytes | None:
-        """Admit a connection, or the error line that refuses it."""
+        """Admit a connection, or the error line that refuses it (the core decides)."""
         assert self.driver is not None
-        uid = session.peer.uid
-        if len(self.driver) >= self.max_connections:
-            self._refusals.note(f"{len(self.driver)} open, the limit (RLIMIT_NOFILE)")
-            self.metrics.refused(p.ErrorCode.BUSY.value)
-            return p.encode(p.Error(id=None, code=p.ErrorCode.BUSY, message="too many connections"))
-        held = self._conns_by_uid.get(uid, 0)
-        if uid not in (None, 0) and held >= self.config.max_connections_per_uid:
-            self._refusals.note(f"uid {uid} has {held} open, its limit (max_connections_per_uid)")
-            self.metrics.refused(p.ErrorCode.QUOTA.value)
-            return p.encode(p.Error(
-                id=None, code=p.ErrorCode.QUOTA,
-                message=f"uid {uid} has {held} connections open, the per-uid limit; close some",
-            ))
-        self._conns_by_uid[uid] = held + 1
-        return None
+        refusal = self.core.opened(session, len(self.driver), self.max_connections)
+        if refusal is None:
+            return None
+        why = (f"{len(self.driver)} open, the limit (RLIMIT_NOFILE)" if refusal.code is p.ErrorCode.BUSY
+               else f"uid {session.peer.uid} is at its limit (max_connections_per_uid)")
+        self._refusals.note(why)
+        self.metrics.refused(refusal.code.value)
+        return p.encode(refusal)
 
     def closed(self, session: Session) -> None:
         """A connection is gone: its count drops and its bound leases end."""
         self._conn_inodes.pop(session.id, None)
-        uid = session.peer.uid
-        left = self._conns_by_uid.get(uid, 1) - 1
-        if left > 0:
-            self._conns_by_uid[uid] = left
-        else:
-            self._conns_by_uid.pop(uid, None)
         if not self.stopping:
             self._apply(self.core.closed(session), self.now())
 
@@ -370,8 +357,6 @@ class Broker:
         now = self.now()
         if isinstance(request, Outcome):  # the line did not decode
             outcome = request
-        elif isinstance(request, p.Metrics) and session.hello:
-            return p.MetricsReply(id=request.id, text=self.metrics_text())
         else:
             outcome = self.core.handle(session, request, now, self.clients)
         reply = self._finish(session, outcome, now)

@@ -94,6 +94,8 @@ class Limits:
     max_ports_per_request: int = 256
     max_ports_per_uid: int = 4096
     max_leases_per_connection: int = 1024
+    max_connections_per_uid: int = 1024
+    """Open connections of one uid (root is not capped); enforced by the core at admission."""
 
 
 @dataclass(slots=True)

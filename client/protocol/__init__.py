@@ -36,6 +36,7 @@ from .conversation import (
     HELLO_REQUIRED_MESSAGE,
     Outstanding,
     hello_gate,
+    line_too_long,
 )
 from .framing import (
     LineFramer,
@@ -132,5 +133,6 @@ __all__ = [
     "encode",
     "error_for_bad_line",
     "hello_gate",
+    "line_too_long",
     "to_builtins",
 ]

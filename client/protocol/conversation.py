@@ -13,11 +13,18 @@ implement them from here rather than each by hand:
    reply (blank lines are skipped, not answered). A client may pipeline any
    number of requests and match the replies by id; :class:`Outstanding` keeps
    them in the order they were sent.
-3. **An error with ``id: null`` answers the oldest outstanding request.** The
+3. **A line too long ends the conversation.** A request line longer than
+   ``MAX_LINE`` cannot be resynchronised after: the broker answers it with
+   :func:`line_too_long` (``id: null``) and closes the connection.
+4. **An error with ``id: null`` answers the oldest outstanding request.** The
    broker echoes the id of every line it can read; when it cannot read one
    (not JSON, too long), or refuses the connection before reading anything,
    it answers with ``id: null``. By rule 2 that is the reply to the oldest
    request still unanswered (:meth:`Outstanding.answer`).
+
+The broker's own admission rules (how many connections a uid may hold) are
+:meth:`portlease.broker.core.BrokerCore.opened`'s: they are the broker's
+limits, not the protocol's.
 
 Pure: no sockets, clock or threads.
 """
@@ -27,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
-from .bounds import PROTOCOL_VERSION
+from .bounds import MAX_LINE, PROTOCOL_VERSION
 from .codes import ErrorCode
 from .messages import AnyReply, Error, Hello, Request, RequestId
 
@@ -55,6 +62,12 @@ def hello_gate(said_hello: bool, request: Request) -> Error | None:
     if not said_hello:
         return Error(id=request.id, code=ErrorCode.HELLO_REQUIRED, message=HELLO_REQUIRED_MESSAGE)
     return None
+
+
+def line_too_long() -> Error:
+    """The broker's rule 3: the reply to a line over ``MAX_LINE``; the connection closes after it."""
+    return Error(id=None, code=ErrorCode.LINE_TOO_LONG,
+                 message=f"line longer than {MAX_LINE} bytes; closing the connection")
 
 
 class Outstanding(Generic[T]):

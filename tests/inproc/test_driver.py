@@ -183,8 +183,8 @@ def test_a_uid_with_many_connections_gets_one_uids_share(sock_path: str) -> None
     """Issue 20: turns went per connection, so a uid with 200 connections got 200 turns
     to another uid's one (its p99 rose from 0.85 to 867 ms). Now both uids, each with
     work waiting all along, are served about equally: the other uid's 2,000 pipelined
-    requests are all answered before the flooding uid has had that many and two turns
-    more (per connection it would have had about 200 times as many)."""
+    requests are all answered before the flooding uid has had twice that many (per
+    connection it would have had about 200 times as many)."""
     async def body(driver: Driver, h: Handler) -> None:
         flood = [Client(sock_path, 1000) for _ in range(FLOOD_CONNS)]
         honest = Client(sock_path, 2000)
@@ -198,7 +198,11 @@ def test_a_uid_with_many_connections_gets_one_uids_share(sock_path: str) -> None
         # flood's) to its last request.
         first, last = h.served.index(2000), h.ids.index(HONEST - 1)
         flooded = h.served[first:last].count(1000)
-        assert flooded <= HONEST + 2 * connections.LINES_PER_TURN, (flooded, first, last)
+        # About one to one; twice as many leaves room for turns the honest uid
+        # loses while its own reader lags (its connection is not read while a
+        # reply of it waits), as it does on a loaded machine. Turns per
+        # connection gave the flood about 55,000 here.
+        assert flooded <= 2 * (HONEST + connections.LINES_PER_TURN), (flooded, first, last)
         assert len(h.served) < FLOOD_CONNS * DEPTH, "the flood must still be going on"
         for c in [*flood, honest]:
             c.close()
