@@ -176,3 +176,29 @@ def test_handle_line_never_raises_and_answers_with_a_stable_code(lines: list[byt
         if isinstance(out.reply, p.Error):
             assert out.reply.code in (p.ErrorCode.BAD_REQUEST, p.ErrorCode.UNKNOWN_OP)
         assert p.decode_reply(p.encode(out.reply)[:-1]) == out.reply
+
+
+def test_admission_is_the_cores_rule() -> None:
+    core = make_core(max_connections_per_uid=2)
+    a, b, c = session(1), session(2), session(3)
+    assert core.opened(a, 0, 100) is None and core.opened(b, 1, 100) is None
+    refused = core.opened(c, 2, 100)
+    assert refused is not None and refused.code is p.ErrorCode.QUOTA and refused.id is None
+    assert "uid 1000 has 2 connections open" in refused.message
+    root = [session(10 + i, uid=0) for i in range(5)]  # root is never capped
+    assert all(core.opened(s, 2, 100) is None for s in root)
+    full = core.opened(session(20, uid=1001), 100, 100)
+    assert full is not None and full.code is p.ErrorCode.BUSY
+    core.closed(a)  # a slot of uid 1000 is free again, once
+    core.closed(a)
+    assert core.connections_of(1000) == 1
+    assert core.opened(c, 1, 100) is None
+
+
+def test_metrics_is_answered_by_the_core_after_hello() -> None:
+    core = make_core()
+    core.metrics_text = lambda: "# EOF\n"
+    early = core.handle_line(session(hello=False), line(op="metrics", id=1), T0, 0).reply
+    assert isinstance(early, p.Error) and early.code is p.ErrorCode.HELLO_REQUIRED
+    reply = core.handle_line(session(), line(op="metrics", id=2), T0, 0).reply
+    assert reply == p.MetricsReply(id=2, text="# EOF\n")
