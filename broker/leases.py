@@ -24,6 +24,7 @@ import heapq
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from portlease.client.protocol.bounds import DEFAULT_PORTS_PER_REQUEST
 from portlease.client.protocol.errors import Exhausted, InUse, NotFound, QuotaExceeded, TooLarge
 
 from .allocator import Allocator, BindCheck
@@ -91,7 +92,7 @@ class Instant:
 class Limits:
     """The configured limits (see :class:`~.config.Config`) the table enforces."""
 
-    max_ports_per_request: int = 256
+    max_ports_per_request: int = DEFAULT_PORTS_PER_REQUEST
     max_ports_per_uid: int = 4096
     max_leases_per_connection: int = 1024
     max_connections_per_uid: int = 1024
