@@ -19,7 +19,6 @@ import itertools
 import os
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -61,7 +60,9 @@ def _token(lease: Lease | str) -> str:
     return lease if isinstance(lease, str) else lease.token
 
 
-@dataclass(eq=False, slots=True)
+# Plain classes with __slots__ rather than dataclasses: importing dataclasses
+# (and inspect behind it) costs the CLI about 8 ms of its start-up, and this
+# module is on every client's import path (bench/cli_start.py).
 class Call(Generic[T]):
     """One request and what to make of its reply.
 
@@ -70,14 +71,18 @@ class Call(Generic[T]):
     :attr:`waiter` is the shell's own (an event, say); the session never reads it.
     """
 
-    request: p.Request
-    finish: Callable[[Any], T]
-    expect: type[p.Reply]
-    reply: p.AnyReply | None = None
-    error: BaseException | None = None
-    not_found_ok: bool = False
-    abandoned: bool = False
-    waiter: Any = None
+    __slots__ = ("abandoned", "error", "expect", "finish", "not_found_ok", "reply", "request", "waiter")
+
+    def __init__(self, request: p.Request, finish: Callable[[Any], T], expect: type[p.Reply], *,
+                 not_found_ok: bool = False, abandoned: bool = False) -> None:
+        self.request = request
+        self.finish = finish
+        self.expect = expect
+        self.reply: p.AnyReply | None = None
+        self.error: BaseException | None = None
+        self.not_found_ok = not_found_ok
+        self.abandoned = abandoned
+        self.waiter: Any = None
 
     @property
     def done(self) -> bool:
@@ -121,7 +126,6 @@ class Backoff:
         return delay
 
 
-@dataclass(frozen=True, slots=True)
 class GiveUp:
     """A reconnect round's last step: stop trying and raise :attr:`error`.
 
@@ -129,7 +133,10 @@ class GiveUp:
     this step is returned.
     """
 
-    error: BaseException
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 class Reconnect:
@@ -206,10 +213,12 @@ class Retry:
         return delay
 
 
-@dataclass(slots=True)
 class _Handshake:
-    hello_id: p.RequestId
-    reclaims: dict[p.RequestId, Lease] = field(default_factory=dict)
+    __slots__ = ("hello_id", "reclaims")
+
+    def __init__(self, hello_id: p.RequestId) -> None:
+        self.hello_id = hello_id
+        self.reclaims: dict[p.RequestId, Lease] = {}
 
 
 class Session:
