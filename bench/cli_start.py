@@ -150,6 +150,9 @@ def main() -> int:
                     times[name].append(wall)
                     cpu[name].append(used)
             top, own = importtime(python, contenders["portlease lease -n 3 -- true"], env)
+            # Asked now: a throwaway venv is gone once this block ends.
+            py = subprocess.run([python, "-c", "import sys, msgspec; print(sys.version.split()[0], "
+                                 "msgspec.__version__)"], capture_output=True, text=True).stdout.split()
         finally:
             broker.terminate()
             broker.wait(10)
@@ -157,8 +160,6 @@ def main() -> int:
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     med_cpu = {name: statistics.median(t) * 1e3 for name, t in cpu.items()}
     bare = med["python -c pass"]
-    py = subprocess.run([python, "-c", "import sys, msgspec; print(sys.version.split()[0], "
-                         "msgspec.__version__)"], capture_output=True, text=True).stdout.split()
     print(f"Python {py[0]}, msgspec {py[1]}; median of {args.rounds} interleaved rounds, "
           "regular install" + (f" ({venv})" if args.venv else " (throwaway venv)"))
     bare_cpu = med_cpu["python -c pass"]

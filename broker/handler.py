@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import trio
+
 from portlease.client import protocol as p
 from portlease.client.host.procinfo import process_started, read_cmdline, user_name
 from portlease.client.protocol.errors import LeaseError
@@ -336,12 +338,21 @@ class Broker:
         """The reply to one line, or (a lease while the portalloc share is on) a task that makes it."""
         request = decode_line(line)
         if (self.share is not None and session.hello and isinstance(request, p.Lease)
-                and not self.share.has_room(request.count)
                 and request.count <= self.table.limits.max_ports_per_request
                 and self.table.ports_of_uid(session.peer.uid) + request.count
                 <= self.table.limits.max_ports_per_uid):
-            # Only a grant that needs a new block of the crate's table waits (for its lock).
-            return functools.partial(self._shared_request, session, request)
+            if not self.share.has_room(request.count):
+                # Only a grant that needs a new block of the crate's table waits (for its lock).
+                return functools.partial(self._shared_request, session, request)
+            now = self.now()
+            outcome = self.core.handle(session, request, now, self.clients)
+            if isinstance(outcome.reply, p.Error) and outcome.reply.code is p.ErrorCode.EXHAUSTED:
+                # The published blocks had room by count, but their ports failed the
+                # bind check or are claimed by another broker on this host: wait for a
+                # new block and try once more, rather than say exhausted while the
+                # range has room.
+                return functools.partial(self._shared_request, session, request, fresh=True)
+            return p.encode(self._finish(session, outcome, now))
         return self._answer(session, request)
 
     def answer(self, session: Session, line: bytes) -> bytes:
@@ -397,17 +408,28 @@ class Broker:
             for info in stale[conn]:
                 info.pid, info.cmdline = pid, cmdline
 
-    async def _shared_request(self, session: Session, request: p.Lease) -> bytes:
-        assert self.share is not None
-        try:
-            refusal = await self.share.make_room(request.count)
-        except Exception as exc:  # the share must never end the connection driver
-            self._faults.note(f"portalloc share: {exc!r}"[:300])
-            refusal = "the fedimint-portalloc share failed; try again"
-        if refusal is not None:
-            self.metrics.refused(p.ErrorCode.BUSY.value)
-            return p.encode(p.Error(id=request.id, code=p.ErrorCode.BUSY, message=refusal))
-        return self._answer(session, request)
+    async def _shared_request(self, session: Session, request: p.Lease, *, fresh: bool = False) -> bytes:
+        share = self.share
+        assert share is not None
+        give_up = trio.current_time() + share.grant_wait
+        while True:
+            try:
+                refusal = await share.make_room(request.count, fresh=fresh)
+            except Exception as exc:  # the share must never end the connection driver
+                self._faults.note(f"portalloc share: {exc!r}"[:300])
+                refusal = "the fedimint-portalloc share failed; try again"
+            if refusal is not None:
+                self.metrics.refused(p.ErrorCode.BUSY.value)
+                return p.encode(p.Error(id=request.id, code=p.ErrorCode.BUSY, message=refusal))
+            now = self.now()
+            outcome = self.core.handle(session, request, now, self.clients)
+            # A new block whose ports another broker claims (or something binds) is
+            # no room either: place the next one while blocks still fit.
+            if (isinstance(outcome.reply, p.Error) and outcome.reply.code is p.ErrorCode.EXHAUSTED
+                    and share.placed_last and trio.current_time() < give_up):
+                fresh = True
+                continue
+            return p.encode(self._finish(session, outcome, now))
 
     def _finish(self, session: Session, outcome: Outcome, now: Instant) -> p.Reply:
         reply = outcome.reply

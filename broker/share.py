@@ -173,16 +173,19 @@ class PortallocShare:
             self._want(self.block)  # take the next block before a grant has to wait for it
         return a.largest_free_run >= count
 
-    async def make_room(self, count: int) -> str | None:
+    async def make_room(self, count: int, *, fresh: bool = False) -> str | None:
         """Wait until a published block has room for ``count`` ports.
 
         Returns None when the grant should go ahead (there is room now, or no block
         can be placed at all and the grant will say ``exhausted``), or the text of a
         ``busy`` refusal when no block could be published within ``grant_wait``.
+        ``fresh``: place a new block first, whatever the published ones seem to hold
+        (a grant found their free ports unusable: bound, or claimed by another broker).
         """
         deadline = trio.current_time() + self.grant_wait
         rounds = 0
-        while not self.has_room(count):
+        while fresh or not self.has_room(count):
+            fresh = False
             if rounds >= 3:
                 return None  # blocks were added and still no room: bind checks failed in them
             self._want(count)
@@ -200,6 +203,11 @@ class PortallocShare:
                 if placed is False:
                     return None
         return None
+
+    @property
+    def placed_last(self) -> bool:
+        """The last exchange placed a new block (so another may fit too)."""
+        return self._last_round[2] is True
 
     async def around_grant(self, grant: Callable[[], T], count: int = 1) -> T:
         """Run ``grant()`` once a published block has room for ``count`` ports, or once

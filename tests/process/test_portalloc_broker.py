@@ -320,3 +320,34 @@ def test_chaos_short_no_grant_inside_a_live_crate_entry(tmp_path: Path, port_ran
     assert not out["twice"], out["twice"][:3]
     # busy is the only refusal lock contention may cause
     assert all("busy" in e or "fedimint-portalloc" in e for e in out["errors"]), out["errors"][:3]
+
+
+def test_blocks_over_another_brokers_claims_are_passed_over_not_exhausted(
+        tmp_path: Path, port_range: str) -> None:
+    # Another broker on this host (no share) holds the low part of the range: its
+    # host-wide claims make those ports unusable here. The sharing broker's first
+    # blocks land on them; its grants must move on to new blocks, never answer
+    # `exhausted` while the range has room (they did, one per block placed there).
+    low, high = bounds(port_range)
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other = BrokerProc(other_dir, range=port_range).start()
+    shared = tmp_path / "fm"
+    shared.mkdir()
+    try:
+        holder = Raw(other.socket)
+        got = holder.call({"op": "lease", "count": 60})
+        assert got["reply"] == "granted" and got["ports"][0] == low, got
+        with sharing_broker(tmp_path, shared, port_range) as b:
+            raw = Raw(b.socket)
+            raw.send(b"".join(json.dumps({"op": "lease", "id": 100 + i, "count": 1}).encode() + b"\n"
+                              for i in range(30)))  # pipelined, as a pytest -n 8 start is
+            replies = [raw.line() for _ in range(30)]
+            refused = [r for r in replies if r["reply"] != "granted"]
+            assert not refused, refused[:3]
+            ports = [r["ports"][0] for r in replies]
+            assert len(set(ports)) == 30 and min(ports) > low + 59 and max(ports) <= high
+            raw.close()
+        holder.close()
+    finally:
+        other.stop()
