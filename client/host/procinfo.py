@@ -22,13 +22,9 @@ def boot_id() -> str:
         return "?"
 
 
-def process_started(pid: int | None) -> str | None:
-    """``"<boot id>:<start time>"`` of a live process, None if it is gone or unreadable.
-
-    The start time is field 22 of /proc/PID/stat (clock ticks after boot).
-    """
-    if not pid:
-        return None
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (field 3 first), None for a
+    process that is gone, unreadable or a zombie (which holds no sockets)."""
     # os.open/os.read, not open(): this runs on the path of a connection's first
     # grant, and the buffered file object costs more than the three system calls.
     try:
@@ -43,25 +39,26 @@ def process_started(pid: int | None) -> str | None:
         os.close(fd)
     # The command name (field 2) may hold spaces and parentheses: split after it.
     fields = raw[raw.rfind(b")") + 2 :].split()
-    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
-        return None  # a zombie holds no sockets
+    if not fields or fields[0] in (b"Z", b"X"):
+        return None
+    return fields
+
+
+def process_started(pid: int | None) -> str | None:
+    """``"<boot id>:<start time>"`` of a live process, None if it is gone or unreadable.
+
+    The start time is field 22 of /proc/PID/stat (clock ticks after boot).
+    """
+    fields = _stat_fields(pid) if pid else None
+    if fields is None or len(fields) < 20:
+        return None
     return f"{boot_id()}:{fields[19].decode()}"
 
 
 def parent_pid(pid: int) -> int | None:
     """The parent's pid of a live process (field 4 of /proc/PID/stat), None if gone or unreadable."""
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        raw = os.read(fd, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    if len(fields) < 2 or fields[0] in (b"Z", b"X"):
+    fields = _stat_fields(pid)
+    if fields is None or len(fields) < 2:
         return None
     try:
         return int(fields[1])
