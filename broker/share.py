@@ -157,7 +157,10 @@ class PortallocShare:
         self._written: pa.Parsed | None = None
         self.exchanges = 0
         self.busy_refusals = 0
-        self._sync_holds()
+        # The allocator is not narrowed to our blocks here but at the first
+        # has_room() or exchange: the broker restores its journal in between, and
+        # restore treats every held port as another lease's (a restart dropped
+        # every lease while the share was on).
 
     # ------------------------------------------------------------ the broker's calls
 

@@ -353,3 +353,24 @@ def test_blocks_over_another_brokers_claims_are_passed_over_not_exhausted(
         holder.close()
     finally:
         other.stop()
+
+
+def test_a_restart_with_the_share_on_restores_and_reclaims_leases(tmp_path: Path, port_range: str) -> None:
+    # Found by the systemd system test: the share narrowed the allocator to its
+    # blocks before the journal was read, and restore took every held port for
+    # another lease's, so a restart dropped every lease ("not restoring ...").
+    shared = tmp_path / "fm"
+    shared.mkdir()
+    with sharing_broker(tmp_path, shared, port_range) as b, Connection(b.socket) as conn:
+        held = conn.lease(3)
+        b.restart()
+        deadline = time.monotonic() + 30
+        while True:
+            with Connection(b.socket, reclaim=False) as look:
+                leases = look.status().leases
+            if any(i.ports == list(held.ports) and i.state == "attached" for i in leases):
+                break
+            assert time.monotonic() < deadline, (leases, b.log.read_text()[-2000:])
+            time.sleep(0.05)
+        assert "not restoring" not in b.log.read_text()
+        assert held.lost is None
