@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from brokerproc import BrokerProc, Raw
+from xdistsuite import SUITE_HEAD
 
 pytest.importorskip("pytest_asyncio")
 pytest.importorskip("anyio")
@@ -25,33 +26,13 @@ pytest.importorskip("anyio")
 # Plugins of this environment that have nothing to do with the fixtures.
 UNRELATED = ("-p", "no:hypothesispytest", "-p", "no:benchmark", "-p", "no:cacheprovider")
 
-# Each test records the ports it got, binds them (TCP and UDP) while it holds
-# them, and what `portlease status` says about them. A barrier makes every
-# worker of both runs wait for the others, so the runs certainly overlap.
-TOY_SUITE = r'''
-import json, os, socket, subprocess, sys, time
-import pytest
-
-OUT = os.environ["PL_OUT"]
-BARRIER = os.environ["PL_BARRIER"]
-WORKERS = int(os.environ["PL_WORKERS"])
-
-
-@pytest.fixture(scope="session", autouse=True)
-def all_workers_running():
-    open(os.path.join(BARRIER, str(os.getpid())), "w").close()
-    deadline = time.monotonic() + 60
-    while len(os.listdir(BARRIER)) < WORKERS and time.monotonic() < deadline:
-        time.sleep(0.01)
-
+# Each test records the ports it got, binds them while it holds them, and what
+# `portlease status` says about them; the barrier and the binding are
+# tests/xdistsuite.py's.
+TOY_SUITE = SUITE_HEAD + r'''
 
 def hold(ports, request):
-    socks = []
-    for port in ports:
-        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-            s = socket.socket(socket.AF_INET, kind)
-            s.bind(("", port))
-            socks.append(s)
+    socks = bind_all(ports)
     start = time.time()
     status = json.loads(subprocess.run(
         [sys.executable, "-m", "portlease", "status", "--json"],

@@ -17,6 +17,7 @@ import pytest
 
 from brokerproc import BrokerProc, Raw
 from portlease.client import Connection
+from xdistsuite import SUITE_HEAD
 
 pytest_plugins = ["pytester"]
 
@@ -28,34 +29,13 @@ UNRELATED = ("-p", "no:hypothesispytest", "-p", "no:benchmark")
 def run_inline(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest(*UNRELATED, *args)
 
-# Each test binds the ports it got on the wildcard address while it holds
-# them, so two holders of one port would fail with EADDRINUSE, and records
-# when it held them. A barrier makes the first test of every worker (of both
-# runs) wait for the others, so the runs certainly overlap.
-XDIST_TESTS = r'''
-import json, os, socket, time
-import pytest
-
-OUT = os.environ["PL_OUT"]
-BARRIER = os.environ["PL_BARRIER"]
-WORKERS = int(os.environ["PL_WORKERS"])
-
-
-@pytest.fixture(scope="session", autouse=True)
-def all_workers_running():
-    open(os.path.join(BARRIER, str(os.getpid())), "w").close()
-    deadline = time.monotonic() + 30
-    while len(os.listdir(BARRIER)) < WORKERS and time.monotonic() < deadline:
-        time.sleep(0.01)
-
+# Each test binds the ports it got while it holds them (two holders of one
+# port would fail with EADDRINUSE) and records when it held them; the barrier
+# and the binding are tests/xdistsuite.py's.
+XDIST_TESTS = SUITE_HEAD + r'''
 
 def hold(ports, nodeid):
-    socks = []
-    for port in ports:
-        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-            s = socket.socket(socket.AF_INET, kind)
-            s.bind(("", port))
-            socks.append(s)
+    socks = bind_all(ports)
     start = time.time()
     time.sleep(0.03)
     with open(OUT, "a") as f:
