@@ -407,6 +407,18 @@ def rss_sampler(pid: int, stop: threading.Event, peak: list[int]) -> None:
                     peak[0] = max(peak[0], int(line.split()[1]))
 
 
+def sampled_broker(d: Path, args: argparse.Namespace) -> tuple[Broker, list[int], threading.Event]:
+    """A root broker in ``d`` that both users reach (socket 0666 in a 0755 directory), with
+    its VmRSS sampled: the peak in KiB is ``peak[0]`` until ``stop`` is set."""
+    os.chmod(d, 0o755)
+    b = Broker(d, args.hostile_range, {"log_level": "warning", "socket_mode": "0666"}).start()
+    peak = [0]
+    stop = threading.Event()
+    assert b.proc is not None
+    threading.Thread(target=rss_sampler, args=(b.proc.pid, stop, peak), daemon=True).start()
+    return b, peak, stop
+
+
 def hostile_neighbour(args: argparse.Namespace, short: Path, figures: dict[str, Any]) -> None:
     """One uid floods at its caps while an honest client of another uid leases and releases.
 
@@ -424,14 +436,8 @@ def hostile_neighbour(args: argparse.Namespace, short: Path, figures: dict[str, 
     d = short / "hostile"
     d.mkdir()
     os.chmod(short, 0o755)
-    os.chmod(d, 0o755)
-    b = Broker(d, args.hostile_range, {"log_level": "warning", "socket_mode": "0666"}).start()
+    b, peak, stop = sampled_broker(d, args)
     worker_py = str(HERE / "load_worker.py")
-    peak = [0]
-    stop = threading.Event()
-    assert b.proc is not None
-    sampler = threading.Thread(target=rss_sampler, args=(b.proc.pid, stop, peak), daemon=True)
-    sampler.start()
 
     def honest(seconds: float) -> subprocess.Popen[str]:
         return subprocess.Popen(
@@ -514,14 +520,8 @@ def hostile_flood(args: argparse.Namespace, short: Path, kind: str) -> dict[str,
     on a broker of its own (so its peak memory is this flood's)."""
     d = short / f"flood-{kind}"
     d.mkdir()
-    os.chmod(d, 0o755)
-    b = Broker(d, args.hostile_range, {"log_level": "warning", "socket_mode": "0666"}).start()
+    b, peak, stop = sampled_broker(d, args)
     worker_py = str(HERE / "load_worker.py")
-    peak = [0]
-    stop = threading.Event()
-    assert b.proc is not None
-    sampler = threading.Thread(target=rss_sampler, args=(b.proc.pid, stop, peak), daemon=True)
-    sampler.start()
 
     def honest(seconds: float) -> dict[str, Any]:
         proc = subprocess.run(
