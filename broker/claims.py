@@ -41,10 +41,9 @@ from collections.abc import Iterable
 
 from portlease.client.host.procnet import BROKER_PREFIX, CLAIM_PREFIX
 
+from .kernel import out_of_fds
+
 log = logging.getLogger("portlease.claims")
-
-_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
 
 def claim_name(port: int) -> str:
     """The abstract socket name (leading NUL included) that claims ``port`` host-wide."""
@@ -54,11 +53,6 @@ def claim_name(port: int) -> str:
 def presence_name(uid: int, pid: int) -> str:
     """The abstract socket name a running broker of ``uid`` and ``pid`` binds."""
     return f"\0{BROKER_PREFIX}{uid}/{pid}"
-
-
-def out_of_fds(exc: OSError) -> bool:
-    """Whether ``exc`` says the process (or the system) has no file descriptor left."""
-    return exc.errno in _OUT_OF_FDS
 
 
 class Claims:
@@ -93,7 +87,7 @@ class Claims:
         try:
             s = _socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         except OSError as exc:
-            if exc.errno in _OUT_OF_FDS:
+            if out_of_fds(exc):
                 raise self.fds_exhausted(exc) from None
             raise
         try:
@@ -103,7 +97,7 @@ class Claims:
             if exc.errno == errno.EADDRINUSE:
                 self.taken_elsewhere += 1
                 return False
-            if exc.errno in _OUT_OF_FDS:
+            if out_of_fds(exc):
                 raise self.fds_exhausted(exc) from None
             raise
         self._held[port] = s
@@ -185,4 +179,4 @@ def announce(uid: int, pid: int) -> socket.socket | None:
     return s
 
 
-__all__ = ["Claims", "announce", "claim_name", "out_of_fds", "presence_name"]
+__all__ = ["Claims", "announce", "claim_name", "presence_name"]

@@ -56,6 +56,7 @@ import trio
 
 from portlease.client import protocol as p
 
+from . import kernel
 from .core import Session
 
 log = logging.getLogger("portlease.broker")
@@ -269,7 +270,7 @@ class Driver:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if kernel.out_of_fds(exc):
                     log.error("cannot accept connections: %s; pausing %g s", exc.strerror, ACCEPT_PAUSE)
                     self._ep.unregister(lfd)
                     self._accepting = False

@@ -30,7 +30,7 @@ from portlease.client.protocol.errors import LeaseError
 from . import kernel
 from . import portalloc as pa
 from .allocator import Allocator, BindCheck
-from .claims import Claims, announce, out_of_fds
+from .claims import Claims, announce
 from .config import Config
 from .connections import Driver, Reply
 from .core import (
@@ -214,7 +214,7 @@ class Broker:
                 return False
             ok = self._check(port)
         except OSError as exc:
-            if not out_of_fds(exc):
+            if not kernel.out_of_fds(exc):
                 raise
             # The claims hold most of the fds, so say so, whichever socket failed.
             exc = claims.fds_exhausted(exc)

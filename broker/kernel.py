@@ -30,6 +30,15 @@ from functools import cache
 
 from . import badports
 
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+"""The errnos of a socket call that met a limit of this process or the system (file
+descriptors, buffers), not a fault of the port or the peer."""
+
+
+def out_of_fds(exc: OSError) -> bool:
+    """Whether ``exc`` says the process (or the system) has no file descriptor (or buffer) left."""
+    return exc.errno in OUT_OF_RESOURCES
+
 log = logging.getLogger("portlease.kernel")
 
 _EPHEMERAL = "/proc/sys/net/ipv4/ip_local_port_range"

@@ -29,7 +29,6 @@ process that took it (pid and start time) still runs.
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import logging
 import os
@@ -44,6 +43,7 @@ import trio
 from portlease.client import protocol as p
 from portlease.client.host.procinfo import parent_pid, process_started
 
+from . import kernel
 from .core import Session
 from .leases import LeaseRecord, Peer
 from .peers import peer_of
@@ -122,7 +122,7 @@ class PortServer:
             except BlockingIOError:
                 continue
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if kernel.out_of_fds(exc):
                     log.error("portserver: cannot accept connections: %s; pausing %g s",
                               exc.strerror, ACCEPT_PAUSE)
                     await trio.sleep(ACCEPT_PAUSE)
