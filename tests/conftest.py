@@ -31,6 +31,13 @@ def port_range() -> Iterator[str]:
 
 
 @pytest.fixture
+def ten_ports(port_range: str) -> str:
+    """The first ten ports of a claimed block, for a broker whose range must be small."""
+    low = int(port_range.split("-")[0])
+    return f"{low}-{low + 9}"
+
+
+@pytest.fixture
 def broker(tmp_path: Path, port_range: str) -> Iterator[BrokerProc]:
     """A real broker process on a private socket and port range."""
     b = BrokerProc(tmp_path, range=port_range).start()

@@ -174,10 +174,10 @@ def test_port_bound_by_outside_process_is_never_granted(broker: BrokerProc) -> N
         s.close()
 
 
-def test_exhausted_and_quota_errors_are_clear(tmp_path: Path) -> None:
+def test_exhausted_and_quota_errors_are_clear(tmp_path: Path, ten_ports: str) -> None:
     config = tmp_path / "c.toml"
     config.write_text("max_ports_per_uid = 8\nmax_leases_per_connection = 3\n")
-    b = BrokerProc(tmp_path, ["--config", str(config)], range="31890-31899").start()
+    b = BrokerProc(tmp_path, ["--config", str(config)], range=ten_ports).start()
     try:
         with Connection(b.socket) as conn:
             conn.lease(2)
@@ -199,8 +199,8 @@ def test_exhausted_and_quota_errors_are_clear(tmp_path: Path) -> None:
         b.stop()
 
 
-def test_exhausted_reports_largest_free_run(tmp_path: Path) -> None:
-    b = BrokerProc(tmp_path, range="31880-31889").start()
+def test_exhausted_reports_largest_free_run(tmp_path: Path, ten_ports: str) -> None:
+    b = BrokerProc(tmp_path, range=ten_ports).start()
     try:
         with Connection(b.socket) as conn:
             conn.lease(7)
@@ -324,16 +324,17 @@ def test_second_broker_on_same_socket_or_state_refuses(broker: BrokerProc, tmp_p
     assert not (other / "s.sock").exists()
 
 
-def test_stale_socket_is_replaced_and_socket_mode_is_0660(tmp_path: Path) -> None:
+def test_stale_socket_is_replaced_and_socket_mode_is_0660(tmp_path: Path, ten_ports: str) -> None:
     path = tmp_path / "broker.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))  # bound, never listening: connect() is refused
     stale.close()
-    b = BrokerProc(tmp_path, range="31870-31879").start()
+    b = BrokerProc(tmp_path, range=ten_ports).start()
     try:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
         with lease(1, socket=b.socket) as got:
-            assert 31870 <= got.port <= 31879
+            low, high = map(int, ten_ports.split("-"))
+            assert low <= got.port <= high
     finally:
         b.stop()
     assert not path.exists()  # removed on a clean stop
@@ -347,9 +348,9 @@ def test_regular_file_at_socket_path_is_not_replaced(tmp_path: Path) -> None:
     assert path.read_text() == "precious"
 
 
-def test_corrupt_state_file_is_survived(tmp_path: Path) -> None:
+def test_corrupt_state_file_is_survived(tmp_path: Path, ten_ports: str) -> None:
     (tmp_path / "state.jsonl").write_bytes(b'\x00\xffgarbage\n{"type":"grant","token":"a"\n')
-    b = BrokerProc(tmp_path, range="31860-31869").start()
+    b = BrokerProc(tmp_path, range=ten_ports).start()
     try:
         with lease(2, socket=b.socket) as got:
             assert len(got) == 2
@@ -358,8 +359,8 @@ def test_corrupt_state_file_is_survived(tmp_path: Path) -> None:
         b.stop()
 
 
-def test_sigterm_exits_zero_and_keeps_leases_for_reclaim(tmp_path: Path) -> None:
-    b = BrokerProc(tmp_path, range="31850-31859").start()
+def test_sigterm_exits_zero_and_keeps_leases_for_reclaim(tmp_path: Path, ten_ports: str) -> None:
+    b = BrokerProc(tmp_path, range=ten_ports).start()
     try:
         raw = Raw(b.socket)
         held = raw.call({"op": "lease", "count": 2})

@@ -104,13 +104,13 @@ def fill(directory: Path) -> Path:
 
 
 def test_full_state_disk_neither_kills_the_broker_nor_tears_the_journal(
-    tmp_path: Path, tiny_fs: Path
+    tmp_path: Path, tiny_fs: Path, port_range: str
 ) -> None:
     """Regression: with the state file's disk full, a client closing its connection
     raised ENOSPC out of the handler's ``finally`` and ended the whole broker; a
     short write left half a line that swallowed the next record too."""
     state = tiny_fs / "state.jsonl"
-    b = BrokerProc(tmp_path, ["--state", str(state)], range="20700-20799").start()
+    b = BrokerProc(tmp_path, ["--state", str(state)], range=port_range).start()
     try:
         keeper = Raw(b.socket)
         kept = keeper.call({"op": "lease", "count": 1})
@@ -145,7 +145,9 @@ def test_full_state_disk_neither_kills_the_broker_nor_tears_the_journal(
         b.stop()
 
 
-def test_client_waits_while_a_socket_activated_brokers_backlog_is_full(tmp_path: Path) -> None:
+def test_client_waits_while_a_socket_activated_brokers_backlog_is_full(
+    tmp_path: Path, port_range: str
+) -> None:
     """Regression (found by bench/load.py): a client socket with a timeout gets EAGAIN at
     once from connect() when the listen backlog is full, where a blocking one waits. The
     sync client (and so ``portlease lease``) failed with "no broker answers" whenever a
@@ -188,7 +190,7 @@ def test_client_waits_while_a_socket_activated_brokers_backlog_is_full(tmp_path:
         proc = subprocess.Popen(
             ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "sh", PYTHON, "-m",
              "portlease", "serve", "--state", str(tmp_path / "state.jsonl"),
-             "--range", "20700-20799"],
+             "--range", port_range],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=to_fd3, close_fds=False)
     try:
         thread.join(30)
@@ -214,13 +216,13 @@ def test_broker_collects_garbage_rarely_and_freezes_startup_objects() -> None:
     assert threshold >= 10_000 and frozen > 1000
 
 
-def test_out_of_fds_at_the_bind_check_is_busy_not_internal(tmp_path: Path) -> None:
+def test_out_of_fds_at_the_bind_check_is_busy_not_internal(tmp_path: Path, port_range: str) -> None:
     """Regression: when the broker had no fd left for a bind-check probe socket (EMFILE),
     the OSError escaped the lease table and the client got ``internal`` (with a traceback
     in the log) instead of ``busy``."""
     import resource
 
-    b = BrokerProc(tmp_path, range="20700-20799").start()
+    b = BrokerProc(tmp_path, range=port_range).start()
     try:
         assert b.proc is not None
         raw = Raw(b.socket)

@@ -208,11 +208,13 @@ def test_leases_survive_restart_after_restart_with_no_call_between(broker: Broke
         assert held.lost is None
 
 
-def test_orphan_of_a_process_that_cannot_reclaim_is_kept_while_it_lives(tmp_path: Path) -> None:
+def test_orphan_of_a_process_that_cannot_reclaim_is_kept_while_it_lives(
+    tmp_path: Path, ten_ports: str
+) -> None:
     """A client stopped across a restart keeps its ports until it is really gone."""
     from brokerproc import BrokerProc
 
-    b = BrokerProc(tmp_path, ["--ttl", "1"], range="31830-31839").start()
+    b = BrokerProc(tmp_path, ["--ttl", "1"], range=ten_ports).start()
     holder = subprocess.Popen(
         [PYTHON, "-c", "import sys, time\nfrom portlease.client import Connection\n"
          f"c = Connection({b.socket!r}, reclaim=False)\nprint(*c.lease(2).ports, flush=True)\n"
@@ -300,7 +302,7 @@ def test_many_connections_in_one_process_are_all_reclaimed_by_the_one_watcher(
     wait_for(lambda: status(broker.socket) == [], "closing released everything")
 
 
-def test_a_call_survives_a_broker_that_goes_down_twice_under_it(tmp_path: Path) -> None:
+def test_a_call_survives_a_broker_that_goes_down_twice_under_it(tmp_path: Path, ten_ports: str) -> None:
     """A renew in flight when the broker dies, whose retry then lands in the queue of a
     listener that is going away too (socket activation replacing the broker): the
     call waits for the next broker instead of failing."""
@@ -313,7 +315,7 @@ def test_a_call_survives_a_broker_that_goes_down_twice_under_it(tmp_path: Path) 
     listener.bind(path)
     listener.listen(16)
     state = str(tmp_path / "state.jsonl")
-    cmd = [PYTHON, "-m", "portlease", "serve", "--state", state, "--range", "31810-31819"]
+    cmd = [PYTHON, "-m", "portlease", "serve", "--state", state, "--range", ten_ports]
     fd = listener.fileno()
     first = subprocess.Popen(  # socket activation by hand: the listener as fd 3
         ["bash", "-c", f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "bash", *cmd],

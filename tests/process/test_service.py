@@ -22,19 +22,19 @@ from brokerproc import PYTHON, Raw
 ACTIVATE = shutil.which("systemd-socket-activate")
 
 
-def serve_cmd(tmp_path: Path, *extra: str) -> list[str]:
+def serve_cmd(tmp_path: Path, port_range: str, *extra: str) -> list[str]:
     """The broker's command line; the range comes from ``--config`` when one is given."""
-    rng = [] if "--config" in extra else ["--range", "31800-31839"]
+    rng = [] if "--config" in extra else ["--range", port_range]
     return [PYTHON, "-m", "portlease", "serve", "--state", str(tmp_path / "state.jsonl"),
             *rng, *extra]
 
 
-def test_first_connection_starts_the_broker_and_is_served(tmp_path: Path) -> None:
+def test_first_connection_starts_the_broker_and_is_served(tmp_path: Path, port_range: str) -> None:
     if ACTIVATE is None:
         pytest.skip("systemd-socket-activate is not installed")
     path = str(tmp_path / "act.sock")
     log = open(tmp_path / "log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([ACTIVATE, "-l", path, "-E", "PYTHONPATH", *serve_cmd(tmp_path)],
+    proc = subprocess.Popen([ACTIVATE, "-l", path, "-E", "PYTHONPATH", *serve_cmd(tmp_path, port_range)],
                             stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 10
@@ -75,10 +75,10 @@ def _activated(
                                      if k not in unset})
 
 
-def test_connections_queued_during_a_restart_are_served(tmp_path: Path) -> None:
+def test_connections_queued_during_a_restart_are_served(tmp_path: Path, port_range: str) -> None:
     path = str(tmp_path / "s.sock")
     listener = _listening(path)
-    first = _activated(listener, serve_cmd(tmp_path), tmp_path / "log")
+    first = _activated(listener, serve_cmd(tmp_path, port_range), tmp_path / "log")
     held = Raw(path)
     lease = held.call({"op": "lease", "count": 3})
     first.kill()
@@ -92,7 +92,7 @@ def test_connections_queued_during_a_restart_are_served(tmp_path: Path) -> None:
         s.connect(path)
         s.sendall(b'{"op":"hello","id":1,"version":1}\n{"op":"lease","id":2,"count":2}\n')
         queued.append(s)
-    second = _activated(listener, serve_cmd(tmp_path), tmp_path / "log")
+    second = _activated(listener, serve_cmd(tmp_path, port_range), tmp_path / "log")
     try:
         granted = []
         for s in queued:
@@ -115,9 +115,9 @@ def test_connections_queued_during_a_restart_are_served(tmp_path: Path) -> None:
         listener.close()
 
 
-def test_inherited_socket_of_wrong_kind_is_refused_clearly(tmp_path: Path) -> None:
+def test_inherited_socket_of_wrong_kind_is_refused_clearly(tmp_path: Path, port_range: str) -> None:
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    proc = _activated(udp, serve_cmd(tmp_path), tmp_path / "log")
+    proc = _activated(udp, serve_cmd(tmp_path, port_range), tmp_path / "log")
     assert proc.wait(timeout=20) == 1
     text = (tmp_path / "log").read_text()
     assert "socket activation" in text and "Traceback" not in text
@@ -161,15 +161,18 @@ class Manager:
 
 
 @pytest.mark.parametrize("abstract", [False, True])
-def test_ready_status_watchdog_reload_stopping(tmp_path: Path, abstract: bool) -> None:
+def test_ready_status_watchdog_reload_stopping(
+    tmp_path: Path, port_range: str, abstract: bool
+) -> None:
     address = f"@portlease-test-{os.getpid()}-{time.monotonic_ns()}" if abstract else str(tmp_path / "notify")
     manager = Manager(address)
     config = tmp_path / "c.toml"
-    config.write_text("port_min = 31800\nport_max = 31839\n")
+    low = int(port_range.split("-")[0])
+    config.write_text(f"port_min = {low}\nport_max = {low + 39}\n")
     path = str(tmp_path / "s.sock")
     listener = _listening(path)
     proc = _activated(
-        listener, serve_cmd(tmp_path, "--config", str(config)), tmp_path / "log",
+        listener, serve_cmd(tmp_path, port_range, "--config", str(config)), tmp_path / "log",
         env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"},
     )
     try:
@@ -182,7 +185,7 @@ def test_ready_status_watchdog_reload_stopping(tmp_path: Path, abstract: bool) -
         pings = [t for t, m in manager.messages if m == "WATCHDOG=1"]
         assert len(pings) >= 3  # pinging repeatedly from the loop, every 0.1 s or so
 
-        config.write_text("port_min = 31800\nport_max = 31849\nttl = 30\n")
+        config.write_text(f"port_min = {low}\nport_max = {low + 49}\nttl = 30\n")
         before = len(manager.messages)
         proc.send_signal(signal.SIGHUP)
         manager.wait_for("RELOADING=1")
@@ -194,7 +197,7 @@ def test_ready_status_watchdog_reload_stopping(tmp_path: Path, abstract: bool) -
         assert any("READY=1" in m for m in after[i + 1:])
         # The reload kept the lease and widened the range.
         summary = raw.call({"op": "status"})["summary"]
-        assert summary["leases"] == 1 and summary["range"] == [31800, 31849]  # type: ignore[index]
+        assert summary["leases"] == 1 and summary["range"] == [low, low + 49]  # type: ignore[index]
         assert summary["ttl"] == 30  # type: ignore[index]
 
         proc.send_signal(signal.SIGTERM)
@@ -207,10 +210,10 @@ def test_ready_status_watchdog_reload_stopping(tmp_path: Path, abstract: bool) -
         manager.sock.close()
 
 
-def test_without_notify_socket_nothing_is_sent_and_nothing_fails(tmp_path: Path) -> None:
+def test_without_notify_socket_nothing_is_sent_and_nothing_fails(tmp_path: Path, port_range: str) -> None:
     path = str(tmp_path / "s.sock")
     listener = _listening(path)
-    proc = _activated(listener, serve_cmd(tmp_path), tmp_path / "log",
+    proc = _activated(listener, serve_cmd(tmp_path, port_range), tmp_path / "log",
                       env={"WATCHDOG_USEC": "100000"}, unset=("NOTIFY_SOCKET",))
     try:
         assert Raw(path).call({"op": "ping"})["reply"] == "pong"

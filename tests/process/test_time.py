@@ -25,7 +25,7 @@ def leases(b: BrokerProc) -> dict[tuple[int, ...], str]:
 
 @pytest.mark.skipif(not os.path.exists(LIBFAKETIME), reason="needs libfaketime (apt-get install faketime)")
 def test_wall_clock_steps_neither_expire_live_leases_nor_keep_dead_ones(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ten_ports: str
 ) -> None:
     offset = tmp_path / "faketime"
     offset.write_text("+0\n")
@@ -33,7 +33,7 @@ def test_wall_clock_steps_neither_expire_live_leases_nor_keep_dead_ones(
     monkeypatch.setenv("FAKETIME_TIMESTAMP_FILE", str(offset))
     monkeypatch.setenv("FAKETIME_NO_CACHE", "1")
     monkeypatch.setenv("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-    b = BrokerProc(tmp_path, ["--ttl", "3"], range="31890-31899").start()
+    b = BrokerProc(tmp_path, ["--ttl", "3"], range=ten_ports).start()
     monkeypatch.delenv("LD_PRELOAD")
     try:
         client = Raw(b.socket)
@@ -61,9 +61,9 @@ def test_wall_clock_steps_neither_expire_live_leases_nor_keep_dead_ones(
         b.stop()
 
 
-def test_a_detached_lease_keeps_its_ttl_across_a_restart(tmp_path: Path) -> None:
+def test_a_detached_lease_keeps_its_ttl_across_a_restart(tmp_path: Path, ten_ports: str) -> None:
     """Only leases bound to a connection come back as orphans kept while their owner lives."""
-    b = BrokerProc(tmp_path, ["--ttl", "60"], range="31880-31889").start()
+    b = BrokerProc(tmp_path, ["--ttl", "60"], range=ten_ports).start()
     try:
         client = Raw(b.socket)  # this (live) process took both leases
         detached = client.call({"op": "lease", "count": 2, "detach": True, "ttl": 2})
