@@ -23,7 +23,10 @@ pytest_plugins = ["pytester"]
 
 # Plugins of this environment that have nothing to do with portlease; hypothesis
 # alone re-imports itself in every in-process run (seconds on this machine).
-UNRELATED = ("-p", "no:hypothesispytest", "-p", "no:benchmark")
+# pytest-asyncio (pytest-aiohttp needs it loaded) warns in every run whose ini
+# does not set its loop scope.
+UNRELATED = ("-p", "no:hypothesispytest", "-p", "no:benchmark",
+             "-o", "asyncio_default_fixture_loop_scope=function")
 
 
 def run_inline(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
