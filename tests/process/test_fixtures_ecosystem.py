@@ -8,7 +8,6 @@ and in ``portlease status`` with the test's id and the run's own command line.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from brokerproc import BrokerProc, Raw
-from xdistsuite import SUITE_HEAD
+from xdistsuite import SUITE_HEAD, assert_overlapping_holds_disjoint, run_concurrently
 
 pytest.importorskip("pytest_asyncio")
 pytest.importorskip("anyio")
@@ -84,39 +83,21 @@ def test_two_concurrent_xdist_runs_get_leased_ports_named_by_test_and_run(
     suite = tmp_path / "suite"
     suite.mkdir()
     (suite / "test_toy.py").write_text(TOY_SUITE)
-    out = tmp_path / "held.jsonl"
-    barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    runs: dict[str, subprocess.Popen[str]] = {}
-    for name in ("a", "b"):
-        # The broker is configured the way CI configures it: $PORTLEASE_SOCKET.
-        env = clean_env(PL_OUT=str(out), PL_BARRIER=str(barrier), PL_WORKERS="8", PL_RUN=name,
-                        PORTLEASE_SOCKET=broker.socket, PORTLEASE_AUTOSTART="0")
-        runs[name] = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-n", "4", "-q", *UNRELATED, "test_toy.py"],
-            cwd=suite, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-    for proc in runs.values():
-        output = proc.communicate(timeout=300)[0]
-        assert proc.returncode == 0, output
-        assert "4 passed" in output, output
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    # The broker is configured the way CI configures it: $PORTLEASE_SOCKET.
+    env = clean_env(PORTLEASE_SOCKET=broker.socket, PORTLEASE_AUTOSTART="0")
+    pids, records = run_concurrently(suite, [*UNRELATED, "test_toy.py"], workers=4, env=env,
+                                     passed="4 passed", timeout=300)
     assert len(records) == 8
     for r in records:
         assert r["types"] == ["int"]
         # From the broker: in its range, and `portlease status` names the test and its run.
         assert all(port in broker_range(broker) for port in r["ports"]), r
-        pid = runs[r["run"]].pid
         for note in r["notes"]:
             assert note is not None and note.startswith(r["node"] + " "), r
-            assert f"[run {pid}: pytest -n 4 -q" in note and note.endswith("test_toy.py]"), r
+            assert f"[run {pids[r['run']]}: pytest -n 4 -q" in note, r
+            assert note.endswith("test_toy.py]"), r
         assert len(set(r["ports"])) == len(r["ports"])
-    overlapping = 0
-    for r1, r2 in itertools.combinations(records, 2):
-        if r1["start"] < r2["end"] and r2["start"] < r1["end"]:
-            overlapping += 1
-            assert not set(r1["ports"]) & set(r2["ports"]), (r1, r2)
-    assert overlapping > 0
+    assert_overlapping_holds_disjoint(records)
     # Function-scoped leases ended with their tests, the factories' with their sessions.
     assert Raw(broker.socket).call({"op": "status"})["leases"] == []
 

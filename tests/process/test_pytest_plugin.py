@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import errno
-import itertools
-import json
 import os
 import signal
 import socket
@@ -17,7 +15,7 @@ import pytest
 
 from brokerproc import BrokerProc, Raw
 from portlease.client import Connection
-from xdistsuite import SUITE_HEAD
+from xdistsuite import SUITE_HEAD, assert_overlapping_holds_disjoint, run_concurrently
 
 pytest_plugins = ["pytester"]
 
@@ -73,33 +71,14 @@ def test_xdist_workers_of_concurrent_runs_never_share_a_port(
     pytester: pytest.Pytester, broker: BrokerProc, tmp_path: Path
 ) -> None:
     pytester.makepyfile(test_ports=XDIST_TESTS)
-    out = tmp_path / "held.jsonl"
-    barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    runs = []
-    for name in ("a", "b"):
-        env = dict(os.environ, PL_OUT=str(out), PL_BARRIER=str(barrier), PL_WORKERS="4",
-                   PL_RUN=name)
-        env.pop("PYTEST_ADDOPTS", None)
-        runs.append(subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-n", "2", "-q", "-p", "no:cacheprovider", *UNRELATED,
-             "--portlease-socket", broker.socket, "test_ports.py"],
-            cwd=pytester.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True,
-        ))
-    for proc in runs:
-        output = proc.communicate(timeout=120)[0]
-        assert proc.returncode == 0, output
-        assert "12 passed" in output, output
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    _, records = run_concurrently(
+        pytester.path, ["-p", "no:cacheprovider", *UNRELATED, "--portlease-socket", broker.socket,
+                        "test_ports.py"],
+        workers=2, env=env, passed="12 passed", timeout=120)
     assert len(records) == 24
     assert len({(r["run"], r["worker"]) for r in records}) == 4
-    overlapping = 0
-    for r1, r2 in itertools.combinations(records, 2):
-        if r1["start"] < r2["end"] and r2["start"] < r1["end"]:
-            overlapping += 1
-            assert not set(r1["ports"]) & set(r2["ports"]), (r1, r2)
-    assert overlapping > 0
+    assert_overlapping_holds_disjoint(records)
     # Every lease ended with its test (and the workers' connections are gone).
     assert Raw(broker.socket).call({"op": "status"})["leases"] == []
 
