@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from portlease.client.protocol.errors import StartupError
@@ -25,16 +25,30 @@ _VARIABLES: Final = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 PORTSERVER_NAME: Final = "portserver"
 """The ``FileDescriptorName=`` of the socket on which portpicker's protocol is
-answered (systemd/portlease-portserver.socket); every other name is the main socket."""
+answered (systemd/portlease-portserver.socket); every name but this one and the
+claims' is the main socket."""
+
+CLAIMS_NAME_PREFIX: Final = "claims-"
+"""The names under which the broker keeps its claim sockets in systemd's file
+descriptor store (``claims-START-COUNT``, one name per lease); systemd passes
+them back with the listening sockets when it restarts the broker."""
+
+
+def is_claims_name(name: str) -> bool:
+    """Whether an inherited fd's name is one the broker stored its claims under."""
+    return name.startswith(CLAIMS_NAME_PREFIX)
 
 
 @dataclass(slots=True)
 class Inherited:
-    """The listening sockets passed by socket activation."""
+    """The sockets passed by socket activation and by systemd's file descriptor store."""
 
-    main: socket.socket
+    main: socket.socket | None
+    """None when only stored claims were passed (a service started without its socket unit)."""
     portserver: socket.socket | None = None
     """The fd named :data:`PORTSERVER_NAME`, when ``LISTEN_FDNAMES`` names one."""
+    claims: dict[str, list[socket.socket]] = field(default_factory=dict)
+    """The claim sockets the broker stored before it was restarted, by their stored name."""
 
 
 def inherited_listener(
@@ -62,24 +76,43 @@ def inherited_listener(
 
 
 def inherited_listeners(environ: MutableMapping[str, str] | None = None) -> Inherited | None:
-    """The main socket and, when one is named ``portserver``, the portpicker socket.
+    """The main socket, the portpicker socket and the stored claims that were passed.
 
-    The same rules as :func:`inherited_listener`; None when not activated. With
-    no ``LISTEN_FDNAMES`` there is no portserver socket and the main one is fd 3.
+    The same rules as :func:`inherited_listener`; None when nothing was passed.
+    With no ``LISTEN_FDNAMES`` there is no portserver socket and no claim, and
+    the main one is fd 3. The fds whose names start with
+    :data:`CLAIMS_NAME_PREFIX` are taken as they are: the broker's
+    :class:`~portlease.broker.claims.Claims` keeps those that are its claims.
     """
     taken = _take(environ)
     if taken is None:
         return None
     fds, names = taken
-    main = _verified(_choose(fds, names, None))
-    if names is None or PORTSERVER_NAME not in names:
-        return Inherited(main)
+    claims: dict[str, list[socket.socket]] = {}
+    if names is not None:
+        for fd, name in zip(fds, names, strict=True):
+            if is_claims_name(name):
+                try:
+                    claims.setdefault(name, []).append(socket.socket(fileno=fd))
+                except OSError:
+                    os.close(fd)  # not a socket: not a claim of ours, yet passed to us
+        if all(is_claims_name(name) for name in names):
+            return Inherited(None, claims=claims)
     try:
-        portserver = _verified(fds[names.index(PORTSERVER_NAME)])
+        main = _verified(_choose(fds, names, None))
+        if names is None or PORTSERVER_NAME not in names:
+            return Inherited(main, claims=claims)
+        try:
+            portserver = _verified(fds[names.index(PORTSERVER_NAME)])
+        except StartupError:
+            main.close()
+            raise
     except StartupError:
-        main.close()
+        for socks in claims.values():
+            for sock in socks:
+                sock.close()
         raise
-    return Inherited(main, portserver)
+    return Inherited(main, portserver, claims)
 
 
 def _take(environ: MutableMapping[str, str] | None) -> tuple[range, list[str] | None] | None:
@@ -131,9 +164,9 @@ def _choose(fds: range, names: list[str] | None, name: str | None) -> int:
         return fds[0]
     if name is None:
         # The main socket keeps working whatever its unit names it; only the
-        # portpicker socket has a name the broker must know.
+        # portpicker socket and the stored claims have names the broker must know.
         for fd, fd_name in zip(fds, names, strict=True):
-            if fd_name != PORTSERVER_NAME:
+            if fd_name != PORTSERVER_NAME and not is_claims_name(fd_name):
                 return fd
         raise StartupError(
             "socket activation: only a portserver socket was passed; the main socket "
@@ -198,6 +231,6 @@ def socket_path(sock: socket.socket) -> str:
 
 
 __all__ = [
-    "LISTEN_FDS_START", "PORTSERVER_NAME", "Inherited", "inherited_listener", "inherited_listeners",
-    "socket_path",
+    "CLAIMS_NAME_PREFIX", "LISTEN_FDS_START", "PORTSERVER_NAME", "Inherited", "inherited_listener",
+    "inherited_listeners", "is_claims_name", "socket_path",
 ]

@@ -27,6 +27,17 @@ journal) are *pending* until the shell settles them after the request.
 Each held claim costs one file descriptor. When none is left (EMFILE, ENFILE)
 :meth:`Claims.take` raises an :class:`OSError` that says so; the core turns
 any OSError of the bind check into a ``busy`` refusal.
+
+Under systemd, a claim need not die with the broker. With a file descriptor
+store (``FileDescriptorStoreMax=``, announced to the broker as ``$FDSTORE``)
+the claims of each lease are also kept in systemd, under the name
+``claims-START-COUNT``; the kernel frees a name only when its last fd closes,
+so a broker that crashes, is killed by the watchdog or is restarted leaves its
+leases' ports claimed until its successor is passed them back
+(:meth:`Claims.adopt`). Without the store another broker could grant those
+ports in that gap. The store is a copy: the broker's own fds stay the
+authority, and a store that refuses (full, or PID 1 not reading) only reopens
+the gap for that lease.
 """
 
 from __future__ import annotations
@@ -37,13 +48,29 @@ import logging
 import os
 import resource
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 from portlease.client.host.procnet import BROKER_PREFIX, CLAIM_PREFIX
 
+from .activation import CLAIMS_NAME_PREFIX
 from .kernel import out_of_fds
 
 log = logging.getLogger("portlease.claims")
+
+class FdStore(Protocol):
+    """Where claims are kept beyond this process: systemd's file descriptor store."""
+
+    def store_fds(self, name: str, fds: list[int]) -> bool:
+        """Keep ``fds`` under ``name``; False when it could not be sent now."""
+
+    def remove_fds(self, name: str) -> bool:
+        """Close every fd kept under ``name``; False when it could not be sent now."""
+
+
+def store_name(start: int, count: int) -> str:
+    """The name the claims of the lease of ``[start, start+count)`` are stored under."""
+    return f"{CLAIMS_NAME_PREFIX}{start}-{count}"
 
 def claim_name(port: int) -> str:
     """The abstract socket name (leading NUL included) that claims ``port`` host-wide."""
@@ -58,14 +85,23 @@ def presence_name(uid: int, pid: int) -> str:
 class Claims:
     """The port claims this broker holds, and those a grant attempt took but has not kept yet."""
 
-    __slots__ = ("_held", "_pending", "_prefix", "taken_elsewhere")
+    __slots__ = ("_adopted", "_capacity", "_held", "_pending", "_prefix", "_store", "_stored",
+                 "_unremoved", "taken_elsewhere")
 
-    def __init__(self, prefix: str = CLAIM_PREFIX) -> None:
+    def __init__(self, prefix: str = CLAIM_PREFIX, *, store: FdStore | None = None,
+                 capacity: int = 0) -> None:
         self._prefix = "\0" + prefix
         self._held: dict[int, _socket.socket] = {}
         self._pending: list[int] = []
         self.taken_elsewhere = 0
         """How many times a claim was found held by someone else (another broker, or anyone)."""
+        self._store = store
+        self._capacity = capacity
+        self._stored: dict[str, int] = {}
+        """Stored name → how many fds it holds (systemd's count against FileDescriptorStoreMax)."""
+        self._unremoved: set[str] = set()
+        """Stored names whose removal could not be sent yet (retried by :meth:`retry`)."""
+        self._adopted: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._held)
@@ -122,11 +158,15 @@ class Claims:
         self._pending.append(port)
         return True
 
-    def settle(self, kept: Iterable[int] = ()) -> None:
-        """After a request: keep the pending claims of ``kept`` ports, release the others."""
+    def settle(self, kept: Iterable[tuple[int, int]] = ()) -> None:
+        """After a request: keep the pending claims of the ``kept`` runs ``(start, count)``
+        (and store them), release the others."""
+        keep: set[int] = set()
+        for start, count in kept:
+            keep.update(range(start, start + count))
+            self._keep(start, count)
         if not self._pending:
             return
-        keep = set(kept)
         self.release(p for p in self._pending if p not in keep)
         self._pending.clear()
 
@@ -155,12 +195,112 @@ class Claims:
             if s is not None:
                 s.close()
 
+    def release_run(self, start: int, count: int) -> None:
+        """Give back the claims of a lease that ended, stored ones included."""
+        self.release(range(start, start + count))
+        name = store_name(start, count)
+        if name in self._stored:
+            self._remove(name)
+
     def close(self) -> None:
-        """Give back every claim (the broker stops serving its leases)."""
+        """Close this process's claims: the broker stops. The stored ones stay with systemd
+        for the next broker; without a store, they end here."""
         for s in self._held.values():
             s.close()
         self._held.clear()
         self._pending.clear()
+
+    # -------------------------------------------------------- the fd store
+
+    def adopt(self, stored: Mapping[str, list[socket.socket]]) -> None:
+        """Take back the claims a predecessor stored (passed by systemd on this start).
+
+        Each socket is kept as the claim of the port its name says; one that is
+        not a claim (another name, a datagram socket) is closed. Call
+        :meth:`restored` once the journal's leases are back.
+        """
+        for name, socks in stored.items():
+            self._stored[name] = len(socks)
+            for sock in socks:
+                port = self._port_of(sock)
+                if port is None or port in self._held:
+                    sock.close()
+                    continue
+                self._held[port] = sock
+                self._adopted.add(port)
+        if stored:
+            log.info("took back %d claims of %d leases from systemd's fd store",
+                     len(self._adopted), len(stored))
+
+    def restored(self, runs: Iterable[tuple[int, int]]) -> None:
+        """After the restore: the adopted claims no restored lease holds are closed and their
+        stored names removed; each restored lease's claims are stored, if not stored whole."""
+        wanted = {store_name(start, count): (start, count) for start, count in runs}
+        held_by_leases = {p for start, count in wanted.values() for p in range(start, start + count)}
+        unheld = [p for p in self._adopted if p not in held_by_leases]
+        if unheld:
+            log.info("released %d stored claims that no restored lease holds", len(unheld))
+        self.release(unheld)
+        self._adopted.clear()
+        for name in [n for n in self._stored if n not in wanted]:
+            self._remove(name)
+        for name, (start, count) in wanted.items():
+            if self._stored.get(name) == count:
+                continue
+            if name in self._stored:
+                self._remove(name)  # some of its fds were lost: store the run again, whole
+            self._keep(start, count)
+
+    def retry(self) -> None:
+        """Send again the removals that could not be sent (the tick calls this)."""
+        for name in list(self._unremoved):
+            self._remove(name)
+
+    @property
+    def stored(self) -> int:
+        """How many claim fds are in the store now (by this broker's count)."""
+        return sum(self._stored.values())
+
+    def _keep(self, start: int, count: int) -> None:
+        store = self._store
+        if store is None:
+            return
+        name = store_name(start, count)
+        if name in self._stored:
+            return
+        if self.stored + count > self._capacity:
+            log.debug("fd store full (%d of %d): the claims of ports %d-%d are not stored",
+                      self.stored, self._capacity, start, start + count - 1)
+            return
+        try:
+            fds = [self._held[p].fileno() for p in range(start, start + count)]
+        except KeyError:
+            return  # a claim is missing (restored without one): nothing whole to store
+        if store.store_fds(name, fds):
+            self._stored[name] = count
+
+    def _remove(self, name: str) -> None:
+        store = self._store
+        if store is None or store.remove_fds(name):
+            # (With no store to send to, nothing can be done about the name.)
+            self._stored.pop(name, None)
+            self._unremoved.discard(name)
+        else:
+            self._unremoved.add(name)
+
+    def _port_of(self, sock: socket.socket) -> int | None:
+        try:
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                return None
+            address = sock.getsockname()
+        except OSError:
+            return None
+        if isinstance(address, bytes):
+            address = address.decode("ascii", "replace")
+        if not isinstance(address, str) or not address.startswith(self._prefix):
+            return None
+        digits = address[len(self._prefix):]
+        return int(digits) if digits.isdigit() and len(digits) <= 5 else None
 
 
 def announce(uid: int, pid: int) -> socket.socket | None:
@@ -179,4 +319,4 @@ def announce(uid: int, pid: int) -> socket.socket | None:
     return s
 
 
-__all__ = ["Claims", "announce", "claim_name", "presence_name"]
+__all__ = ["Claims", "FdStore", "announce", "claim_name", "presence_name", "store_name"]

@@ -30,7 +30,7 @@ from portlease.client.protocol.errors import LeaseError
 from . import kernel
 from . import portalloc as pa
 from .allocator import Allocator, BindCheck
-from .claims import Claims, announce
+from .claims import Claims, FdStore, announce
 from .config import Config
 from .connections import Driver, Reply
 from .core import (
@@ -116,6 +116,12 @@ class Broker:
     host_claims: bool = True
     """Hold a host-wide claim per leased port (:mod:`.claims`), so that no other broker
     on the host grants it meanwhile; the claim is taken before ``bind_ok``."""
+    fd_store: FdStore | None = None
+    """systemd's file descriptor store: the claims of every lease are kept there too, so
+    that they outlive a crash or a restart of this process (:mod:`.claims`)."""
+    fd_store_capacity: int = 0
+    stored_claims: dict[str, list[socket.socket]] = field(default_factory=dict)
+    """The claims a predecessor stored, passed back by systemd on this start."""
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     max_connections: int = 1 << 20
@@ -147,7 +153,7 @@ class Broker:
         allocator, notice = make_allocator(self.config)
         check = self._check = self.bind_ok or self._kernel_bind_ok
         if self.host_claims:
-            self.claims = Claims()
+            self.claims = Claims(store=self.fd_store, capacity=self.fd_store_capacity)
             check = self._claimed_bind_ok
         self.core = BrokerCore(
             table=LeaseTable(allocator, limits_of(self.config)), ttl=self.config.ttl,
@@ -233,6 +239,8 @@ class Broker:
         """
         if self.claims is None:
             return
+        self.claims.adopt(self.stored_claims)
+        self.stored_claims = {}
         for record in list(self.table):
             try:
                 taken_by_other = self.claims.take_run(record.start, record.count)
@@ -244,6 +252,7 @@ class Broker:
                 log.warning("state: not restoring lease of ports %s: port %d is claimed by "
                             "another broker on this host now", _span(record), taken_by_other)
                 self.table.release(record.token)
+        self.claims.restored((record.start, record.count) for record in self.table)
 
     # -------------------------------------------------------- start
 
@@ -280,7 +289,8 @@ class Broker:
         with contextlib.suppress(OSError):
             self.journal.compact(self.table, self.now())
         self.journal.close()
-        # The leases stay in the journal; their claims go with this process.
+        # The leases stay in the journal; their claims go with this process, but
+        # for those kept in systemd's fd store.
         if self.claims is not None:
             self.claims.close()
         if self._presence is not None:
@@ -435,7 +445,7 @@ class Broker:
         reply = outcome.reply
         if outcome.fault is not None:
             self._faults.note(outcome.fault)
-        kept: list[int] = []
+        kept: list[tuple[int, int]] = []
         for change in outcome.changes:
             if isinstance(change, NewLease):
                 try:
@@ -444,7 +454,7 @@ class Broker:
                     self._journal_errors.note(str(exc.strerror or exc))
                     reply = self.core.roll_back(reply.id, change.record, str(exc.strerror or exc))
                     break
-                kept.extend(change.record.ports)
+                kept.append((change.record.start, change.record.count))
                 self.metrics.granted(change.record.count)
             else:
                 self._apply([change], now)
@@ -492,7 +502,7 @@ class Broker:
                 self._journal_errors.note(str(exc.strerror or exc))
             if isinstance(change, LeaseEnded):
                 if self.claims is not None:
-                    self.claims.release(change.record.ports)
+                    self.claims.release_run(change.record.start, change.record.count)
                 self.metrics.lease_ended(now.mono - change.record.since)
                 if self.share is not None:
                     self.share.lease_ended()
@@ -532,6 +542,8 @@ class Broker:
             if change.record.orphaned:
                 self.metrics.orphan_expired()
         self._apply(ended, now)
+        if self.claims is not None:
+            self.claims.retry()
         if self.journal.needs_compaction(len(self.table)) and now.mono >= self._compact_after:
             try:
                 self.journal.compact(self.table, now)

@@ -163,16 +163,20 @@ def open_listener(config: Config) -> Listening:
     return open_listeners(config)[0]
 
 
-def open_listeners(config: Config) -> tuple[Listening, Listening | None]:
-    """The main socket and the portpicker socket (None when there is none).
+def open_listeners(
+    config: Config,
+) -> tuple[Listening, Listening | None, dict[str, list[socket.socket]]]:
+    """The main socket, the portpicker socket (None when there is none), and the stored claims.
 
-    Under socket activation both come from systemd (the portpicker one is the
-    fd named ``portserver``); a ``portserver`` address in the config is bound
-    here only when systemd passed no such socket.
+    Under socket activation both sockets come from systemd (the portpicker one
+    is the fd named ``portserver``); a ``portserver`` address in the config is
+    bound here only when systemd passed no such socket. The claims are those a
+    previous broker kept in systemd's file descriptor store, by stored name.
     """
     inherited = activation.inherited_listeners()
     portserver: Listening | None = None
-    if inherited is not None:
+    claims = {} if inherited is None else inherited.claims
+    if inherited is not None and inherited.main is not None:
         path = activation.socket_path(inherited.main)
         log.info("socket activation: serving the inherited socket %s", path)
         main = Listening(sock=inherited.main, path=path, owned=False)
@@ -190,7 +194,7 @@ def open_listeners(config: Config) -> tuple[Listening, Listening | None]:
         except BaseException:
             main.close()
             raise
-    return main, portserver
+    return main, portserver, claims
 
 
 def bind_portserver(address: str, mode: int, group: str | None) -> Listening:

@@ -10,6 +10,7 @@ is logged at debug level instead of raised or hidden.
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 SEND_TIMEOUT: Final = 1.0
 """Longest a send may block (seconds). The broker sends from its event loop, so a
 manager that stops reading must not wedge it for longer than this."""
+
+
+SCM_MAX_FD: Final = 253
+"""The most fds the kernel passes in one message (``SCM_MAX_FD`` in ``net/scm.h``)."""
 
 
 class Notifier:
@@ -99,6 +104,58 @@ class Notifier:
     def extend_timeout(self, seconds: float) -> None:
         """``EXTEND_TIMEOUT_USEC``: ask for ``seconds`` more before the start/stop timeout hits."""
         self._send(f"EXTEND_TIMEOUT_USEC={max(0, round(seconds * 1_000_000))}")
+
+    @property
+    def fd_store_capacity(self) -> int:
+        """How many fds systemd keeps for the broker (``$FDSTORE``); 0: no store.
+
+        systemd ≥ 254 sets ``$FDSTORE`` to ``FileDescriptorStoreMax=`` itself;
+        portlease.service sets both, for older systemd.
+        """
+        if self._sd is None:
+            return 0
+        try:
+            return max(0, int(os.environ.get("FDSTORE", "0")))
+        except ValueError:
+            return 0
+
+    def store_fds(self, name: str, fds: list[int]) -> bool:
+        """``FDSTORE=1``: keep ``fds`` in systemd under ``name``, passed back on the next start.
+
+        ``FDPOLL=0``: systemd must not drop them when they poll as hung up (an
+        unconnected stream socket does). Never blocks: False when the fds could
+        not all be sent now (and none stays stored under ``name``).
+        """
+        message = f"FDSTORE=1\nFDNAME={name}\nFDPOLL=0"
+        # The kernel passes at most SCM_MAX_FD fds per message; systemd joins the
+        # arrays sent under one name.
+        for first in range(0, len(fds), SCM_MAX_FD):
+            if not self._send_with_fds(message, fds[first:first + SCM_MAX_FD]):
+                if first:
+                    self.remove_fds(name)
+                return False
+        return True
+
+    def remove_fds(self, name: str) -> bool:
+        """``FDSTOREREMOVE=1``: systemd closes every fd it keeps under ``name``.
+
+        Never blocks: False when the message could not be sent now.
+        """
+        return self._send_with_fds(f"FDSTOREREMOVE=1\nFDNAME={name}", [])
+
+    def _send_with_fds(self, message: str, fds: list[int]) -> bool:
+        sd = self._sd
+        if sd is None:
+            return False
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            # MSG_DONTWAIT: this runs for a grant or a release, on the event loop;
+            # a manager that is not reading makes the caller retry or go without.
+            sd.socket.sendmsg([message.encode()], ancillary, socket.MSG_DONTWAIT)
+        except OSError as exc:
+            log.debug("sd_notify %r to %s failed: %s", message, self._address, exc)
+            return False
+        return True
 
     def watchdog_interval(self) -> float | None:
         """Seconds between watchdog pings (half of ``WATCHDOG_USEC``), or None for no pings.

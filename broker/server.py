@@ -59,11 +59,13 @@ def run(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
     """Run a broker in the foreground until SIGTERM/SIGINT or idle exit; return the exit status."""
     soft = raise_fd_limit()
     notifier = Notifier()
-    listening, portserver = open_listeners(config)
+    listening, portserver, stored_claims = open_listeners(config)
     state_path = config.state or default_state_path(listening.path)
     broker = Broker(
         config=config, journal=Journal(state_path, boot=boot_id()),
         max_connections=max(16, soft - FD_MARGIN),
+        fd_store=notifier if notifier.enabled else None,
+        fd_store_capacity=notifier.fd_store_capacity, stored_claims=stored_claims,
     )
     service = Service(broker, notifier, config_loader=reload)
     try:

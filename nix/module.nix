@@ -499,6 +499,10 @@ in
             StateDirectory = "portlease";
             StateDirectoryMode = "0700";
             LimitNOFILE = 524288;
+            # As the unit file: the claims of every lease outlive a crash or a
+            # restart in systemd's fd store; FDSTORE tells the broker its size.
+            FileDescriptorStoreMax = 4096;
+            Environment = "FDSTORE=4096";
             ReadWritePaths =
               lib.optional sharing "-${portallocDir}"
               # The file is replaced by a rename, so its directory must be writable.

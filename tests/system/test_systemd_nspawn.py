@@ -396,6 +396,46 @@ def test_restart_with_leases_held_clients_reclaim(container: Container, holders:
         c.run(["portlease", "release", token])
 
 
+def claim_inodes(c: Container, ports: list[int]) -> dict[int, int]:
+    """Port -> the inode of the socket bound to its host-wide claim name, from /proc/net/unix."""
+    found: dict[int, int] = {}
+    for line in c.run("cat /proc/net/unix").stdout.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7].startswith("@portlease/port/"):
+            port = int(fields[7].rsplit("/", 1)[1])
+            if port in ports:
+                found[port] = int(fields[6])
+    return found
+
+
+def test_a_killed_brokers_claims_stay_in_systemds_fd_store(
+    container: Container, holders: dict[str, Wrapper]
+) -> None:
+    """SIGKILL: until the next broker runs, no broker holds the claims but systemd does
+    (FileDescriptorStoreMax=); the next broker is passed the very same sockets."""
+    c = container
+    ports = holders["a"].ports + holders["b"].ports
+    before = claim_inodes(c, ports)
+    assert sorted(before) == sorted(ports), before
+    pid = main_pid(c)
+    c.run(["kill", "-KILL", str(pid)])
+    wait_for("the killed broker to be gone",
+             lambda: c.run(["test", "-e", f"/proc/{pid}"], check=False).returncode != 0 or None)
+    state = show(c, SERVICE, "SubState", "MainPID")
+    during = claim_inodes(c, ports)
+    new_pid = wait_for("systemd to start the next broker", lambda: (
+        p if (p := main_pid(c)) not in (0, pid) else None), timeout=60)
+    data = wait_for("the wrappers to reclaim", lambda: reclaimed(c, [holders["a"], holders["b"]]))
+    after = claim_inodes(c, ports)
+    record("test_a_killed_brokers_claims_stay_in_systemds_fd_store",
+           f"SIGKILL {pid}; read while {state['SubState']} (MainPID {state['MainPID']}): "
+           f"{len(during)} of {len(ports)} claims bound, same sockets: {during == before}; "
+           f"broker {new_pid} holds the same {len(after)} sockets: {after == before}")
+    assert during == before
+    assert after == before
+    assert_disjoint(list(data.values()))
+
+
 def test_reload_applies_new_range(container: Container, holders: dict[str, Wrapper]) -> None:
     c = container
     write_config(c, **NEW_RANGE)

@@ -87,7 +87,7 @@ def test_pending_claims_are_kept_or_given_back_when_settled(base: int) -> None:
     assert claims.take(held_before)
     for port in (base, base + 1, base + 2, held_before):
         assert claims.take_pending(port)
-    claims.settle(kept=[base + 1])
+    claims.settle(kept=[(base + 1, 1)])
     assert base + 1 in claims and held_before in claims
     assert free(base) and free(base + 2)
     claims.settle()  # nothing pending: nothing changes
