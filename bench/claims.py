@@ -4,10 +4,13 @@
     python bench/claims.py            # about half a minute; writes bench/results/claims.{md,json}
     python bench/claims.py --quick    # a few seconds, to check that it runs
 
-1. Cost per grant: two in-process brokers (the real shell, core, journal and
+1. Cost per grant: three in-process brokers (the real shell, core, journal and
    bind checks; no socket between client and broker, so the difference is not
-   buried in I/O), one with claims and one without, on the same range: the
-   kernel's bind cost differs from port to port, so both probe the same ports.
+   buried in I/O): without claims, with claims, and with claims also kept in a
+   file descriptor store (the real ``sd_notify`` datagrams with ``SCM_RIGHTS``,
+   to bench/fdstore.py's stand-in for systemd, drained between rounds), on
+   the same range: the kernel's bind cost differs from port to port, so all
+   probe the same ports.
    Rounds alternate between them (interleaved in one run); each round leases
    ``--batch`` single ports on one session, then releases them all, so the
    brokers never hold a port at the same time. Reported: median µs per lease
@@ -37,11 +40,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fdstore import StandInManager
+
 from portlease.broker.claims import Claims
 from portlease.broker.config import Config
 from portlease.broker.core import Session
 from portlease.broker.handler import Broker
 from portlease.broker.leases import Peer
+from portlease.broker.notify import Notifier
 from portlease.broker.state import Journal
 from rawproto import Raw
 
@@ -53,10 +59,11 @@ def _range(text: str) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
-def make_broker(directory: Path, low: int, high: int, *, claims: bool) -> tuple[Broker, Session]:
+def make_broker(directory: Path, low: int, high: int, *, claims: bool,
+                store: Notifier | None = None) -> tuple[Broker, Session]:
     config = Config(port_min=low, port_max=high, ttl=60.0)
     broker = Broker(config=config, journal=Journal(str(directory / "state.jsonl")),
-                    host_claims=claims)
+                    host_claims=claims, fd_store=store, fd_store_capacity=1 << 20)
     broker.restore()
     session = Session(id=1, peer=Peer(pid=os.getpid(), uid=os.getuid(), gid=os.getgid()))
     broker.answer(session, b'{"op":"hello","id":0,"version":1}')
@@ -82,11 +89,17 @@ def one_round(broker: Broker, session: Session, batch: int) -> tuple[float, floa
 def grant_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     a_lo, a_hi = _range(args.range)
     batch = min(args.batch, a_hi - a_lo + 1)
-    (tmp / "with").mkdir()
-    (tmp / "without").mkdir()
+    for name in ("with", "without", "stored"):
+        (tmp / name).mkdir()
+    manager = StandInManager(tmp / "stored", capacity=1 << 20)
+    os.environ["NOTIFY_SOCKET"] = manager.path
+    notifier = Notifier()
+    del os.environ["NOTIFY_SOCKET"]
     brokers = {
         "with claims": make_broker(tmp / "with", a_lo, a_hi, claims=True),
         "without claims": make_broker(tmp / "without", a_lo, a_hi, claims=False),
+        "with claims in the fd store": make_broker(tmp / "stored", a_lo, a_hi, claims=True,
+                                                   store=notifier),
     }
     samples: dict[str, dict[str, list[float]]] = {k: {"lease": [], "release": []} for k in brokers}
     for pair in brokers.values():  # warm-up, not counted
@@ -98,8 +111,13 @@ def grant_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             lease_s, release_s = one_round(*brokers[name], batch)
             samples[name]["lease"].append(lease_s)
             samples[name]["release"].append(release_s)
+            manager.pump()  # as PID 1 reads, but outside the timed part
     for broker, _ in brokers.values():
         broker.shutdown()
+    manager.pump()
+    stored_after = sum(map(len, manager.store.values()))
+    notifier.close()
+    manager.close()
     # A bare claim: take + release of one name, many times.
     claims = Claims()
     bare = []
@@ -109,7 +127,7 @@ def grant_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             claims.take(port)
         claims.release(range(a_lo, a_lo + batch))
         bare.append((time.perf_counter() - t0) / batch)
-    out: dict[str, Any] = {"batch": batch, "rounds": args.rounds}
+    out: dict[str, Any] = {"batch": batch, "rounds": args.rounds, "left in the store": stored_after}
     for name, s in samples.items():
         out[name] = {k: round(statistics.median(v) * 1e6, 1) for k, v in s.items()}
         q1, _, q3 = statistics.quantiles(s["lease"], n=4)
@@ -180,10 +198,12 @@ def render(figures: dict[str, Any]) -> str:
         "| | lease µs (quartiles) | release µs |",
         "|---|---:|---:|",
     ]
-    for name in ("without claims", "with claims"):
+    for name in ("without claims", "with claims", "with claims in the fd store"):
         q1, q3 = g[name]["lease quartiles"]
         lines.append(f"| {name} | {g[name]['lease']} ({q1}-{q3}) | {g[name]['release']} |")
     lines += [
+        "",
+        f"fds left in the stand-in store after every lease was released: {g['left in the store']}.",
         "",
         f"A bare claim (take + release of one abstract name): {g['bare claim take+release']} µs.",
         "",

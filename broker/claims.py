@@ -86,7 +86,7 @@ class Claims:
     """The port claims this broker holds, and those a grant attempt took but has not kept yet."""
 
     __slots__ = ("_adopted", "_capacity", "_held", "_pending", "_prefix", "_store", "_stored",
-                 "_unremoved", "taken_elsewhere")
+                 "_unremoved", "_unstored", "taken_elsewhere")
 
     def __init__(self, prefix: str = CLAIM_PREFIX, *, store: FdStore | None = None,
                  capacity: int = 0) -> None:
@@ -101,6 +101,8 @@ class Claims:
         """Stored name → how many fds it holds (systemd's count against FileDescriptorStoreMax)."""
         self._unremoved: set[str] = set()
         """Stored names whose removal could not be sent yet (retried by :meth:`retry`)."""
+        self._unstored: set[tuple[int, int]] = set()
+        """Leases ``(start, count)`` whose claims could not be sent to the store yet (retried)."""
         self._adopted: set[int] = set()
 
     def __len__(self) -> int:
@@ -198,6 +200,7 @@ class Claims:
     def release_run(self, start: int, count: int) -> None:
         """Give back the claims of a lease that ended, stored ones included."""
         self.release(range(start, start + count))
+        self._unstored.discard((start, count))
         name = store_name(start, count)
         if name in self._stored:
             self._remove(name)
@@ -252,9 +255,16 @@ class Claims:
             self._keep(start, count)
 
     def retry(self) -> None:
-        """Send again the removals that could not be sent (the tick calls this)."""
+        """Send again what could not be sent, removals first (the tick calls this)."""
         for name in list(self._unremoved):
             self._remove(name)
+            if name in self._unremoved:
+                return  # the manager takes nothing now: the next tick tries again
+        for start, count in list(self._unstored):
+            self._unstored.discard((start, count))
+            self._keep(start, count)
+            if (start, count) in self._unstored:
+                return
 
     @property
     def stored(self) -> int:
@@ -268,6 +278,11 @@ class Claims:
         name = store_name(start, count)
         if name in self._stored:
             return
+        if name in self._unremoved:
+            # Its old copies are still in the store (the removal is not through):
+            # the next retry removes them first, then stores these.
+            self._unstored.add((start, count))
+            return
         if self.stored + count > self._capacity:
             log.debug("fd store full (%d of %d): the claims of ports %d-%d are not stored",
                       self.stored, self._capacity, start, start + count - 1)
@@ -278,6 +293,8 @@ class Claims:
             return  # a claim is missing (restored without one): nothing whole to store
         if store.store_fds(name, fds):
             self._stored[name] = count
+        else:
+            self._unstored.add((start, count))
 
     def _remove(self, name: str) -> None:
         store = self._store

@@ -13,6 +13,7 @@ from __future__ import annotations
 import array
 import logging
 import os
+import select
 import socket
 import time
 from typing import Final
@@ -25,6 +26,12 @@ SEND_TIMEOUT: Final = 1.0
 """Longest a send may block (seconds). The broker sends from its event loop, so a
 manager that stops reading must not wedge it for longer than this."""
 
+
+STORE_WAIT: Final = 0.05
+"""Longest a file descriptor store message waits for room in the manager's queue (seconds)."""
+
+STORE_BACKOFF: Final = 1.0
+"""After a wait for room ran out, how long no store message waits at all (seconds)."""
 
 SCM_MAX_FD: Final = 253
 """The most fds the kernel passes in one message (``SCM_MAX_FD`` in ``net/scm.h``)."""
@@ -43,6 +50,8 @@ class Notifier:
         self._watchdog_usec = os.environ.get("WATCHDOG_USEC")
         self._watchdog_pid = os.environ.get("WATCHDOG_PID")
         self._address = os.environ.get("NOTIFY_SOCKET") or None
+        self._store_stalled_until = 0.0
+        self._store_sock: socket.socket | None = None
         self._sd: _Sender | None = None
         if self._address is None:
             return
@@ -123,8 +132,9 @@ class Notifier:
         """``FDSTORE=1``: keep ``fds`` in systemd under ``name``, passed back on the next start.
 
         ``FDPOLL=0``: systemd must not drop them when they poll as hung up (an
-        unconnected stream socket does). Never blocks: False when the fds could
-        not all be sent now (and none stays stored under ``name``).
+        unconnected stream socket does). Waits at most :data:`STORE_WAIT` for
+        room: False when the fds could not all be sent now (and none stays
+        stored under ``name``).
         """
         message = f"FDSTORE=1\nFDNAME={name}\nFDPOLL=0"
         # The kernel passes at most SCM_MAX_FD fds per message; systemd joins the
@@ -139,7 +149,8 @@ class Notifier:
     def remove_fds(self, name: str) -> bool:
         """``FDSTOREREMOVE=1``: systemd closes every fd it keeps under ``name``.
 
-        Never blocks: False when the message could not be sent now.
+        Waits at most :data:`STORE_WAIT` for room: False when the message could
+        not be sent now.
         """
         return self._send_with_fds(f"FDSTOREREMOVE=1\nFDNAME={name}", [])
 
@@ -147,15 +158,38 @@ class Notifier:
         sd = self._sd
         if sd is None:
             return False
+        sock = self._store_sock
+        if sock is None:
+            # A socket object without a timeout on the same connection: one with
+            # a timeout (the notifier's) waits for room inside sendmsg, up to
+            # SEND_TIMEOUT, MSG_DONTWAIT or not.
+            sock = self._store_sock = sd.socket.dup()
+            sock.setblocking(False)
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        try:
-            # MSG_DONTWAIT: this runs for a grant or a release, on the event loop;
-            # a manager that is not reading makes the caller retry or go without.
-            sd.socket.sendmsg([message.encode()], ancillary, socket.MSG_DONTWAIT)
-        except OSError as exc:
-            log.debug("sd_notify %r to %s failed: %s", message, self._address, exc)
-            return False
-        return True
+        data = [message.encode()]
+        # This runs for grants and releases, on the event loop. The manager's
+        # queue holds few datagrams (net.unix.max_dgram_qlen, often 10), so a
+        # burst of grants fills it while PID 1 is reading: then wait for room,
+        # briefly. A manager that does not make room in that time is left alone
+        # for a while, and the caller retries later or goes without.
+        for attempt in range(2):
+            try:
+                sock.sendmsg(data, ancillary)
+            except BlockingIOError:
+                now = time.monotonic()
+                if attempt or now < self._store_stalled_until:
+                    return False
+                if not select.select([], [sock], [], STORE_WAIT)[1]:
+                    self._store_stalled_until = now + STORE_BACKOFF
+                    log.debug("sd_notify: %s does not read; not waiting again for %g s",
+                              self._address, STORE_BACKOFF)
+                    return False
+            except OSError as exc:
+                log.debug("sd_notify %r to %s failed: %s", message, self._address, exc)
+                return False
+            else:
+                return True
+        return False
 
     def watchdog_interval(self) -> float | None:
         """Seconds between watchdog pings (half of ``WATCHDOG_USEC``), or None for no pings.
@@ -184,6 +218,9 @@ class Notifier:
         sd, self._sd = self._sd, None
         if sd is not None:
             sd.socket.close()
+        store, self._store_sock = self._store_sock, None
+        if store is not None:
+            store.close()
 
     def __enter__(self) -> Notifier:
         return self

@@ -2,7 +2,7 @@
 
 Without the store, a broker's host-wide claims die with it, and until the next
 broker takes them again another user's broker may grant those ports. Here the
-manager is tests/fdstore.py's stand-in (real datagrams, real SCM_RIGHTS, real
+manager is bench/fdstore.py's stand-in (real datagrams, real SCM_RIGHTS, real
 SIGKILL); tests/system runs the same against systemd.
 """
 

@@ -1,7 +1,7 @@
 """The claims' copies in the service manager's fd store: what is stored, removed and retried.
 
 Real parts: the broker's Notifier sends real datagrams with real SCM_RIGHTS to
-tests/fdstore.py's stand-in manager, and the claims are real abstract names
+bench/fdstore.py's stand-in manager, and the claims are real abstract names
 (under a prefix of this test's own, so that no broker on the host is affected).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,6 +112,53 @@ def test_a_removal_the_manager_cannot_take_now_is_sent_again(manager: StandInMan
     claims.retry()
     assert store_of(manager) == {} and not claimed(500)
     flood.close()
+    notifier.close()
+
+
+def test_a_lease_the_manager_cannot_take_now_is_stored_at_a_later_tick(
+    manager: StandInManager,
+) -> None:
+    notifier = Notifier()
+    claims = Claims(PREFIX, store=notifier, capacity=1000)
+    flood = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    flood.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        while True:
+            flood.sendto(b"STATUS=busy", manager.path)
+    granted(claims, 550, 2)  # held, but not stored yet
+    manager.pump()
+    assert store_of(manager) == {} and claimed(550)
+    claims.retry()
+    assert store_of(manager) == {store_name(550, 2): 2}
+    claims.close()
+    flood.close()
+    notifier.close()
+
+
+def test_a_burst_of_grants_waits_for_a_manager_that_reads(manager: StandInManager) -> None:
+    """The manager's queue holds few datagrams (net.unix.max_dgram_qlen); a burst longer than
+    that waits for room while the manager reads, as PID 1 does, instead of losing leases."""
+    import threading
+
+    notifier = Notifier()
+    claims = Claims(PREFIX, store=notifier, capacity=1000)
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            manager.pump()
+            time.sleep(0.005)  # slower than the burst: the queue fills
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for start in range(2000, 2100):
+            granted(claims, start, 1)
+    finally:
+        done.set()
+        reader.join()
+    assert len(store_of(manager)) == 100
+    claims.close()
     notifier.close()
 
 

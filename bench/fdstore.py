@@ -1,4 +1,4 @@
-"""A stand-in for systemd's side of ``FileDescriptorStoreMax=``, for process tests.
+"""A stand-in for systemd's side of ``FileDescriptorStoreMax=``, for tests and bench/claims.py.
 
 It does what systemd does for a ``Type=notify`` service with a file descriptor
 store, over the same real interfaces: it reads the service's ``sd_notify``
