@@ -95,3 +95,29 @@ class StandInManager:
                 os.close(fd)
         self.store.clear()
         self.sock.close()
+
+
+def main() -> None:
+    """Run a manager in a process of its own, as PID 1 is: ``fdstore.py DIRECTORY``.
+
+    Prints its socket path when ready; reads until stdin closes, then prints
+    how many fds are left in its store.
+    """
+    import select
+    import sys
+
+    manager = StandInManager(Path(sys.argv[1]), capacity=1 << 20)
+    print(manager.path, flush=True)
+    while True:
+        readable = select.select([manager.sock, sys.stdin], [], [])[0]
+        if manager.sock in readable:
+            manager.pump()
+        if sys.stdin in readable and not sys.stdin.read(1):
+            break
+    manager.pump()
+    print(sum(map(len, manager.store.values())), flush=True)
+    manager.close()
+
+
+if __name__ == "__main__":
+    main()

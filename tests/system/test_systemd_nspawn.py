@@ -417,6 +417,9 @@ def test_a_killed_brokers_claims_stay_in_systemds_fd_store(
     ports = holders["a"].ports + holders["b"].ports
     before = claim_inodes(c, ports)
     assert sorted(before) == sorted(ports), before
+    # systemd (PID 1 of the container) holds a copy of every claim socket.
+    in_pid1 = {int(n) for n in re.findall(r"socket:\[(\d+)\]", c.run("ls -l /proc/1/fd").stdout)}
+    assert set(before.values()) <= in_pid1, (before, sorted(in_pid1))
     pid = main_pid(c)
     c.run(["kill", "-KILL", str(pid)])
     wait_for("the killed broker to be gone",
