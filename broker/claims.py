@@ -36,8 +36,9 @@ so a broker that crashes, is killed by the watchdog or is restarted leaves its
 leases' ports claimed until its successor is passed them back
 (:meth:`Claims.adopt`). Without the store another broker could grant those
 ports in that gap. The store is a copy: the broker's own fds stay the
-authority, and a store that refuses (full, or PID 1 not reading) only reopens
-the gap for that lease.
+authority. What the manager cannot take now (its queue full) is sent again at
+the next tick; a lease that no longer fits in a full store is claimed by the
+broker alone, with the gap as before.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from .kernel import out_of_fds
 
 log = logging.getLogger("portlease.claims")
 
+
 class FdStore(Protocol):
     """Where claims are kept beyond this process: systemd's file descriptor store."""
 
@@ -71,6 +73,7 @@ class FdStore(Protocol):
 def store_name(start: int, count: int) -> str:
     """The name the claims of the lease of ``[start, start+count)`` are stored under."""
     return f"{CLAIMS_NAME_PREFIX}{start}-{count}"
+
 
 def claim_name(port: int) -> str:
     """The abstract socket name (leading NUL included) that claims ``port`` host-wide."""
