@@ -37,9 +37,10 @@ from typing import Any, TypeVar
 from . import paths, reclaim
 from . import protocol as p
 from .grant import Lease, LostCallback
-from .protocol.errors import BrokerUnavailable, ConnectionLost, LeaseError
+from .protocol.errors import BrokerUnavailable, ConnectionLost, LeaseError, PortleaseError
 from .session import (
     RECONNECT_MAX_DELAY,
+    SETTLE_MAX,
     Call,
     Dropped,
     GiveUp,
@@ -246,6 +247,8 @@ class Connection:
                         self._s.feed(data)
                 self._reconnect = None
             except TimeoutError:
+                self._s.abandon(call)
+                self._settle_locked(sock)
                 self._drop_locked(sock, f"no answer within {self.timeout:g} s", retry=False)
                 raise ConnectionLost(
                     f"the broker at {self.path} did not answer within {self.timeout:g} s"
@@ -260,6 +263,35 @@ class Connection:
                 if self._closed and self._sock is None:
                     sock.close()  # close() found us mid-call and left the fd to us
         return call.result()
+
+    def _settle_locked(self, sock: _socket.socket) -> None:
+        """Before the socket of a call that timed out is dropped: give back what it was granted.
+
+        A detached lease (or a reclaim, a release, a detach) outlives the
+        socket: granted after the caller gave up, it would be held until its
+        TTL by nobody. So the late reply is waited for, and undone, for at most
+        :data:`~portlease.client.session.SETTLE_MAX` seconds (or the timeout);
+        a broker that is stopped for good must not hold the caller up longer.
+        """
+        if not self._s.unsettled:
+            return
+        deadline = time.monotonic() + min(self.timeout, SETTLE_MAX)
+        with contextlib.suppress(OSError, EOFError, PortleaseError):
+            while self._s.unsettled:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                sock.settimeout(left)
+                data = self._s.data_to_send()
+                if data:
+                    sock.sendall(data)
+                    continue
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return
+                self._s.feed(chunk)
+                while self._s.next_event() is not None:
+                    pass
 
     # -------------------------------------------------------- sockets
 

@@ -276,3 +276,31 @@ def test_a_forked_child_cannot_use_or_end_the_parents_connection(broker: BrokerP
         conn.ping()  # the parent's connection is intact
         (mine,) = _held_by(broker.socket, os.getpid())
         assert mine["ports"] == list(held.ports) and mine["state"] == "attached"
+
+
+def test_a_detached_lease_granted_after_the_call_timed_out_is_given_back(broker: BrokerProc) -> None:
+    """The broker answers only after the caller's timeout: the caller gets ConnectionLost,
+    and the detached lease granted meanwhile is released, not held by nobody until its TTL.
+    (Before, the socket was dropped at once and the lease stayed for its TTL.)"""
+    import threading
+
+    from portlease.client import Connection
+    from portlease.client.protocol.errors import ConnectionLost
+
+    assert broker.proc is not None
+    pid = broker.proc.pid
+    conn = Connection(broker.socket, timeout=2, reclaim=False)
+    conn.ping()  # connected and welcomed: the lease is the call that waits
+    os.kill(pid, signal.SIGSTOP)
+    # Continued after the timeout (2 s), within the settle window that follows it.
+    resume = threading.Timer(2.6, os.kill, (pid, signal.SIGCONT))
+    resume.start()
+    try:
+        with pytest.raises(ConnectionLost, match="did not answer within"):
+            conn.lease(2, detach=True, ttl=300)
+    finally:
+        resume.join()
+        os.kill(pid, signal.SIGCONT)
+        conn.close()
+    leases = Raw(broker.socket).call({"op": "status"})["leases"]
+    assert leases == [], leases
