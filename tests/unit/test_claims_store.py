@@ -46,6 +46,26 @@ def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StandIn
         m.close()
 
 
+@pytest.fixture
+def notifier(manager: StandInManager) -> Iterator[Notifier]:
+    """The broker's notifier, sending to the stand-in (``NOTIFY_SOCKET``, ``FDSTORE``)."""
+    n = Notifier()
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+def fill_queue(manager: StandInManager) -> socket.socket:
+    """Fill the manager's queue from another socket, as a busy PID 1 would leave it."""
+    flood = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    flood.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        while True:
+            flood.sendto(b"STATUS=busy", manager.path)
+    return flood
+
+
 def store_of(manager: StandInManager) -> dict[str, int]:
     manager.pump()
     return {name: len(fds) for name, fds in manager.store.items()}
@@ -58,8 +78,9 @@ def granted(claims: Claims, start: int, count: int) -> None:
     claims.settle([(start, count)])
 
 
-def test_a_lease_is_stored_whole_and_removed_when_it_ends(manager: StandInManager) -> None:
-    notifier = Notifier()
+def test_a_lease_is_stored_whole_and_removed_when_it_ends(
+    manager: StandInManager, notifier: Notifier
+) -> None:
     claims = Claims(PREFIX, store=notifier, capacity=notifier.fd_store_capacity)
     granted(claims, 100, 3)
     assert store_of(manager) == {store_name(100, 3): 3}
@@ -68,21 +89,19 @@ def test_a_lease_is_stored_whole_and_removed_when_it_ends(manager: StandInManage
     claims.release_run(100, 3)
     assert store_of(manager) == {}
     assert not any(claimed(p) for p in range(100, 103))
-    notifier.close()
 
 
-def test_more_fds_than_one_message_carries_are_sent_in_parts(manager: StandInManager) -> None:
-    notifier = Notifier()
+def test_more_fds_than_one_message_carries_are_sent_in_parts(
+    manager: StandInManager, notifier: Notifier
+) -> None:
     claims = Claims(PREFIX, store=notifier, capacity=1000)
     granted(claims, 1000, 300)  # SCM_MAX_FD is 253
     assert store_of(manager) == {store_name(1000, 300): 300}
     assert sum(m.startswith("FDSTORE=1") for m in manager.messages) == 2
     claims.close()
-    notifier.close()
 
 
-def test_the_store_is_not_filled_past_its_capacity(manager: StandInManager) -> None:
-    notifier = Notifier()
+def test_the_store_is_not_filled_past_its_capacity(manager: StandInManager, notifier: Notifier) -> None:
     claims = Claims(PREFIX, store=notifier, capacity=3)
     granted(claims, 200, 2)
     granted(claims, 300, 2)  # 4 > 3: held, not stored
@@ -92,39 +111,28 @@ def test_the_store_is_not_filled_past_its_capacity(manager: StandInManager) -> N
     granted(claims, 400, 2)
     assert store_of(manager) == {store_name(400, 2): 2}
     claims.close()
-    notifier.close()
 
 
-def test_a_removal_the_manager_cannot_take_now_is_sent_again(manager: StandInManager) -> None:
-    notifier = Notifier()
+def test_a_removal_the_manager_cannot_take_now_is_sent_again(
+    manager: StandInManager, notifier: Notifier
+) -> None:
     claims = Claims(PREFIX, store=notifier, capacity=1000)
     granted(claims, 500, 1)
     manager.pump()
-    # Fill the manager's queue from another socket, as a busy PID 1 would leave it.
-    flood = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    flood.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        while True:
-            flood.sendto(b"STATUS=busy", manager.path)
+    flood = fill_queue(manager)
     claims.release_run(500, 1)  # the removal cannot be sent: kept for later
     manager.pump()  # drains the queue (the flood), never saw the removal
     assert store_of(manager) == {store_name(500, 1): 1} and claimed(500)
     claims.retry()
     assert store_of(manager) == {} and not claimed(500)
     flood.close()
-    notifier.close()
 
 
 def test_a_lease_the_manager_cannot_take_now_is_stored_at_a_later_tick(
-    manager: StandInManager,
+    manager: StandInManager, notifier: Notifier
 ) -> None:
-    notifier = Notifier()
     claims = Claims(PREFIX, store=notifier, capacity=1000)
-    flood = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    flood.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        while True:
-            flood.sendto(b"STATUS=busy", manager.path)
+    flood = fill_queue(manager)
     granted(claims, 550, 2)  # held, but not stored yet
     manager.pump()
     assert store_of(manager) == {} and claimed(550)
@@ -132,15 +140,15 @@ def test_a_lease_the_manager_cannot_take_now_is_stored_at_a_later_tick(
     assert store_of(manager) == {store_name(550, 2): 2}
     claims.close()
     flood.close()
-    notifier.close()
 
 
-def test_a_burst_of_grants_waits_for_a_manager_that_reads(manager: StandInManager) -> None:
+def test_a_burst_of_grants_waits_for_a_manager_that_reads(
+    manager: StandInManager, notifier: Notifier
+) -> None:
     """The manager's queue holds few datagrams (net.unix.max_dgram_qlen); a burst longer than
     that waits for room while the manager reads, as PID 1 does, instead of losing leases."""
     import threading
 
-    notifier = Notifier()
     claims = Claims(PREFIX, store=notifier, capacity=1000)
     done = threading.Event()
 
@@ -159,11 +167,11 @@ def test_a_burst_of_grants_waits_for_a_manager_that_reads(manager: StandInManage
         reader.join()
     assert len(store_of(manager)) == 100
     claims.close()
-    notifier.close()
 
 
-def test_restored_keeps_what_leases_hold_and_lets_go_of_the_rest(manager: StandInManager) -> None:
-    notifier = Notifier()
+def test_restored_keeps_what_leases_hold_and_lets_go_of_the_rest(
+    manager: StandInManager, notifier: Notifier
+) -> None:
     first = Claims(PREFIX, store=notifier, capacity=1000)
     granted(first, 600, 2)
     granted(first, 700, 2)
@@ -179,4 +187,3 @@ def test_restored_keeps_what_leases_hold_and_lets_go_of_the_rest(manager: StandI
     assert store_of(manager) == {store_name(600, 2): 2}  # 800 was not claimed here: not stored
     assert claimed(600) and not claimed(700)
     second.close()
-    notifier.close()
