@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "BROKER_PREFIX", "CLAIM_PREFIX", "AbstractName", "NetSocket", "abstract_names", "all_owners",
-    "descendants", "listening", "live_brokers", "owners", "port_claims", "sockets", "squatters",
+    "descendants", "holder", "listening", "live_brokers", "owners", "port_claims", "sockets",
+    "squatters",
 ]
 
 _PROC_NET = "/proc/net"
@@ -319,7 +320,18 @@ def owners(inodes: Iterable[int]) -> dict[int, int]:
     lowest pid is given, usually the one that created it; use
     :func:`all_owners` to see them all.
     """
-    return {inode: min(pids) for inode, pids in all_owners(inodes).items()}
+    return {inode: holder(pids) for inode, pids in all_owners(inodes).items()}
+
+
+def holder(pids: Iterable[int]) -> int:
+    """The pid to name for a socket several processes hold: the lowest but PID 1.
+
+    PID 1 holds copies it keeps for a service (systemd's file descriptor store
+    keeps the system broker's claims across its restarts); the service's own
+    process is the one to name while it runs.
+    """
+    found = set(pids)
+    return min(found - {1} or found)
 
 
 def _parent(pid: int) -> int | None:

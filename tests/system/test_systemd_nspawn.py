@@ -421,6 +421,13 @@ def test_a_killed_brokers_claims_stay_in_systemds_fd_store(
     in_pid1 = {int(n) for n in re.findall(r"socket:\[(\d+)\]", c.run("ls -l /proc/1/fd").stdout)}
     assert set(before.values()) <= in_pid1, (before, sorted(in_pid1))
     pid = main_pid(c)
+    # `status` names the broker as the claims' holder, not PID 1 beside it.
+    named = json.loads(c.run([
+        "/opt/portlease/bin/python", "-c",
+        "import json, sys; from portlease.client.host import procnet; "
+        "print(json.dumps(procnet.owners(map(int, sys.argv[1:]))))", *map(str, before.values()),
+    ]).stdout)
+    assert set(named.values()) == {pid}, (named, pid)
     c.run(["kill", "-KILL", str(pid)])
     wait_for("the killed broker to be gone",
              lambda: c.run(["test", "-e", f"/proc/{pid}"], check=False).returncode != 0 or None)
