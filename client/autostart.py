@@ -49,10 +49,11 @@ _noticed = False
 
 # Variables that describe *our* service manager context; a detached broker
 # must not act on them (send READY=1 to the CI runner's unit, adopt its fds,
-# write its journal into the runner's state directory).
+# keep claims in its fd store, write its journal into the runner's state
+# directory).
 _SCRUBBED_ENV: Final = (
     "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_PID",
-    "WATCHDOG_USEC", "STATE_DIRECTORY", "PORTLEASE_SOCKET",
+    "WATCHDOG_USEC", "FDSTORE", "STATE_DIRECTORY", "PORTLEASE_SOCKET",
 )
 
 

@@ -108,6 +108,32 @@ def test_first_client_starts_a_detached_private_broker_that_exits_when_idle(
     assert "idle for 1 s with no lease: exiting" in Path(log).read_text()
 
 
+def test_the_clients_service_manager_context_does_not_reach_the_broker_it_starts(
+    user_sock: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A client inside a systemd service (a CI runner's unit) has NOTIFY_SOCKET and, with a
+    file descriptor store, FDSTORE: the private broker it starts must not send the runner's
+    manager READY=1, nor keep its claims in the runner's store."""
+    import socket as _socket
+
+    manager = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    manager.bind(str(tmp_path / "notify.sock"))
+    manager.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    monkeypatch.setenv("FDSTORE", "4096")
+    try:
+        with Connection() as conn:
+            conn.lease(2)
+            pid = conn.broker_pid
+            assert pid is not None
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert not [v for v in environ if v.startswith((b"NOTIFY_SOCKET=", b"FDSTORE="))]
+        with pytest.raises(BlockingIOError):
+            manager.recv(4096)  # nothing was ever sent to the runner's manager
+    finally:
+        manager.close()
+
+
 RACER = r"""
 import json, sys, time
 from portlease.client import Connection
