@@ -487,6 +487,9 @@ in
           stopIfChanged = false;
           # A settings change re-reads the file (SIGHUP) instead of restarting.
           reloadTriggers = [ configFile ];
+          # Through `environment` (merged per variable), not serviceConfig.Environment,
+          # which an operator's own Environment= would conflict with.
+          environment.FDSTORE = "4096";
           serviceConfig = hardening // {
             Type = "notify";
             NotifyAccess = "main";
@@ -500,9 +503,8 @@ in
             StateDirectoryMode = "0700";
             LimitNOFILE = 524288;
             # As the unit file: the claims of every lease outlive a crash or a
-            # restart in systemd's fd store; FDSTORE tells the broker its size.
+            # restart in systemd's fd store (FDSTORE, below, tells the broker its size).
             FileDescriptorStoreMax = 4096;
-            Environment = "FDSTORE=4096";
             ReadWritePaths =
               lib.optional sharing "-${portallocDir}"
               # The file is replaced by a rename, so its directory must be writable.

@@ -131,7 +131,11 @@ def check_units_agree(out: dict[str, Any]) -> None:
     socket_file = parse_unit(ROOT / "systemd" / "portlease.socket")
 
     service = full["service"]
-    compare_section("portlease.service [Service]", service_file["Service"], service["serviceConfig"])
+    # The module sets variables through `environment` (merged per variable); NixOS
+    # renders them as Environment= lines, as the unit file has them.
+    environment = [f"{k}={v}" for k, v in sorted(service.get("environment", {}).items())]
+    compare_section("portlease.service [Service]", service_file["Service"],
+                    {**service["serviceConfig"], "Environment": environment})
     compare_section(
         "portlease.service [Unit]", service_file["Unit"],
         {"Description": service["description"], "Documentation": service["documentation"],
