@@ -376,6 +376,8 @@ def test_sigkilled_wrappers_ports_free_at_once(container: Container) -> None:
 def test_restart_with_leases_held_clients_reclaim(container: Container, holders: dict[str, Wrapper]) -> None:
     c = container
     detached = json.loads(c.run("portlease lease -n 2 --detach --json --note detached-1").stdout)
+    held = holders["a"].ports + holders["b"].ports + detached["ports"]
+    claims_before = claim_inodes(c, held)
     old_pid = main_pid(c)
     c.run(["systemctl", "restart", SERVICE])
     new_pid = main_pid(c)
@@ -389,6 +391,8 @@ def test_restart_with_leases_held_clients_reclaim(container: Container, holders:
            + ", ".join(f"{n} {i['ports']} {i['state']}" for n, i in data.items()))
     assert data["detached-1"]["ports"] == detached["ports"], data
     assert data["fresh-1"]["ports"] == fresh["ports"]
+    # The claims crossed the restart in systemd's fd store: the same sockets, never unbound.
+    assert claim_inodes(c, held) == claims_before and len(claims_before) == len(held)
     assert_disjoint(list(data.values()))
     record("test_restart_with_leases_held_clients_reclaim",
            f"granted during reclaim: {fresh['ports'][0]}-{fresh['ports'][-1]}, overlaps none")
