@@ -179,7 +179,10 @@ class Notifier:
                 now = time.monotonic()
                 if attempt or now < self._store_stalled_until:
                     return False
-                if not select.select([], [sock], [], STORE_WAIT)[1]:
+                # poll, not select: the broker holds far more fds than FD_SETSIZE.
+                waiter = select.poll()
+                waiter.register(sock, select.POLLOUT)
+                if not waiter.poll(STORE_WAIT * 1000):
                     self._store_stalled_until = now + STORE_BACKOFF
                     log.debug("sd_notify: %s does not read; not waiting again for %g s",
                               self._address, STORE_BACKOFF)

@@ -142,12 +142,21 @@ def test_a_lease_the_manager_cannot_take_now_is_stored_at_a_later_tick(
     flood.close()
 
 
+@pytest.mark.parametrize("high_fd", [False, True], ids=["low-fd", "fd-above-FD_SETSIZE"])
 def test_a_burst_of_grants_waits_for_a_manager_that_reads(
-    manager: StandInManager, notifier: Notifier
+    manager: StandInManager, notifier: Notifier, high_fd: bool
 ) -> None:
     """The manager's queue holds few datagrams (net.unix.max_dgram_qlen); a burst longer than
-    that waits for room while the manager reads, as PID 1 does, instead of losing leases."""
+    that waits for room while the manager reads, as PID 1 does, instead of losing leases.
+    The broker holds thousands of fds, so the wait must work above select()'s 1024."""
+    import resource
     import threading
+
+    hogs: list[int] = []
+    if high_fd:
+        if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+            pytest.skip("needs an open-file limit above 1200")
+        hogs = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
 
     claims = Claims(PREFIX, store=notifier, capacity=1000)
     done = threading.Event()
@@ -165,6 +174,8 @@ def test_a_burst_of_grants_waits_for_a_manager_that_reads(
     finally:
         done.set()
         reader.join()
+        for fd in hogs:
+            os.close(fd)
     assert len(store_of(manager)) == 100
     claims.close()
 
