@@ -63,15 +63,23 @@ class StandInManager:
                     os.close(fd)
 
     def start(
-        self, listener: socket.socket, command: Sequence[str], log: IO[bytes]
+        self, listener: socket.socket, command: Sequence[str], log: IO[bytes],
+        *, stored_first: bool = False,
     ) -> subprocess.Popen[bytes]:
-        """Start ``command`` as systemd would: the listener at fd 3, then the stored fds."""
+        """Start ``command`` as systemd would: the listener at fd 3, then the stored fds
+        (``stored_first``: the other way round, which the broker must cope with too)."""
         self.pump()
-        fds = [listener.fileno()]
-        names = ["portlease.socket"]
+        fds: list[int] = []
+        names: list[str] = []
         for name, stored in self.store.items():
             fds.extend(stored)
             names.extend([name] * len(stored))
+        if stored_first:
+            fds.append(listener.fileno())
+            names.append("portlease.socket")
+        else:
+            fds.insert(0, listener.fileno())
+            names.insert(0, "portlease.socket")
 
         def place() -> None:
             # Move every fd out of the way first, then into 3, 4, ...: a plain

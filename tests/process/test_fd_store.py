@@ -60,8 +60,9 @@ class Setup:
         self.log = open(tmp_path / "broker.log", "ab")  # noqa: SIM115
         self.broker: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        self.broker = self.manager.start(self.listener, self.command, self.log)
+    def start(self, *, stored_first: bool = False) -> None:
+        self.broker = self.manager.start(self.listener, self.command, self.log,
+                                         stored_first=stored_first)
 
     def kill(self) -> None:
         assert self.broker is not None
@@ -90,7 +91,10 @@ def setup(tmp_path: Path, port_range: str) -> Iterator[Setup]:
         s.close()
 
 
-def test_claims_outlive_a_killed_broker_and_the_next_one_takes_the_same_sockets(setup: Setup) -> None:
+@pytest.mark.parametrize("stored_first", [False, True], ids=["socket-first", "stored-fds-first"])
+def test_claims_outlive_a_killed_broker_and_the_next_one_takes_the_same_sockets(
+    setup: Setup, stored_first: bool
+) -> None:
     setup.start()
     with Connection(setup.path, timeout=20) as conn:
         lease = conn.lease(3)
@@ -105,7 +109,7 @@ def test_claims_outlive_a_killed_broker_and_the_next_one_takes_the_same_sockets(
         assert all(claimed_elsewhere(port) for port in ports)
         assert claim_inodes(ports) == before
 
-        setup.start()
+        setup.start(stored_first=stored_first)
         # The next call reconnects, and the lease is reclaimed on the new broker.
         assert [info.ports for info in conn.status().leases] == [ports]
         assert lease.lost is None
