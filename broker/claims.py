@@ -89,7 +89,7 @@ class Claims:
     """The port claims this broker holds, and those a grant attempt took but has not kept yet."""
 
     __slots__ = ("_adopted", "_capacity", "_held", "_pending", "_prefix", "_store", "_stored",
-                 "_unremoved", "_unstored", "taken_elsewhere")
+                 "_stored_fds", "_unremoved", "_unstored", "taken_elsewhere")
 
     def __init__(self, prefix: str = CLAIM_PREFIX, *, store: FdStore | None = None,
                  capacity: int = 0) -> None:
@@ -102,6 +102,8 @@ class Claims:
         self._capacity = capacity
         self._stored: dict[str, int] = {}
         """Stored name → how many fds it holds (systemd's count against FileDescriptorStoreMax)."""
+        self._stored_fds = 0
+        """The sum of :attr:`_stored`, kept as it changes: it is checked at every grant."""
         self._unremoved: set[str] = set()
         """Stored names whose removal could not be sent yet (retried by :meth:`retry`)."""
         self._unstored: set[tuple[int, int]] = set()
@@ -227,6 +229,7 @@ class Claims:
         """
         for name, socks in stored.items():
             self._stored[name] = len(socks)
+            self._stored_fds += len(socks)
             for sock in socks:
                 port = self._port_of(sock)
                 if port is None or port in self._held:
@@ -272,7 +275,7 @@ class Claims:
     @property
     def stored(self) -> int:
         """How many claim fds are in the store now (by this broker's count)."""
-        return sum(self._stored.values())
+        return self._stored_fds
 
     def _keep(self, start: int, count: int) -> None:
         store = self._store
@@ -296,6 +299,7 @@ class Claims:
             return  # a claim is missing (restored without one): nothing whole to store
         if store.store_fds(name, fds):
             self._stored[name] = count
+            self._stored_fds += count
         else:
             self._unstored.add((start, count))
 
@@ -303,7 +307,7 @@ class Claims:
         store = self._store
         if store is None or store.remove_fds(name):
             # (With no store to send to, nothing can be done about the name.)
-            self._stored.pop(name, None)
+            self._stored_fds -= self._stored.pop(name, 0)
             self._unremoved.discard(name)
         else:
             self._unremoved.add(name)
