@@ -33,6 +33,17 @@ from typing import Any
 HELLO = b'{"op":"hello","id":0,"version":1}\n'
 
 
+def _hello(path: str, timeout: float) -> tuple[socket.socket, Any]:
+    """A connection to the broker at ``path`` past ``hello``, and a reader of its replies."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(path)
+    f = s.makefile("rb")
+    s.sendall(HELLO)
+    f.readline()
+    return s, f
+
+
 def raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -180,12 +191,7 @@ def flood(args: argparse.Namespace) -> int:
 
 
 def status_loop(args: argparse.Namespace) -> int:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(30)
-    s.connect(args.socket)
-    f = s.makefile("rb")
-    s.sendall(HELLO)
-    f.readline()
+    s, f = _hello(args.socket, 30)
     end = time.monotonic() + args.seconds
     calls, size = 0, 0
     while time.monotonic() < end:
@@ -322,16 +328,7 @@ def honest(args: argparse.Namespace) -> int:
             return
         call(f, s, {"op": "release", "id": 3, "token": reply["token"]})
 
-    def connect() -> tuple[socket.socket, Any]:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(30)
-        s.connect(args.socket)
-        f = s.makefile("rb")
-        s.sendall(HELLO)
-        f.readline()
-        return s, f
-
-    s, f = connect()
+    s, f = _hello(args.socket, 30)
     i = 0
     while time.monotonic() < end:
         i += 1
@@ -341,7 +338,7 @@ def honest(args: argparse.Namespace) -> int:
                 cycle(s, f)
                 open_ms.append(time.perf_counter() - t0)
             else:
-                s2, f2 = connect()
+                s2, f2 = _hello(args.socket, 30)
                 cycle(s2, f2)
                 s2.close()
                 fresh_ms.append(time.perf_counter() - t0)
@@ -349,7 +346,7 @@ def honest(args: argparse.Namespace) -> int:
             key = type(exc).__name__
             errors[key] = errors.get(key, 0) + 1
             s.close()
-            s, f = connect()
+            s, f = _hello(args.socket, 30)
         time.sleep(args.interval)
     s.close()
     print(json.dumps({"open": _summary(open_ms), "fresh": _summary(fresh_ms),
@@ -465,12 +462,7 @@ def pages(args: argparse.Namespace) -> int:
 
 def renew(args: argparse.Namespace) -> int:
     """One detached lease renewed ``--n`` times, ``--depth`` renews pipelined at a time."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(60)
-    s.connect(args.socket)
-    f = s.makefile("rb")
-    s.sendall(HELLO)
-    f.readline()
+    s, f = _hello(args.socket, 60)
     s.sendall(b'{"op":"lease","id":1,"count":1,"detach":true,"ttl":86400}\n')
     token = json.loads(f.readline())["token"]
     burst = (json.dumps({"op": "renew", "id": 2, "token": token}).encode() + b"\n") * args.depth

@@ -80,6 +80,17 @@ def ms(x: float) -> str:
     return f"{x * 1e3:.2f} ms" if x >= 1e-3 else f"{x * 1e6:.0f} µs"
 
 
+def crate_call_times(share: Path, calls: int, low: int, high: int) -> list[float]:
+    """Seconds per crate call (allocate one port, timed; then release it) in ``share``."""
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        base = filelock_alloc.allocate(str(share), 1, low=low, high=high)
+        times.append(time.perf_counter() - t0)
+        filelock_alloc.release(str(share), base)
+    return times
+
+
 def crate_beside(wd: Path, port_range: str, levels: list[int], calls: int) -> list[dict[str, object]]:
     """The crate's call in the broker's directory with N leases held; entries in the table."""
     out = []
@@ -90,23 +101,13 @@ def crate_beside(wd: Path, port_range: str, levels: list[int], calls: int) -> li
             lease_many(sock, level, held)
             path = share / "fm-portalloc.json"
             entries = len(json.loads(path.read_text())["keys"]) if path.exists() else 0
-            times = []
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                base = filelock_alloc.allocate(str(share), 1, low=low, high=high)
-                times.append(time.perf_counter() - t0)
-                filelock_alloc.release(str(share), base)
+            times = crate_call_times(share, calls, low, high)
             out.append({"leases": level, "entries": entries, "p50": statistics.median(times),
                         "p99": pct(times, 0.99)})
         # and the same crate call in a table that has that many entries of its own (old design)
         old = wd / f"fm-old-{level}"
         filelock_alloc.seed(str(old), level, start=low - level if low - level > 1024 else 40000)
-        times = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            base = filelock_alloc.allocate(str(old), 1, low=low, high=high)
-            times.append(time.perf_counter() - t0)
-            filelock_alloc.release(str(old), base)
+        times = crate_call_times(old, calls, low, high)
         out[-1].update(per_lease_p50=statistics.median(times), per_lease_p99=pct(times, 0.99))
     return out
 

@@ -314,18 +314,24 @@ class _Page(msgspec.Struct):
     more: bool = False
 
 
+def leased_with_notes(path: str, n: int, note: str) -> tuple[socket.socket, Lines]:
+    """A connection past hello that holds ``n`` one-port leases with ``note``, taken in
+    pipelined batches of 100 (each batch's replies read before the next is sent)."""
+    s = connect(path, timeout=30)
+    lines = Lines(s)
+    assert call(s, lines, {"id": "hello", **HELLO})["reply"] == "hello"
+    for start in range(0, n, 100):
+        ids = range(start, min(start + 100, n))
+        s.sendall(encode(*({"id": f"l{i}", "op": "lease", "count": 1, "note": note} for i in ids)))
+        for i in ids:
+            reply = lines.next()
+            assert reply["reply"] == "granted" and reply["id"] == f"l{i}", reply
+    return s, lines
+
+
 def status_flooder(path: str) -> Callable[[Ctl], Any]:
     def run(ctl: Ctl) -> Any:
-        s = connect(path, timeout=30)
-        lines = Lines(s)
-        assert call(s, lines, {"id": "hello", **HELLO})["reply"] == "hello"
-        # Take the leases in pipelined batches (reading each batch's replies).
-        for start in range(0, FLOOD_LEASES, 100):
-            ids = range(start, start + 100)
-            s.sendall(encode(*({"id": f"l{i}", "op": "lease", "count": 1, "note": NOTE} for i in ids)))
-            for i in ids:
-                reply = lines.next()
-                assert reply["reply"] == "granted" and reply["id"] == f"l{i}", reply
+        s, lines = leased_with_notes(path, FLOOD_LEASES, NOTE)
         ctl.send({"leased": FLOOD_LEASES})
         ctl.recv(60)
         flood = encode(*({"id": i, "op": "status"} for i in range(FLOOD_STATUS)))
@@ -895,14 +901,7 @@ def page_hoarder(path: str) -> Callable[[Ctl], Any]:
     send one ``status`` (a page of ~570 kB) and never read, until the test says so."""
 
     def run(ctl: Ctl) -> Any:
-        s = connect(path, timeout=30)
-        lines = Lines(s)
-        assert call(s, lines, {"id": "hello", **HELLO})["reply"] == "hello"
-        for start in range(0, HOARD_LEASES, 100):
-            ids = range(start, start + 100)
-            s.sendall(encode(*({"id": i, "op": "lease", "count": 1, "note": HOARD_NOTE} for i in ids)))
-            for _ in ids:
-                assert lines.next()["reply"] == "granted"
+        s, _lines = leased_with_notes(path, HOARD_LEASES, HOARD_NOTE)
         hoard = []
         for _ in range(HOARD_CONNS):
             # Without waiting for hello: once this uid is over its bound, none of its

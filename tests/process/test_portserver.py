@@ -154,15 +154,20 @@ def test_sigkill_releases_the_port(ps_broker: BrokerProc) -> None:
     assert f"portserver: pid {holder.proc.pid} exited" in ps_broker.log.read_text()
 
 
-def test_python_m_portpicker_leases_for_its_parent(ps_broker: BrokerProc) -> None:
-    # `python -m portpicker` with no argument asks for its parent's pid: the shell.
+def portpicker_in_shell(ps_broker: BrokerProc, script: str) -> tuple[subprocess.Popen[str], int]:
+    """``sh -c SCRIPT``, whose first output line is the port ``python -m portpicker`` printed."""
     shell = subprocess.Popen(
-        ["sh", "-c", f'"{PYTHON}" -m portpicker; echo "$$"; read _'],
+        ["sh", "-c", script],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=portserver_env(ps_broker),
     )
     assert shell.stdout is not None
-    port = int(shell.stdout.readline())
+    return shell, int(shell.stdout.readline())
+
+
+def test_python_m_portpicker_leases_for_its_parent(ps_broker: BrokerProc) -> None:
+    # `python -m portpicker` with no argument asks for its parent's pid: the shell.
+    shell, port = portpicker_in_shell(ps_broker, f'"{PYTHON}" -m portpicker; echo "$$"; read _')
     assert int(shell.stdout.readline()) == shell.pid
     assert port in broker_range(ps_broker)
     (info,) = [i for i in leases(ps_broker) if port in i["ports"]]  # type: ignore[operator]
@@ -174,13 +179,7 @@ def test_python_m_portpicker_leases_for_its_parent(ps_broker: BrokerProc) -> Non
 
 
 def test_python_m_portpicker_with_an_explicit_ancestor_pid(ps_broker: BrokerProc) -> None:
-    shell = subprocess.Popen(
-        ["sh", "-c", f'"{PYTHON}" -m portpicker "$$"; read _'],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=portserver_env(ps_broker),
-    )
-    assert shell.stdout is not None
-    port = int(shell.stdout.readline())
+    shell, port = portpicker_in_shell(ps_broker, f'"{PYTHON}" -m portpicker "$$"; read _')
     assert ports_of(ps_broker, shell.pid) == [port]
     shell.kill()
     _out, err = shell.communicate(timeout=30)
