@@ -329,14 +329,44 @@ def test_cmd_runs_in_its_own_process_group(broker: BrokerProc) -> None:
     assert pgrp == pid
 
 
+def _session_report(leader: int, terminal: int) -> str:
+    """Who holds the terminal, and each process of ``leader``'s session with its signal state.
+
+    What a failed job-control test needs to be explained after the fact: a lost
+    ^C is either sent to a group that does not act on it, or pending in a
+    process that is stopped or blocks it.
+    """
+    try:
+        lines = [f"foreground group of the terminal: {os.tcgetpgrp(terminal)}"]
+    except OSError as exc:
+        lines = [f"foreground group of the terminal: {exc}"]
+    for entry in sorted(Path("/proc").iterdir(), key=lambda e: e.name):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            status = (entry / "status").read_text()
+            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        state, ppid, pgrp, session = fields[0], fields[1], fields[2], fields[3]
+        if int(session) != leader:
+            continue
+        masks = " ".join(line.replace("\t", "") for line in status.splitlines()
+                         if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")))
+        lines.append(f"pid {entry.name} ppid {ppid} pgrp {pgrp} state {state} {masks} :: {args[:80]}")
+    return "\n".join(lines)
+
+
 def test_job_control_stop_fg_and_ctrl_c_in_an_interactive_shell(broker: BrokerProc) -> None:
     import shutil
 
     if shutil.which("bash") is None:
         pytest.skip("needs bash for job control")
-    code = ("import signal, sys, time\n"
+    code = ("import os, signal, sys, time\n"
             "signal.signal(signal.SIGCONT, lambda *a: print('continued', flush=True))\n"
-            "print('cmd up', flush=True)\n"
+            "print('cmd up', os.getpid(), 'end', flush=True)\n"
             "time.sleep(300)\n")
     pid, master = pty.fork()
     if pid == 0:  # the child: an interactive shell on the new terminal
@@ -344,12 +374,15 @@ def test_job_control_stop_fg_and_ctrl_c_in_an_interactive_shell(broker: BrokerPr
         os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
     seen = b""
 
+    def failed(what: str) -> str:
+        return f"{what}\n{_session_report(pid, master)}\nterminal output: {seen!r}"
+
     def read_until(text: bytes) -> None:
         nonlocal seen
         deadline = time.monotonic() + 20
         while text not in seen:
             left = deadline - time.monotonic()
-            assert left > 0, (text, seen)
+            assert left > 0, failed(f"no {text!r} on the terminal")
             # A blocking read would outwait the deadline when the shell says nothing more.
             if select.select([master], [], [], left)[0]:
                 with contextlib.suppress(OSError):
@@ -360,11 +393,17 @@ def test_job_control_stop_fg_and_ctrl_c_in_an_interactive_shell(broker: BrokerPr
             f.write(code)
         os.write(master, f"{PYTHON} -m portlease lease --socket {broker.socket} -- "
                          f"{PYTHON} {broker.dir}/cmd.py\n".encode())
-        read_until(b"cmd up")
+        read_until(b" end")
+        cmd = int(seen.split(b"cmd up ", 1)[1].split()[0])
         os.write(master, b"\x1a")  # ^Z: CMD stops, and the shell sees its job stopped
         read_until(b"Stopped")
         os.write(master, b"fg\n")
         read_until(b"continued")
+        # `fg` gives the terminal to the wrapper's group; the wrapper hands it on to CMD's.
+        deadline = time.monotonic() + 20
+        while os.tcgetpgrp(master) != cmd:
+            assert time.monotonic() < deadline, failed("CMD's group never got the terminal after fg")
+            time.sleep(0.01)
         os.write(master, b"\x03")  # ^C: CMD ends with SIGINT's status
         os.write(master, b"echo rc=$?\n")
         read_until(b"rc=130")
