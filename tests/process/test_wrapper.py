@@ -364,9 +364,13 @@ def test_job_control_stop_fg_and_ctrl_c_in_an_interactive_shell(broker: BrokerPr
 
     if shutil.which("bash") is None:
         pytest.skip("needs bash for job control")
-    code = ("import os, signal, sys, time\n"
-            "signal.signal(signal.SIGCONT, lambda *a: print('continued', flush=True))\n"
-            "print('cmd up', os.getpid(), 'end', flush=True)\n"
+    # CMD writes with os.write, one syscall each: print() in a signal handler is
+    # not reentrant (a ^Z landing inside the main line's print made the handler's
+    # print raise RuntimeError, and a ^C inside the handler's print could leave
+    # CMD stuck), which once failed this test for CMD's reasons, not the wrapper's.
+    code = ("import os, signal, time\n"
+            "signal.signal(signal.SIGCONT, lambda *a: os.write(1, b'continued\\n'))\n"
+            "os.write(1, f'cmd up {os.getpid()} end\\n'.encode())\n"
             "time.sleep(300)\n")
     pid, master = pty.fork()
     if pid == 0:  # the child: an interactive shell on the new terminal
