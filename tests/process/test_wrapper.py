@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from brokerproc import PYTHON, BrokerProc, Raw
+from jobcontrol import stop_fg_ctrl_c
 
 # CMD for the signal tests. It takes its signals with sigwaitinfo, one at a time
 # with the sender's pid, and logs each: "INT <pid>", and "TERM" on which it exits.
@@ -57,13 +58,18 @@ def _wrapper(broker: BrokerProc, *cmd: str, n: int = 1, **kw: object) -> subproc
     )
 
 
-def _gone(pid: int) -> bool:
-    """The process has exited (a zombie counts: it holds no sockets any more)."""
+def _state(pid: int) -> str:
+    """The process's state letter from ``/proc`` (``T`` stopped, ``Z`` zombie), or "" if gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            return f.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
-        return True
+        return ""
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: it holds no sockets any more)."""
+    return _state(pid) in ("", "Z")
 
 
 def _until(pred: object, what: str, timeout: float = 20.0) -> None:
@@ -223,6 +229,32 @@ def test_signal_to_the_wrapper_alone_reaches_cmd_once(broker: BrokerProc, tmp_pa
     assert _counted(log) == [f"INT {wrapper.pid}", "TERM"]
 
 
+def test_a_stop_sent_to_the_wrapper_stops_cmd_and_then_the_wrapper(
+    broker: BrokerProc, tmp_path: Path
+) -> None:
+    """``kill -TSTP`` on the wrapper, or a ^Z reaching its group, stops the whole job.
+
+    Before, the wrapper alone stopped (the shell said "Stopped") and CMD ran on.
+    """
+    log = tmp_path / "signals"
+    wrapper = _wrapper(broker, PYTHON, "-c", COUNTER, str(log))
+    try:
+        assert wrapper.stdout is not None
+        cmd = int(wrapper.stdout.readline())
+        wrapper.send_signal(signal.SIGTSTP)
+        _until(lambda: _state(cmd) == "T", "CMD stopped")
+        _until(lambda: _state(wrapper.pid) == "T", "the wrapper stopped after CMD")
+        wrapper.send_signal(signal.SIGCONT)  # as a shell's `fg` or `bg` does
+        _until(lambda: "T" not in (_state(cmd), _state(wrapper.pid)), "both continued")
+        wrapper.send_signal(signal.SIGTERM)
+        assert wrapper.wait(timeout=30) == 0
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+            wrapper.wait()
+    assert _counted(log) == ["TERM"]
+
+
 def test_cmd_owns_the_terminal_and_ctrl_c_reaches_it_once(broker: BrokerProc, tmp_path: Path) -> None:
     log = tmp_path / "signals"
     # CMD reads a line from the terminal (a background process would be stopped
@@ -329,91 +361,9 @@ def test_cmd_runs_in_its_own_process_group(broker: BrokerProc) -> None:
     assert pgrp == pid
 
 
-def _session_report(leader: int, terminal: int) -> str:
-    """Who holds the terminal, and each process of ``leader``'s session with its signal state.
-
-    What a failed job-control test needs to be explained after the fact: a lost
-    ^C is either sent to a group that does not act on it, or pending in a
-    process that is stopped or blocks it.
-    """
-    try:
-        lines = [f"foreground group of the terminal: {os.tcgetpgrp(terminal)}"]
-    except OSError as exc:
-        lines = [f"foreground group of the terminal: {exc}"]
-    for entry in sorted(Path("/proc").iterdir(), key=lambda e: e.name):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            status = (entry / "status").read_text()
-            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        state, ppid, pgrp, session = fields[0], fields[1], fields[2], fields[3]
-        if int(session) != leader:
-            continue
-        masks = " ".join(line.replace("\t", "") for line in status.splitlines()
-                         if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")))
-        lines.append(f"pid {entry.name} ppid {ppid} pgrp {pgrp} state {state} {masks} :: {args[:80]}")
-    return "\n".join(lines)
-
-
 def test_job_control_stop_fg_and_ctrl_c_in_an_interactive_shell(broker: BrokerProc) -> None:
     import shutil
 
     if shutil.which("bash") is None:
         pytest.skip("needs bash for job control")
-    # CMD writes with os.write, one syscall each: print() in a signal handler is
-    # not reentrant (a ^Z landing inside the main line's print made the handler's
-    # print raise RuntimeError, and a ^C inside the handler's print could leave
-    # CMD stuck), which once failed this test for CMD's reasons, not the wrapper's.
-    code = ("import os, signal, time\n"
-            "signal.signal(signal.SIGCONT, lambda *a: os.write(1, b'continued\\n'))\n"
-            "os.write(1, f'cmd up {os.getpid()} end\\n'.encode())\n"
-            "time.sleep(300)\n")
-    pid, master = pty.fork()
-    if pid == 0:  # the child: an interactive shell on the new terminal
-        os.environ.update(PS1="$ ", PORTLEASE_AUTOSTART="0", TERM="dumb")
-        os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
-    seen = b""
-
-    def failed(what: str) -> str:
-        return f"{what}\n{_session_report(pid, master)}\nterminal output: {seen!r}"
-
-    def read_until(text: bytes) -> None:
-        nonlocal seen
-        deadline = time.monotonic() + 20
-        while text not in seen:
-            left = deadline - time.monotonic()
-            assert left > 0, failed(f"no {text!r} on the terminal")
-            # A blocking read would outwait the deadline when the shell says nothing more.
-            if select.select([master], [], [], left)[0]:
-                with contextlib.suppress(OSError):
-                    seen += os.read(master, 4096)
-
-    try:
-        with open(Path(broker.dir) / "cmd.py", "w") as f:
-            f.write(code)
-        os.write(master, f"{PYTHON} -m portlease lease --socket {broker.socket} -- "
-                         f"{PYTHON} {broker.dir}/cmd.py\n".encode())
-        read_until(b" end")
-        cmd = int(seen.split(b"cmd up ", 1)[1].split()[0])
-        os.write(master, b"\x1a")  # ^Z: CMD stops, and the shell sees its job stopped
-        read_until(b"Stopped")
-        os.write(master, b"fg\n")
-        read_until(b"continued")
-        # `fg` gives the terminal to the wrapper's group; the wrapper hands it on to CMD's.
-        deadline = time.monotonic() + 20
-        while os.tcgetpgrp(master) != cmd:
-            assert time.monotonic() < deadline, failed("CMD's group never got the terminal after fg")
-            time.sleep(0.01)
-        os.write(master, b"\x03")  # ^C: CMD ends with SIGINT's status
-        os.write(master, b"echo rc=$?\n")
-        read_until(b"rc=130")
-        os.write(master, b"exit\n")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(master)
+    stop_fg_ctrl_c(broker.socket, Path(broker.dir), PYTHON)
