@@ -32,7 +32,11 @@ runner cancelling a job) reaches the wrapper only, which passes it on to CMD's
 group once. When the wrapper is in the foreground of a terminal it hands the
 terminal's foreground to CMD's group (as a shell does for a job), so ^C and ^Z
 go to CMD directly and the wrapper, no longer in the foreground, does not see
-them; it follows CMD when CMD stops and continues.
+them; it follows CMD when CMD stops and continues. A SIGTSTP that does reach
+the wrapper (``kill -TSTP`` on it or on its group) is passed on like the others,
+and the wrapper then stops with CMD, terminal or not; SIGCONT to the wrapper
+resumes both. Were SIGTSTP not passed on, the wrapper alone would stop, a shell
+would report the job stopped, and CMD would run on.
 
 The process is started with ``fork`` + ``exec`` rather than ``posix_spawn``:
 ``PR_SET_PDEATHSIG``, the ``getppid()`` check after it, the terminal hand-over
@@ -63,7 +67,7 @@ from .exitcodes import EXIT_CANNOT_RUN, EXIT_NOT_FOUND
 from .handoff import BindError, ListenSpec, bind_listener, bind_placeholder, close_all
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-             signal.SIGUSR2)
+             signal.SIGUSR2, signal.SIGTSTP)
 """Signals the wrapper passes on to CMD's process group."""
 _WAITED = (*FORWARDED, signal.SIGCHLD)
 
@@ -263,6 +267,7 @@ def _child(cmd: list[str], env: dict[str, str], sources: list[int], listen: bool
 
 def _wait(pid: int, tty: int | None, holds: dict[int, socket.socket], hold_until: float) -> int:
     """Wait for CMD, passing on signals other processes send us; CMD's exit status."""
+    stop_asked = False  # a SIGTSTP came to us: when CMD stops, stop with it
     while True:
         try:
             done, status = os.waitpid(pid, os.WNOHANG | os.WUNTRACED)
@@ -270,7 +275,8 @@ def _wait(pid: int, tty: int | None, holds: dict[int, socket.socket], hold_until
             return 0
         if done:
             if os.WIFSTOPPED(status):
-                _follow_stop(pid, tty)
+                _follow_stop(pid, tty, stop_asked)
+                stop_asked = False
                 continue
             return exit_code(status)
         timeout = None
@@ -286,6 +292,7 @@ def _wait(pid: int, tty: int | None, holds: dict[int, socket.socket], hold_until
             info = got
         if info.si_signo == signal.SIGCHLD or info.si_pid == pid:
             continue
+        stop_asked = stop_asked or info.si_signo == signal.SIGTSTP
         _signal_cmd(pid, info.si_signo)
 
 
@@ -299,17 +306,23 @@ def _signal_cmd(pid: int, sig: int) -> None:
             os.kill(pid, sig)
 
 
-def _follow_stop(pid: int, tty: int | None) -> None:
-    """CMD stopped (^Z): stop too, so the shell sees the job stopped; resume it with us."""
-    if tty is None:
-        return  # stopped by someone with a reason; we just wait on
-    with contextlib.suppress(OSError):
-        os.tcsetpgrp(tty, os.getpgrp())
+def _follow_stop(pid: int, tty: int | None, asked: bool) -> None:
+    """CMD stopped (^Z): stop too, so the shell sees the job stopped; resume it with us.
+
+    ``asked``: the stop was a SIGTSTP sent to us and passed on; whoever sent it
+    expects us stopped, and will continue us, terminal or not.
+    """
+    if tty is None and not asked:
+        return  # CMD stopped by someone with a reason; we just wait on
+    if tty is not None:
+        with contextlib.suppress(OSError):
+            os.tcsetpgrp(tty, os.getpgrp())
     os.kill(os.getpid(), signal.SIGSTOP)
     # Continued by `fg` (terminal handed back to us) or `bg` (not).
-    with contextlib.suppress(OSError):
-        if os.tcgetpgrp(tty) == os.getpgrp():
-            os.tcsetpgrp(tty, pid)
+    if tty is not None:
+        with contextlib.suppress(OSError):
+            if os.tcgetpgrp(tty) == os.getpgrp():
+                os.tcsetpgrp(tty, pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGCONT)
 
