@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from portlease.client.host import procinfo
+
 STEP_TIMEOUT = 20.0
 """Seconds each step may take before the scenario fails with a report."""
 
@@ -51,36 +53,34 @@ def session_report(leader: int, terminal: int) -> str:
     for entry in sorted(Path("/proc").iterdir(), key=lambda e: e.name):
         if not entry.name.isdigit():
             continue
-        try:
-            stat = (entry / "stat").read_text()
-            status = (entry / "status").read_text()
-            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+        fields = _stat_fields(int(entry.name))
+        if len(fields) < 4 or int(fields[3]) != leader:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        state, ppid, pgrp, session = fields[0], fields[1], fields[2], fields[3]
-        if int(session) != leader:
+        state, ppid, pgrp = fields[0], fields[1], fields[2]
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
             continue
         masks = " ".join(line.replace("\t", "") for line in status.splitlines()
                          if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")))
-        lines.append(f"pid {entry.name} ppid {ppid} pgrp {pgrp} state {state} {masks} :: {args[:80]}")
+        args = (procinfo.read_cmdline(int(entry.name)) or "")[:80]
+        lines.append(f"pid {entry.name} ppid {ppid} pgrp {pgrp} state {state} {masks} :: {args}")
     return "\n".join(lines)
 
 
 def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat's fields from the state on (zombies too), or [] for a process that is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
-        return ["gone", "0"]
+        return []
 
 
-def _state(pid: int) -> str:
-    return _stat_fields(pid)[0]
-
-
-def _parent(pid: int) -> int:
-    return int(_stat_fields(pid)[1])
+def process_state(pid: int) -> str:
+    """The process's state letter (``T`` stopped, ``Z`` zombie, ...), or "" if it is gone."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else ""
 
 
 def stop_fg_ctrl_c(socket_path: str, workdir: Path, python: str = sys.executable) -> None:
@@ -99,9 +99,7 @@ def stop_fg_ctrl_c(socket_path: str, workdir: Path, python: str = sys.executable
     trail: list[str] = []  # at each step: the terminal's group, and CMD's and its parent's states
 
     def note(step: str, cmd: int) -> None:
-        states = []
-        for who in (cmd, _parent(cmd)):
-            states.append(f"{who}:{_state(who)}")
+        states = [f"{who}:{process_state(who)}" for who in (cmd, procinfo.parent_pid(cmd) or 0)]
         trail.append(f"{step}: foreground {os.tcgetpgrp(master)}, {' '.join(states)}")
 
     def failed(what: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from brokerproc import PYTHON, BrokerProc, Raw
-from jobcontrol import stop_fg_ctrl_c
+from jobcontrol import process_state, stop_fg_ctrl_c
 
 # CMD for the signal tests. It takes its signals with sigwaitinfo, one at a time
 # with the sender's pid, and logs each: "INT <pid>", and "TERM" on which it exits.
@@ -58,18 +58,9 @@ def _wrapper(broker: BrokerProc, *cmd: str, n: int = 1, **kw: object) -> subproc
     )
 
 
-def _state(pid: int) -> str:
-    """The process's state letter from ``/proc`` (``T`` stopped, ``Z`` zombie), or "" if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return ""
-
-
 def _gone(pid: int) -> bool:
     """The process has exited (a zombie counts: it holds no sockets any more)."""
-    return _state(pid) in ("", "Z")
+    return process_state(pid) in ("", "Z")
 
 
 def _until(pred: object, what: str, timeout: float = 20.0) -> None:
@@ -242,10 +233,10 @@ def test_a_stop_sent_to_the_wrapper_stops_cmd_and_then_the_wrapper(
         assert wrapper.stdout is not None
         cmd = int(wrapper.stdout.readline())
         wrapper.send_signal(signal.SIGTSTP)
-        _until(lambda: _state(cmd) == "T", "CMD stopped")
-        _until(lambda: _state(wrapper.pid) == "T", "the wrapper stopped after CMD")
+        _until(lambda: process_state(cmd) == "T", "CMD stopped")
+        _until(lambda: process_state(wrapper.pid) == "T", "the wrapper stopped after CMD")
         wrapper.send_signal(signal.SIGCONT)  # as a shell's `fg` or `bg` does
-        _until(lambda: "T" not in (_state(cmd), _state(wrapper.pid)), "both continued")
+        _until(lambda: "T" not in (process_state(cmd), process_state(wrapper.pid)), "both continued")
         wrapper.send_signal(signal.SIGTERM)
         assert wrapper.wait(timeout=30) == 0
     finally:
