@@ -120,6 +120,7 @@ class Broker:
     """systemd's file descriptor store: the claims of every lease are kept there too, so
     that they outlive a crash or a restart of this process (:mod:`.claims`)."""
     fd_store_capacity: int = 0
+    """How many fds the store keeps for this service (``$FDSTORE``); claims past it are not stored."""
     stored_claims: dict[str, list[socket.socket]] = field(default_factory=dict)
     """The claims a predecessor stored, passed back by systemd on this start."""
     clock: Callable[[], float] = time.monotonic
